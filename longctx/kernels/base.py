@@ -1,0 +1,136 @@
+"""The local kernel contract, its input checks, and the kernel registry.
+
+Every local attention kernel (the torch reference, Triton kernels, vendor kernels) implements
+:class:`AttentionKernel`:
+
+    forward(q, k, v, *, scale, mask, q_pos, k_pos) -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq]
+    backward(dout, q, k, v, out, lse, *, scale, mask, q_pos, k_pos) -> dq, dk, dv
+
+- ``q [B, Sq, H, D]``, ``k``/``v [B, Sk, H_kv, D]`` with ``H % H_kv == 0`` (GQA; K/V are never
+  expanded in memory).
+- ``mask`` (:class:`~longctx.kernels.mask.Mask`) is evaluated on the global positions ``q_pos`` and
+  ``k_pos`` (:class:`~longctx.kernels.mask.Positions`), so a query shard can be scored against any
+  key shard.
+- ``lse`` is the natural-log log-sum-exp of the scaled scores over the allowed keys, in the
+  accumulation dtype (:func:`acc_dtype`: float32, or float64 for float64 inputs).  A query row with
+  no allowed key gets ``out = 0`` and ``lse = -inf``; nothing is NaN, forward or backward.
+- ``backward`` takes the **global** (already merged) ``out`` and ``lse``, so a ring step can call
+  it on one key block; ``dq``, ``dk``, ``dv`` come back in the accumulation dtype, ready to be
+  summed over blocks without rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .mask import Mask, Positions
+
+__all__ = [
+    "AttentionKernel",
+    "acc_dtype",
+    "check_qkv",
+    "default_positions",
+    "register_kernel",
+    "get_kernel",
+    "available_kernels",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for LSE, merged partial outputs and gradient accumulators."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@runtime_checkable
+class AttentionKernel(Protocol):
+    name: str
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Mask,
+        q_pos: Positions, k_pos: Positions,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+        scale: float, mask: Mask, q_pos: Positions, k_pos: Positions,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise a ValueError that says what to change when q/k/v break the contract."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be [batch, seq, heads, head_dim] (4-D); got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{name} has dtype {t.dtype}; use one of float16, bfloat16, float32, float64"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype} "
+            "(cast them with .to(q.dtype))"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, _, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"q has batch {B} but k has batch {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"q has head_dim {D} but k has head_dim {k.shape[3]}")
+    if H % k.shape[2] != 0:
+        raise ValueError(
+            f"q has {H} heads, which is not a multiple of the {k.shape[2]} kv heads; "
+            "num_heads must be divisible by num_kv_heads (GQA)"
+        )
+
+
+def default_positions(q: Tensor, k: Tensor, q_pos: Positions | None, k_pos: Positions | None):
+    """Contiguous positions from 0 when the caller gives none (plain single-device attention)."""
+    q_pos = q_pos if q_pos is not None else Positions.contiguous(0, q.shape[1])
+    k_pos = k_pos if k_pos is not None else Positions.contiguous(0, k.shape[1])
+    if len(q_pos) != q.shape[1] or len(k_pos) != k.shape[1]:
+        raise ValueError(
+            f"positions cover {len(q_pos)} queries / {len(k_pos)} keys but q has {q.shape[1]} and "
+            f"k has {k.shape[1]} tokens"
+        )
+    return q_pos, k_pos
+
+
+_REGISTRY: dict[str, Callable[[], AttentionKernel]] = {}
+
+
+def register_kernel(name: str, factory: Callable[[], AttentionKernel]) -> None:
+    """Make a kernel selectable by name (``kernel="name"`` in :func:`longctx.attention`)."""
+    _REGISTRY[name] = factory
+
+
+def available_kernels() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_kernel(kernel: "str | AttentionKernel") -> AttentionKernel:
+    """Resolve a kernel name (or pass an instance through)."""
+    if not isinstance(kernel, str):
+        if not isinstance(kernel, AttentionKernel):
+            raise TypeError(
+                f"kernel must be a name ({available_kernels()}) or an object with forward/backward "
+                f"per longctx.kernels.AttentionKernel; got {type(kernel).__name__}"
+            )
+        return kernel
+    try:
+        return _REGISTRY[kernel]()
+    except KeyError:
+        raise ValueError(
+            f"unknown kernel {kernel!r}; available: {available_kernels()}"
+        ) from None
