@@ -31,6 +31,8 @@ from torch import Tensor
 
 __all__ = ["Segment", "Positions", "BlockSparse", "Mask"]
 
+_MAX_RUN_PAIRS = 4096  # past this many (q run, k run) pairs, block tests use the runs' hull
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -313,8 +315,12 @@ class Mask:
         """Conservative test for a whole (query shard, key shard) pair: False means skip it."""
         if self.is_full:
             return len(q) > 0 and len(k) > 0
+        q_runs, k_runs = list(q.bounds()), list(k.bounds())
+        if len(q_runs) * len(k_runs) > _MAX_RUN_PAIRS:  # many short stripes: test the hulls
+            q_runs = [(min(lo for lo, _ in q_runs), max(hi for _, hi in q_runs))]
+            k_runs = [(min(lo for lo, _ in k_runs), max(hi for _, hi in k_runs))]
         return any(
             self.interval_may_attend(qlo, qhi, klo, khi)
-            for qlo, qhi in q.bounds()
-            for klo, khi in k.bounds()
+            for qlo, qhi in q_runs
+            for klo, khi in k_runs
         )

@@ -1,0 +1,120 @@
+"""The public entry: :func:`attention` and the :class:`ContextParallelAttention` module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels.base import AttentionKernel
+from ..kernels.mask import Mask
+from .layout import Layout
+from .strategies import STRATEGIES
+
+__all__ = ["attention", "CPConfig", "ContextParallelAttention"]
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mesh_or_group=None,
+    *,
+    strategy: str = "ring",
+    layout: "str | Layout | None" = None,
+    mask: Mask | None = None,
+    kernel: "str | AttentionKernel" = "reference",
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Context-parallel attention over the local shards of a sequence.
+
+    Args:
+        q: ``[B, S/P, H, D]`` this rank's queries, sharded with ``layout``.
+        k, v: ``[B, S/P, H_kv, D]`` this rank's keys/values (``H % H_kv == 0``; never expanded).
+        mesh_or_group: the context-parallel ProcessGroup or a 1-D DeviceMesh; None = one process.
+        strategy: ``"ring"``, ``"zigzag"``, ``"striped"`` or ``"allgather"``.
+        layout: how the sequence was sharded (``"contiguous"``, ``"zigzag"``, ``"striped"``,
+            ``"striped:w"``); defaults to the strategy's own layout (contiguous for ring and
+            all-gather).
+        mask: a :class:`~longctx.kernels.mask.Mask` on global positions (default: full).
+        kernel: local kernel name (``longctx.kernels.available_kernels()``) or instance.
+        scale: score scale, default ``1/sqrt(D)``.
+        return_lse: also return the float32 log-sum-exp ``[B, H, S/P]``.
+
+    Returns:
+        ``out [B, S/P, H, D]`` in q's dtype (and ``lse`` if asked), differentiable in q, k, v.
+
+    Example (a single process; with a group, pass each rank's shards)::
+
+        >>> import torch, longctx
+        >>> q = torch.randn(1, 16, 4, 8); k = v = torch.randn(1, 16, 2, 8)
+        >>> out = longctx.attention(q, k, v, mask=longctx.Mask(causal=True))
+        >>> out.shape
+        torch.Size([1, 16, 4, 8])
+    """
+    try:
+        fn = STRATEGIES[strategy]
+    except KeyError:
+        raise ValueError(
+            f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}"
+        ) from None
+    kwargs = {} if layout is None else {"layout": layout}
+    return fn(
+        q, k, v, mesh_or_group, mask=mask, kernel=kernel, scale=scale, return_lse=return_lse,
+        **kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class CPConfig:
+    """How :class:`ContextParallelAttention` shards and computes attention."""
+
+    strategy: str = "ring"
+    layout: str | None = None
+    kernel: str = "reference"
+    causal: bool = True
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"CPConfig.strategy={self.strategy!r}; choose one of {sorted(STRATEGIES)}"
+            )
+        if self.layout is not None:
+            Layout.parse(self.layout)
+
+
+class ContextParallelAttention(nn.Module):
+    """``nn.Module`` face of :func:`attention` with its settings in a :class:`CPConfig`.
+
+    ``forward(q, k, v, cu_seqlens=None)`` takes local shards; ``cu_seqlens`` (global document
+    boundaries of a packed sequence) adds a document mask for that batch.
+
+    Example::
+
+        >>> import torch
+        >>> from longctx.parallel import ContextParallelAttention, CPConfig
+        >>> attn = ContextParallelAttention(CPConfig(strategy="ring", causal=True))
+        >>> q = torch.randn(1, 16, 4, 8); k = v = torch.randn(1, 16, 2, 8)
+        >>> attn(q, k, v).shape
+        torch.Size([1, 16, 4, 8])
+    """
+
+    def __init__(self, config: CPConfig = CPConfig(), group=None):
+        super().__init__()
+        self.config = config
+        self.group = group
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: torch.Tensor | None = None
+    ) -> Tensor:
+        c = self.config
+        mask = Mask(causal=c.causal, window=c.window, cu_seqlens=cu_seqlens)
+        return attention(
+            q, k, v, self.group, strategy=c.strategy, layout=c.layout, mask=mask, kernel=c.kernel
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.config}"

@@ -1,0 +1,101 @@
+"""Small communication objects used by the context-parallel strategies.
+
+The same code runs on gloo (CPU, the simulated mesh) and NCCL (GPU).  The strategies never call
+``torch.distributed`` themselves: they hold one of these objects and ask it to move tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["RingComm", "GatherComm"]
+
+# torch 2.13 renamed the flat-tensor collectives; torch 2.11 has only the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class RingComm:
+    """Batched non-blocking point-to-point transfers by a fixed rank offset in one group.
+
+    ``send_recv(tensors, offset)`` queues, for every tensor, a send to ``rank + offset`` and a
+    receive of a same-shaped tensor from ``rank - offset``; ``commit()`` issues the batch (one
+    ``batch_isend_irecv``) and ``wait()`` completes it.  Each tensor gets its own tag, so several
+    batches may be in flight between the same pair of ranks.
+
+    Example (one ring step, overlapped with compute)::
+
+        comm = RingComm(group)
+        next_k, next_v = comm.send_recv([k, v])
+        comm.commit()
+        ...  # compute on k, v
+        comm.wait()
+        k, v = next_k, next_v
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, tag_base: int = 0):
+        self.group = group  # None: a single process, every transfer is to oneself
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.tag_base = tag_base
+        self._ops: list[dist.P2POp] = []
+        self._reqs: list = []
+
+    def _peer(self, offset: int) -> int:
+        return dist.get_global_rank(self.group, (self.rank + offset) % self.world_size)
+
+    def send_recv(self, tensors: Sequence[Tensor], offset: int = 1) -> list[Tensor]:
+        """Queue the exchange; returns the (not yet filled) receive buffers."""
+        if offset % self.world_size == 0:  # sending to oneself
+            return [t.clone() for t in tensors]
+        dst, src = self._peer(offset), self._peer(-offset)
+        received = []
+        for i, t in enumerate(tensors):
+            t = t.contiguous()
+            buf = torch.empty_like(t)
+            tag = self.tag_base + i
+            self._ops.append(dist.P2POp(dist.isend, t, dst, self.group, tag))
+            self._ops.append(dist.P2POp(dist.irecv, buf, src, self.group, tag))
+            received.append(buf)
+        return received
+
+    def commit(self) -> None:
+        if self._ops:
+            self._reqs = dist.batch_isend_irecv(self._ops)
+            self._ops = []
+
+    def wait(self) -> None:
+        for req in self._reqs:
+            req.wait()
+        self._reqs = []
+
+
+class GatherComm:
+    """All-gather along the sequence and reduce-scatter back, for the all-gather strategy."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group  # None: a single process
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        """``x [...]`` on every rank -> ``[world_size, ...]`` (rank order)."""
+        if self.group is None:
+            return x.unsqueeze(0)
+        # [P * x.shape[0], ...] -> [P, ...]
+        out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather_flat(out, x.contiguous(), group=self.group)
+        return out.view(self.world_size, *x.shape)
+
+    def reduce_scatter(self, x: Tensor) -> Tensor:
+        """``x [world_size, ...]`` summed over ranks; rank r keeps ``sum[r]``."""
+        if self.group is None:
+            return x[0]
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        # [P, ...] -> [P * x.shape[1], ...]: the flat form every backend accepts
+        _reduce_scatter_flat(out, x.contiguous().flatten(0, 1), group=self.group)
+        return out

@@ -1,0 +1,156 @@
+"""What a context-parallel call needs besides q, k, v: one object, built and checked per call.
+
+:func:`build_context` validates the inputs against the group, the layout and the mask and
+raises errors that say what to change; the strategies receive the resulting :class:`CPContext`
+and never look anything up through globals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch import Tensor
+
+from ..kernels.base import AttentionKernel, check_qkv, get_kernel
+from ..kernels.mask import Mask, Positions
+from .layout import Layout
+
+__all__ = ["CPContext", "build_context", "resolve_group", "STRATEGY_LAYOUTS"]
+
+# The layouts each strategy runs on (None: any layout).
+STRATEGY_LAYOUTS: dict[str, tuple[str, ...] | None] = {
+    "ring": None,
+    "allgather": None,
+    "zigzag": ("zigzag",),
+    "striped": ("striped",),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class CPContext:
+    """Per-call state of a context-parallel attention: group, layout, mask, kernel, scale.
+
+    ``seq_len`` is the global sequence length; ``rank``/``world_size`` are within ``group``
+    (``group=None``: a single process, no communication).
+    """
+
+    group: dist.ProcessGroup | None
+    layout: Layout
+    seq_len: int
+    mask: Mask
+    kernel: AttentionKernel
+    scale: float
+    world_size: int
+    rank: int
+    _positions: list[Positions] = field(default_factory=list, repr=False)
+
+    def all_positions(self) -> list[Positions]:
+        """Global positions held by every rank of the group, in rank order."""
+        if not self._positions:
+            self._positions.extend(
+                self.layout.positions(self.seq_len, self.world_size, r)
+                for r in range(self.world_size)
+            )
+        return self._positions
+
+
+def resolve_group(mesh_or_group) -> dist.ProcessGroup | None:
+    """A ProcessGroup from a group, a 1-D DeviceMesh, or None (single process / no CP)."""
+    if mesh_or_group is None or isinstance(mesh_or_group, dist.ProcessGroup):
+        return mesh_or_group
+    if hasattr(mesh_or_group, "get_group") and hasattr(mesh_or_group, "ndim"):
+        if mesh_or_group.ndim != 1:
+            raise ValueError(
+                f"attention needs a 1-D mesh for context parallelism; got a {mesh_or_group.ndim}-D "
+                "mesh: pass its cp dimension, e.g. mesh['cp']"
+            )
+        return mesh_or_group.get_group()
+    raise TypeError(
+        "expected a torch.distributed ProcessGroup, a 1-D DeviceMesh or None; got "
+        f"{type(mesh_or_group).__name__}"
+    )
+
+
+def _check_device(q: Tensor, group: dist.ProcessGroup | None) -> None:
+    if group is None:
+        return
+    backend = str(dist.get_backend(group)).lower()
+    if q.device.type == "cuda" and "nccl" not in backend:
+        raise ValueError(
+            f"q/k/v are on {q.device} but the process group uses {backend!r}; create it with "
+            "backend='nccl' (or 'cpu:gloo,cuda:nccl') for CUDA tensors"
+        )
+    if q.device.type == "cpu" and "gloo" not in backend:
+        raise ValueError(
+            f"q/k/v are on the CPU but the process group uses {backend!r}; move them to the GPU "
+            "(.cuda()) or use a gloo group for CPU tensors"
+        )
+
+
+def build_context(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group,
+    *,
+    strategy: str,
+    layout: "str | Layout",
+    mask: Mask | None,
+    kernel: "str | AttentionKernel",
+    scale: float | None,
+) -> CPContext:
+    """Check the local shards and the call, and bundle what the strategy needs."""
+    check_qkv(q, k, v)
+    group = resolve_group(group)
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    layout = Layout.parse(layout)
+    allowed = STRATEGY_LAYOUTS[strategy]
+    if allowed is not None and layout.kind not in allowed:
+        raise ValueError(
+            f"strategy {strategy!r} runs on layout {allowed[0]!r} but got layout {str(layout)!r}: "
+            f"shard q/k/v with longctx.parallel.shard(x, {allowed[0]!r}, world_size, rank) and pass "
+            f"layout={allowed[0]!r}, or use strategy='ring', which runs on any layout"
+        )
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"q holds {q.shape[1]} local tokens but k/v hold {k.shape[1]}: shard q, k and v of the "
+            "same sequence with the same layout (context-parallel self-attention)"
+        )
+    _check_device(q, group)
+    seq_len = q.shape[1] * world
+    need = layout.required_multiple(world)
+    if seq_len % need:
+        raise ValueError(
+            f"layout {str(layout)!r} on {world} ranks needs a global length that is a multiple of "
+            f"{need}; the local shards of {q.shape[1]} tokens make {seq_len}. Pad the global "
+            "sequence with longctx.parallel.layout.pad_to_multiple before sharding"
+        )
+    mask = mask if mask is not None else Mask()
+    mask.validate(seq_len)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return CPContext(
+        group=group,
+        layout=layout,
+        seq_len=seq_len,
+        mask=mask,
+        kernel=get_kernel(kernel),
+        scale=float(scale),
+        world_size=world,
+        rank=rank,
+    )
+
+
+def save_for_cp_backward(fn_ctx, cp: CPContext, q, k, v, out, lse) -> None:
+    """Shared body of each strategy's autograd ``forward``: keep what backward needs."""
+    fn_ctx.save_for_backward(q, k, v, out, lse)
+    fn_ctx.cp = cp
+    fn_ctx.mark_non_differentiable(lse)
+
+
+def cast_grads(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor):
+    """Gradients from the accumulation dtype back to the inputs' dtypes."""
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+

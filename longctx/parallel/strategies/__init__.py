@@ -1,0 +1,22 @@
+"""One module per context-parallel strategy, each with the same skeleton:
+``<name>_forward``, ``<name>_backward``, an autograd Function, and ``<name>_attention``."""
+
+from .allgather import allgather_attention
+from .ring import ring_attention
+from .striped import striped_attention
+from .zigzag import zigzag_attention
+
+STRATEGIES = {
+    "ring": ring_attention,
+    "zigzag": zigzag_attention,
+    "striped": striped_attention,
+    "allgather": allgather_attention,
+}
+
+__all__ = [
+    "STRATEGIES",
+    "allgather_attention",
+    "ring_attention",
+    "striped_attention",
+    "zigzag_attention",
+]

@@ -1,0 +1,112 @@
+"""Ring attention: K/V blocks travel around the ring while each rank attends to them.
+
+At step ``s`` rank ``r`` holds the keys of rank ``r - s`` and attends its queries to them; the
+transfer of the next block is in flight while the current one is computed.  Partial results
+merge by their LSE.  In backward the K/V blocks travel again, each followed by its dK/dV
+accumulator (float32), which lands back at its owner after one last hop.
+
+The ring runs on any layout: positions come from the layout, the mask is applied on global
+positions, and steps in which no rank has an allowed pair are skipped with their communication
+(a sliding window only talks to its neighbours).
+
+Example (on each rank of a process group; ``q [B, S/P, H, D]`` shards)::
+
+    from longctx.parallel.strategies.ring import ring_attention
+    out = ring_attention(q, k, v, group, layout="contiguous", mask=Mask(causal=True))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...kernels.base import acc_dtype
+from ..comm import RingComm
+from ..context import CPContext, build_context, cast_grads, save_for_cp_backward
+from ..plan import ring_steps
+from .blocks import backward_block, forward_block
+
+__all__ = ["ring_forward", "ring_backward", "RingAttention", "ring_attention"]
+
+
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor, Tensor]:
+    """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse ``[B, H, S/P]``."""
+    positions = cp.all_positions()
+    n_steps = ring_steps(cp.mask, positions)
+    comm = RingComm(cp.group)
+    B, Sq, H, D = q.shape
+    out = torch.zeros(B, Sq, H, D, dtype=acc_dtype(q.dtype), device=q.device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=out.dtype, device=q.device)
+    q_pos = positions[cp.rank]
+    for step in range(n_steps):
+        if step + 1 < n_steps:
+            k_next, v_next = comm.send_recv([k, v])
+            comm.commit()
+        k_pos = positions[(cp.rank - step) % cp.world_size]
+        forward_block(q, k, v, q_pos, k_pos, cp, out, lse)
+        if step + 1 < n_steps:
+            comm.wait()
+            k, v = k_next, v_next
+    return out.to(q.dtype), lse
+
+
+def ring_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cp: CPContext
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the local shards, in the accumulation dtype."""
+    positions = cp.all_positions()
+    n_steps = ring_steps(cp.mask, positions)
+    kv_comm = RingComm(cp.group, tag_base=0)
+    grad_comm = RingComm(cp.group, tag_base=2)
+    acc = acc_dtype(q.dtype)
+    q_pos = positions[cp.rank]
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    for step in range(n_steps):
+        if step + 1 < n_steps:
+            k_next, v_next = kv_comm.send_recv([k, v])
+            kv_comm.commit()
+        k_pos = positions[(cp.rank - step) % cp.world_size]
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        backward_block(dout, q, k, v, out, lse, q_pos, k_pos, cp, dq, dk, dv)
+        if step > 0:  # add what earlier ranks accumulated for this block
+            grad_comm.wait()
+            dk += dk_in
+            dv += dv_in
+        if step + 1 < n_steps:
+            dk_in, dv_in = grad_comm.send_recv([dk, dv])
+            grad_comm.commit()
+            kv_comm.wait()
+            k, v = k_next, v_next
+    if n_steps > 1:
+        # dk/dv hold the complete gradient of rank (rank - n_steps + 1)'s keys: send them home
+        dk, dv = grad_comm.send_recv([dk, dv], offset=-(n_steps - 1))
+        grad_comm.commit()
+        grad_comm.wait()
+    return dq, dk, dv
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
+        out, lse = ring_forward(q, k, v, cp)
+        save_for_cp_backward(ctx, cp, q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = ring_backward(dout, q, k, v, out, lse, ctx.cp)
+        return (*cast_grads(q, k, v, *grads), None)
+
+
+def ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="contiguous", mask=None,
+    kernel="reference", scale=None, return_lse: bool = False,
+):
+    """Ring attention on local shards; see :func:`longctx.attention` for the arguments."""
+    cp = build_context(
+        q, k, v, group, strategy="ring", layout=layout, mask=mask, kernel=kernel, scale=scale
+    )
+    out, lse = RingAttention.apply(q, k, v, cp)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,15 @@
+"""Test support: a simulated device mesh and CP-vs-reference checks (used by tests/ and users)."""
+
+from .cp_check import MASK_KINDS, CPCase, check_cp_case, reference_grads, run_cp_case_on_rank
+from .mesh import MeshConfig, MeshError, SimulatedMesh
+
+__all__ = [
+    "MASK_KINDS",
+    "CPCase",
+    "MeshConfig",
+    "MeshError",
+    "SimulatedMesh",
+    "check_cp_case",
+    "reference_grads",
+    "run_cp_case_on_rank",
+]

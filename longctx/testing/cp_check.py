@@ -1,0 +1,151 @@
+"""Compare a context-parallel attention run and all its gradients against the one-process reference.
+
+A :class:`CPCase` names everything about one check (strategy, layout, mask, world size, shapes,
+dtype, kernel) and builds its inputs and mask deterministically from a seed, so that every rank
+and the checking process agree without shipping tensors around.  :func:`check_cp_case` runs the
+case on a :class:`~longctx.testing.mesh.SimulatedMesh`, gathers the shards, and returns the errors
+of ``out``, ``lse``, ``dq``, ``dk`` and ``dv`` against :class:`~longctx.kernels.TorchReference` on
+the whole sequence in float64.
+
+Example::
+
+    with SimulatedMesh(4) as mesh:
+        errors = check_cp_case(mesh, CPCase("zigzag", "zigzag", "causal", world_size=4))
+        assert max(errors.values()) < 1e-10
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..kernels.mask import BlockSparse, Mask
+from ..kernels.reference import TorchReference
+from ..parallel.api import attention
+from ..parallel.layout import Layout
+
+__all__ = ["MASK_KINDS", "CPCase", "run_cp_case_on_rank", "reference_grads", "check_cp_case"]
+
+MASK_KINDS = ("full", "causal", "window", "window_bidir", "documents", "block_sparse")
+
+
+@dataclass(frozen=True)
+class CPCase:
+    strategy: str
+    layout: str
+    mask: str  # one of MASK_KINDS
+    world_size: int
+    batch: int = 2
+    tokens_per_rank: int = 12
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 8
+    dtype: str = "float64"
+    kernel: str = "reference"
+    device: str = "cpu"  # "cuda": rank r uses cuda:r
+    seed: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens_per_rank * self.world_size
+
+    def make_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Full-sequence ``q [B,S,H,D]``, ``k``/``v [B,S,H_kv,D]`` and ``dout``, on the CPU."""
+        g = torch.Generator().manual_seed(self.seed)
+        dtype = getattr(torch, self.dtype)
+        B, S, H, Hkv, D = self.batch, self.seq_len, self.heads, self.kv_heads, self.head_dim
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+        return randn(B, S, H, D), randn(B, S, Hkv, D), randn(B, S, Hkv, D), randn(B, S, H, D)
+
+    def make_mask(self) -> Mask:
+        S, per_rank = self.seq_len, self.tokens_per_rank
+        rng = random.Random(self.seed)
+        if self.mask == "full":
+            return Mask()
+        if self.mask == "causal":
+            return Mask(causal=True)
+        if self.mask == "window":  # spans a shard and a half: talks to 2 earlier ranks
+            return Mask(causal=True, window=per_rank + per_rank // 2)
+        if self.mask == "window_bidir":
+            return Mask(window=per_rank // 2 + 1)
+        if self.mask == "documents":  # boundaries inside shards, documents crossing ranks
+            cuts = sorted(rng.sample(range(1, S), k=min(S - 1, self.world_size + 2)))
+            return Mask(causal=True, cu_seqlens=torch.tensor([0, *cuts, S]))
+        if self.mask == "block_sparse":  # random blocks; some query blocks see nothing at all
+            block = 4
+            n = -(-S // block)
+            table = torch.rand(n, n, generator=torch.Generator().manual_seed(self.seed)) < 0.4
+            table[0] = False
+            return Mask(causal=True, block_sparse=BlockSparse(block, table))
+        raise ValueError(f"unknown mask kind {self.mask!r}; choose one of {MASK_KINDS}")
+
+
+def _device(case: CPCase, rank: int) -> torch.device:
+    return torch.device(f"cuda:{rank}") if case.device == "cuda" else torch.device("cpu")
+
+
+def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
+    """Rank body: shard the case's inputs, run CP attention forward and backward, return shards."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world != case.world_size:
+        raise ValueError(f"case is for {case.world_size} ranks, the group has {world}")
+    layout = Layout.parse(case.layout)
+    device = _device(case, rank)
+    q, k, v, dout = (layout.shard(t, world, rank).to(device) for t in case.make_inputs())
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = attention(
+        q, k, v, group, strategy=case.strategy, layout=layout, mask=case.make_mask(),
+        kernel=case.kernel, return_lse=True,
+    )
+    out.backward(dout)
+    return {
+        "out": out.detach().cpu(),
+        "lse": lse.detach().cpu(),
+        "dq": q.grad.cpu(),
+        "dk": k.grad.cpu(),
+        "dv": v.grad.cpu(),
+    }
+
+
+def reference_grads(case: CPCase) -> dict[str, Tensor]:
+    """The whole-sequence result in float64 from the torch reference, from the same inputs."""
+    q, k, v, dout = (t.to(torch.float64) for t in case.make_inputs())
+    mask, kernel = case.make_mask(), TorchReference()
+    scale = case.head_dim**-0.5
+    out, lse = kernel.forward(q, k, v, scale=scale, mask=mask)
+    dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, scale=scale, mask=mask)
+    return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+def _error(got: Tensor, want: Tensor) -> float:
+    """Max abs error; infinite where -inf entries disagree; NaN anywhere counts as infinite."""
+    got, want = got.to(torch.float64), want.to(torch.float64)
+    if torch.isnan(got).any():
+        return float("inf")
+    inf_got, inf_want = torch.isneginf(got), torch.isneginf(want)
+    if not torch.equal(inf_got, inf_want):
+        return float("inf")
+    diff = (got - want)[~inf_want]
+    return float(diff.abs().max()) if diff.numel() else 0.0
+
+
+def check_cp_case(mesh, case: CPCase) -> dict[str, float]:
+    """Max abs error of out, lse, dq, dk, dv (CP on ``mesh`` vs. the one-process reference)."""
+    if mesh.world_size != case.world_size:
+        case = replace(case, world_size=mesh.world_size)
+    shards = mesh.run(run_cp_case_on_rank, case)
+    layout = Layout.parse(case.layout)
+    want = reference_grads(case)
+    errors = {}
+    for name, ref in want.items():
+        dim = 2 if name == "lse" else 1  # lse is [B, H, S]
+        got = layout.unshard([s[name] for s in shards], dim=dim)
+        errors[name] = _error(got, ref)
+    return errors

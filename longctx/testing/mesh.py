@@ -1,0 +1,166 @@
+"""A simulated device mesh: N real processes joined in a process group, reused across calls.
+
+Starting processes and a process group costs seconds, so a :class:`SimulatedMesh` is started
+once (per test module) and then runs many functions: :meth:`SimulatedMesh.run` sends a function
+to every rank, each calls ``fn(group, *args)``, and the per-rank results come back in rank order.
+A failure on any rank raises here with that rank's traceback; a hang raises after ``timeout``
+and the mesh is torn down.
+
+Example::
+
+    from longctx.testing import SimulatedMesh
+
+    def world_sum(group, x):                       # module-level: it is sent by reference
+        import torch.distributed as dist
+        dist.all_reduce(x, group=group)
+        return x
+
+    with SimulatedMesh(4) as mesh:                 # 4 gloo processes on this machine
+        results = mesh.run(world_sum, torch.ones(2))   # [tensor([4., 4.])] * 4
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["MeshConfig", "SimulatedMesh", "MeshError"]
+
+
+class MeshError(RuntimeError):
+    """A rank of the simulated mesh failed or timed out."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    world_size: int
+    backend: str = "gloo"  # "nccl": one GPU per rank
+    timeout: float = 300.0  # seconds one run() may take
+    threads_per_rank: int = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, config: MeshConfig, port: int, tasks, results) -> None:
+    torch.set_num_threads(config.threads_per_rank)
+    if config.backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        config.backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=config.world_size,
+    )
+    group = dist.group.WORLD
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            results.put((rank, True, fn(group, *args, **kwargs)))
+        except BaseException:  # report everything, keep serving
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class SimulatedMesh:
+    """``world_size`` processes in one process group (gloo on CPU by default)."""
+
+    def __init__(self, world_size: int, backend: str = "gloo", timeout: float = 300.0):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.config = MeshConfig(world_size, backend, timeout)
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        env_before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(self.config.threads_per_rank)
+        try:
+            self._procs = [
+                ctx.Process(
+                    target=_worker,
+                    args=(rank, self.config, port, self._tasks[rank], self._results),
+                    daemon=True,
+                )
+                for rank in range(world_size)
+            ]
+            for p in self._procs:
+                p.start()
+        finally:
+            if env_before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env_before
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    def run(self, fn: Callable[..., Any], *args, **kwargs) -> list[Any]:
+        """Call ``fn(group, *args, **kwargs)`` on every rank; return the results in rank order."""
+        if not self._procs:
+            raise MeshError("this SimulatedMesh was closed")
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        out: list[Any] = [None] * self.world_size
+        errors = []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self._results.get(timeout=self.config.timeout)
+            except queue.Empty:
+                self.close(force=True)
+                raise MeshError(
+                    f"{getattr(fn, '__name__', fn)} did not finish on all {self.world_size} ranks "
+                    f"within {self.config.timeout:.0f}s (a collective mismatch or deadlock); the "
+                    "mesh was shut down"
+                ) from None
+            if ok:
+                out[rank] = value
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+        if errors:
+            raise MeshError(
+                f"{getattr(fn, '__name__', fn)} failed on {len(errors)} rank(s):\n"
+                + "\n".join(sorted(errors))
+            )
+        return out
+
+    def close(self, force: bool = False) -> None:
+        if not self._procs:
+            return
+        if not force:
+            for q in self._tasks:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=30)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._procs = []
+
+    def __enter__(self) -> "SimulatedMesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close(force=True)
+        except Exception:
+            pass
