@@ -1,0 +1,1056 @@
+"""Triton flash attention (forward + backward) on the local kernel contract.
+
+Implements :class:`~longctx.kernels.base.AttentionKernel` exactly like
+:class:`~longctx.kernels.reference.TorchReference`:
+
+    forward(q, k, v, *, scale, mask, q_pos, k_pos) -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq] f32
+    backward(dout, q, k, v, out, lse, *, scale, mask, q_pos, k_pos) -> dq, dk, dv (float32)
+
+- ``q [B, Sq, H, D]``, ``k``/``v [B, Sk, Hkv, D]``: GQA is read in place (query head ``h`` uses kv
+  head ``h // (H // Hkv)``), K/V are never expanded.
+- The mask is evaluated on **global** positions.  Two position paths:
+
+  * *strided* (fast): each side is one :class:`~longctx.kernels.mask.Segment`
+    (``start + i * stride``; contiguous, striped).  Positions are computed in the kernel, and each
+    query tile derives from its position bounds the exact range of key tiles that hold an allowed
+    pair, split into fully-allowed tiles (no mask arithmetic) and boundary tiles (masked).  Tiles
+    outside the range are never visited.
+  * *index* (general): anything else (several segments, an index tensor).  Positions are passed as
+    int32 tensors with per-tile ``(min, max)`` bounds; every tile whose bounds admit no allowed
+    pair is skipped, the others are masked element-wise.
+
+- Mask kinds: causal, sliding window, documents (``cu_seqlens``, evaluated as per-token document
+  ids) and their combinations.  Block-sparse masks are not implemented here: they run on the
+  torch reference (:meth:`TritonFlash.supports` says so, and the dispatcher routes them).
+- Numerics: scores in float32 with the softmax in base 2 (``scale * log2(e)`` folded into one
+  multiply), LSE returned in natural log.  A row with no allowed key gets ``out = 0`` and
+  ``lse = -inf``; no NaN is produced, forward or backward.
+- Backward takes the **global** ``out``/``lse`` (a ring step calls it per key block), computes
+  ``delta = rowsum(dout * out)`` in a small pre-pass, then one program per key tile accumulates
+  ``dk``/``dv`` over the query tiles of every query head of its kv head.  ``dq`` is either
+  accumulated with float32 atomics from the same pass (default: 5 matmuls per tile) or, with
+  ``TritonFlashConfig(deterministic=True)``, computed by a separate query-major kernel (7 matmuls,
+  bitwise reproducible).
+
+Runs on CUDA GPUs, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), which
+the tests use.  The interpreter is chosen per launch, so the variable may be set at any time before
+the first call, whatever was imported earlier.
+
+Example::
+
+    >>> import torch
+    >>> from longctx.kernels.mask import Mask
+    >>> from longctx.kernels.triton_flash import TritonFlash
+    >>> q = torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)
+    >>> k = v = torch.randn(1, 4096, 4, 128, device="cuda", dtype=torch.bfloat16)   # GQA 16/4
+    >>> kern = TritonFlash()
+    >>> out, lse = kern.forward(q, k, v, scale=128 ** -0.5, mask=Mask(causal=True))
+    >>> dq, dk, dv = kern.backward(torch.randn_like(out), q, k, v, out, lse,
+    ...                            scale=128 ** -0.5, mask=Mask(causal=True))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .base import check_qkv, default_positions, register_kernel
+from .mask import Mask, Positions
+
+try:  # Triton is importable on CPU-only Linux machines; keep the module importable without it.
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - exercised only where triton is missing
+    triton = tl = None  # type: ignore[assignment]
+    _TRITON_IMPORT_ERROR = exc
+
+__all__ = ["TileConfig", "TritonFlashConfig", "TritonFlash"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# Positions and window sizes are int32 in the kernels; bounds arithmetic adds two of them.
+_MAX_POSITION = 2**30
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileConfig:
+    """One kernel's launch shape: a ``block_m x block_n`` (query x key) tile, warps and pipelining.
+
+    ``block_m`` and ``block_n`` must be powers of two >= 16 (16 is the smallest ``tl.dot``).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            b = getattr(self, name)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {b}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"TileConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"TileConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+# Defaults per head dim, tuned on one H200 (bf16, causal, 32k): see benchmarks/RESULTS.md, issue 3.
+# ``fwd``: forward; ``bwd_kv``: dK/dV (+ atomic dQ) pass, block_m = query tile, block_n = key tile;
+# ``bwd_q``: the deterministic dQ pass.
+_DEFAULT_TILES: dict[int, dict[str, TileConfig]] = {
+    16: dict(fwd=TileConfig(64, 64, 4, 3), bwd_kv=TileConfig(64, 64, 4, 2), bwd_q=TileConfig(64, 64, 4, 2)),
+    32: dict(fwd=TileConfig(64, 64, 4, 3), bwd_kv=TileConfig(64, 64, 4, 2), bwd_q=TileConfig(64, 64, 4, 2)),
+    64: dict(fwd=TileConfig(128, 64, 4, 3), bwd_kv=TileConfig(64, 128, 8, 2), bwd_q=TileConfig(128, 64, 8, 2)),
+    128: dict(fwd=TileConfig(128, 64, 8, 3), bwd_kv=TileConfig(64, 128, 8, 2), bwd_q=TileConfig(128, 64, 8, 2)),
+    256: dict(fwd=TileConfig(64, 32, 4, 2), bwd_kv=TileConfig(32, 64, 4, 1), bwd_q=TileConfig(64, 32, 4, 1)),
+}
+
+
+@dataclass(frozen=True)
+class TritonFlashConfig:
+    """Launch configuration of :class:`TritonFlash`.
+
+    Tiles left ``None`` come from a per-head-dim table tuned on an H200.  ``deterministic=True``
+    computes dQ in its own query-major pass instead of with float32 atomics: slower, but the
+    gradients are bitwise reproducible run to run.
+
+    Example::
+
+        TritonFlashConfig(fwd=TileConfig(128, 64, num_warps=8, num_stages=3), deterministic=True)
+    """
+
+    fwd: TileConfig | None = None
+    bwd_kv: TileConfig | None = None
+    bwd_q: TileConfig | None = None
+    deterministic: bool = False
+
+    def tiles(self, head_dim: int) -> dict[str, TileConfig]:
+        table = _DEFAULT_TILES[head_dim]
+        return {
+            "fwd": self.fwd or table["fwd"],
+            "bwd_kv": self.bwd_kv or table["bwd_kv"],
+            "bwd_q": self.bwd_q or table["bwd_q"],
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels (one source, compiled for CUDA or run by Triton's interpreter for CPU tensors)
+# --------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    class _Kernel(JITFunction):
+        """A ``triton.jit`` function that can also run in Triton's interpreter.
+
+        ``fn[grid](...)`` compiles for the GPU; ``fn.interpreted[grid](...)`` runs the same source
+        on the host.  Calls between kernels resolve through module globals in both modes: the
+        compiler inlines the ``_Kernel`` (a ``JITFunction``), and inside an interpreted kernel
+        calling it runs its interpreted twin.
+        """
+
+        def __init__(self, fn):
+            super().__init__(fn)
+            self.interpreted = InterpretedFunction(fn)
+
+        def __call__(self, *args, **kwargs):
+            return self.interpreted(*args, **kwargs)
+
+    _jit = _Kernel
+else:  # pragma: no cover
+
+    def _jit(fn):
+        return fn
+
+
+if triton is not None:
+
+    @_jit
+    def _mm(a, b, acc, IEEE: tl.constexpr):
+        """``acc + a @ b`` in float32 (full-precision float32 products when ``IEEE``)."""
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @_jit
+    def _allowed(qp, kp, qd, kd, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_DOCS: tl.constexpr):
+        """Element mask from broadcastable global positions / doc ids (``[M,1]`` x ``[1,N]`` or
+        transposed); returns a bool tile."""
+        ok = (qp >= 0) & (kp >= 0)  # always true: gives the tile its full shape
+        if CAUSAL:
+            ok = ok & (kp <= qp)
+        if HAS_WINDOW:
+            ok = ok & (qp - kp < window)
+            if not CAUSAL:
+                ok = ok & (kp - qp < window)
+        if HAS_DOCS:
+            ok = ok & (qd == kd)
+        return ok
+
+    @_jit
+    def _partner_tiles(lo, hi, d_lo, d_hi, CU, p_first, p_last, p_start, p_stride, p_len, window,
+                       BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_DOCS: tl.constexpr, PARTNER_IS_KEY: tl.constexpr):
+        """Tile ranges of the partner side for a tile spanning global positions ``[lo, hi]``.
+
+        The partner side (keys of a query tile, or queries of a key tile) has positions
+        ``p_start + j * p_stride``, ``j < p_len``.  Returns tile indices
+        ``t_lo <= f_lo <= f_hi <= t_hi``: tiles in ``[t_lo, t_hi)`` may hold an allowed pair,
+        those in ``[f_lo, f_hi)`` are allowed for every pair (no mask needed), all others have
+        no allowed pair and are never visited.
+        """
+        any_lo = p_first + 0 * lo  # partners allowed for SOME token of the tile: [any_lo, any_hi]
+        any_hi = p_last + 0 * lo
+        all_lo = p_first + 0 * lo  # partners allowed for EVERY token of the tile: [all_lo, all_hi]
+        all_hi = p_last + 0 * lo
+        if CAUSAL:
+            if PARTNER_IS_KEY:  # key <= query
+                any_hi = tl.minimum(any_hi, hi)
+                all_hi = tl.minimum(all_hi, lo)
+            else:  # query >= key
+                any_lo = tl.maximum(any_lo, lo)
+                all_lo = tl.maximum(all_lo, hi)
+        if HAS_WINDOW:
+            if PARTNER_IS_KEY or not CAUSAL:  # partner below: partner > self - window
+                any_lo = tl.maximum(any_lo, lo - window + 1)
+                all_lo = tl.maximum(all_lo, hi - window + 1)
+            if (not PARTNER_IS_KEY) or (not CAUSAL):  # partner above: partner < self + window
+                any_hi = tl.minimum(any_hi, hi + window - 1)
+                all_hi = tl.minimum(all_hi, lo + window - 1)
+        if HAS_DOCS:
+            doc_lo_start = tl.load(CU + d_lo)
+            any_lo = tl.maximum(any_lo, doc_lo_start)
+            any_hi = tl.minimum(any_hi, tl.load(CU + d_hi + 1) - 1)
+            all_lo = tl.maximum(all_lo, doc_lo_start)
+            all_hi = tl.minimum(all_hi, tl.load(CU + d_lo + 1) - 1)
+            all_hi = tl.where(d_lo == d_hi, all_hi, all_lo - 1)  # tile spans documents: no full tile
+        # position intervals -> partner indices [j_lo, j_hi) -> tiles
+        j_lo = tl.cdiv(tl.maximum(any_lo - p_start, 0), p_stride)
+        j_hi = tl.minimum(tl.maximum(any_hi - p_start + p_stride, 0) // p_stride, p_len)
+        t_lo = j_lo // BLOCK
+        t_hi = tl.where(j_lo < j_hi, tl.cdiv(j_hi, BLOCK), t_lo)
+        jf_lo = tl.cdiv(tl.maximum(all_lo - p_start, 0), p_stride)
+        jf_hi = tl.minimum(tl.maximum(all_hi - p_start + p_stride, 0) // p_stride, p_len)
+        f_lo = tl.maximum(tl.cdiv(jf_lo, BLOCK), t_lo)
+        f_hi = tl.minimum(jf_hi // BLOCK, t_hi)
+        has_full = f_lo < f_hi
+        f_lo = tl.where(has_full, f_lo, t_hi)
+        f_hi = tl.where(has_full, f_hi, t_hi)
+        return t_lo, f_lo, f_hi, t_hi
+
+    @_jit
+    def _tile_visible(lo, hi, d_lo, d_hi, TB, t, window, CAUSAL: tl.constexpr,
+                      HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PARTNER_IS_KEY: tl.constexpr):
+        """Index path: may tile ``t`` of the partner side (bounds ``TB[t] = (pmin, pmax, dmin,
+        dmax)``) hold an allowed pair with the tile ``[lo, hi]`` (docs ``[d_lo, d_hi]``)?"""
+        p_lo = tl.load(TB + 4 * t)
+        p_hi = tl.load(TB + 4 * t + 1)
+        if PARTNER_IS_KEY:
+            q_lo, q_hi, k_lo, k_hi = lo, hi, p_lo, p_hi
+        else:
+            q_lo, q_hi, k_lo, k_hi = p_lo, p_hi, lo, hi
+        ok = p_lo <= p_hi
+        if CAUSAL:
+            ok = ok & (k_lo <= q_hi)
+        if HAS_WINDOW:
+            ok = ok & (q_lo - k_hi < window)
+            if not CAUSAL:
+                ok = ok & (k_lo - q_hi < window)
+        if HAS_DOCS:
+            pd_lo = tl.load(TB + 4 * t + 2)
+            pd_hi = tl.load(TB + 4 * t + 3)
+            ok = ok & (pd_lo <= d_hi) & (d_lo <= pd_hi)
+        return ok
+
+    # ---------------------------------------------------------------------------------- forward
+    @_jit
+    def _fwd_tile(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, start_n, KP, KD, k_start, k_stride,
+                  Sk, window, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """One key tile of the online softmax for a query tile.  ``qk`` is in log2 units."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k_valid = offs_n < Sk
+            k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        if MASKED:
+            if POS_INDEX:
+                kp = tl.load(KP + offs_n, mask=k_valid, other=0)
+            else:
+                kp = k_start + offs_n * k_stride
+            if HAS_DOCS:
+                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+            else:
+                kd = kp
+            ok = _allowed(qp[:, None], kp[None, :], qd[:, None], kd[None, :], window,
+                          CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+            qk = tl.where(ok, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: avoid -inf - -inf
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        return acc, l_i, m_new
+
+    @_jit
+    def _fwd_span(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t_lo, t_hi, KP, KD, k_start, k_stride,
+                  Sk, window, qk_scale, step_k, step_v, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """Key tiles ``[t_lo, t_hi)``; ``k_ptrs``/``v_ptrs`` point at tile ``t_lo`` on entry."""
+        for t in range(t_lo, t_hi):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N, KP, KD,
+                                      k_start, k_stride, Sk, window, qk_scale, BLOCK_N, MASKED,
+                                      POS_INDEX, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+            k_ptrs += step_k
+            v_ptrs += step_v
+        return acc, l_i, m_i, k_ptrs, v_ptrs
+
+    @_jit
+    def _fwd_kernel(
+        Q, K, V, Out, Lse,
+        QP, KP, QD, KD, CU, QTB, KTB,
+        qk_scale, window,
+        q_start, q_stride, k_start, k_stride, k_first, k_last,
+        s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+        Sq, Sk, H, G, n_k_tiles,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_DOCS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Grid ``(cdiv(Sq, BLOCK_M), B * H)``; the last query tiles (most causal work) go first."""
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // G
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_valid = offs_m < Sq
+        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+
+        q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_qs + offs_d[None, :],
+                    mask=m_valid[:, None], other=0.0)
+        k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+        v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+
+        # global positions / documents of the query tile
+        if POS_INDEX:
+            qp = tl.load(QP + offs_m, mask=m_valid, other=0)
+            q_lo = tl.load(QTB + 4 * pid_m)
+            q_hi = tl.load(QTB + 4 * pid_m + 1)
+        else:
+            qp = q_start + offs_m * q_stride
+            q_lo = q_start + start_m * q_stride
+            q_hi = q_start + last_m * q_stride
+        if HAS_DOCS:
+            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+            if POS_INDEX:
+                qd_lo = tl.load(QTB + 4 * pid_m + 2)
+                qd_hi = tl.load(QTB + 4 * pid_m + 3)
+            else:
+                qd_lo = tl.load(QD + start_m)
+                qd_hi = tl.load(QD + last_m)
+        else:
+            qd = qp
+            qd_lo = q_lo
+            qd_hi = q_hi
+
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        tile_k = offs_n[:, None] * s_ks + offs_d[None, :]
+        tile_v = offs_n[:, None] * s_vs + offs_d[None, :]
+        step_k = BLOCK_N * s_ks
+        step_v = BLOCK_N * s_vs
+
+        if POS_INDEX:
+            k_ptrs = k_base + tile_k
+            v_ptrs = v_base + tile_v
+            for t in range(0, n_k_tiles):
+                if _tile_visible(q_lo, q_hi, qd_lo, qd_hi, KTB, t, window,
+                                 CAUSAL, HAS_WINDOW, HAS_DOCS, True):
+                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N,
+                                              KP, KD, k_start, k_stride, Sk, window, qk_scale,
+                                              BLOCK_N, True, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                              IEEE)
+                k_ptrs += step_k
+                v_ptrs += step_v
+        else:
+            t_lo, f_lo, f_hi, t_hi = _partner_tiles(
+                q_lo, q_hi, qd_lo, qd_hi, CU, k_first, k_last, k_start, k_stride, Sk, window,
+                BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS, True)
+            first = (t_lo * BLOCK_N).to(tl.int64)
+            k_ptrs = k_base + first * s_ks + tile_k
+            v_ptrs = v_base + first * s_vs + tile_v
+            # boundary tiles below the fully-allowed span, the span, boundary tiles above it
+            acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_span(
+                acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t_lo, f_lo, KP, KD, k_start, k_stride,
+                Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL, HAS_WINDOW,
+                HAS_DOCS, IEEE)
+            acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_span(
+                acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, f_lo, f_hi, KP, KD, k_start, k_stride,
+                Sk, window, qk_scale, step_k, step_v, BLOCK_N, False, False, CAUSAL, HAS_WINDOW,
+                HAS_DOCS, IEEE)
+            acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_span(
+                acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, f_hi, t_hi, KP, KD, k_start, k_stride,
+                Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL, HAS_WINDOW,
+                HAS_DOCS, IEEE)
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        o_base = Out + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
+        tl.store(o_base + offs_m[:, None].to(tl.int64) * s_os + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=m_valid[:, None])
+        tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_valid)
+
+    # --------------------------------------------------------------------------------- backward
+    @_jit
+    def _bwd_delta_kernel(Out, DOut, Delta, s_ob, s_os, s_oh, s_db, s_ds, s_dh, Sq, H,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """``delta[b, h, i] = sum_d dout[b, i, h, d] * out[b, i, h, d]`` (float32)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_valid = offs_m < Sq
+        rows = offs_m[:, None].to(tl.int64)
+        o = tl.load(Out + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + rows * s_os
+                    + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        do = tl.load(DOut + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + rows * s_ds
+                     + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=m_valid)
+
+    @_jit
+    def _bwd_kv_tile(dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
+                     start_m, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale,
+                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, POS_INDEX: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
+        """One query tile's contribution to a key tile's dK/dV (and, atomically, to dQ).
+
+        Works on transposed scores ``[BLOCK_N, BLOCK_M]`` so dK/dV need no transposes.
+        """
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Sq
+        if MASKED:
+            q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=m_valid[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
+        # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(delta_ptr + offs_m, mask=m_valid, other=0.0)
+        qkT = _mm(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            if POS_INDEX:
+                qp = tl.load(QP + offs_m, mask=m_valid, other=0)
+            else:
+                qp = q_start + offs_m * q_stride
+            if HAS_DOCS:
+                qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+            else:
+                qd = qp
+            okT = _allowed(qp[None, :], kp[:, None], qd[None, :], kd[:, None], window,
+                           CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[:, None]
+            pT = tl.where(okT, pT, 0.0)
+        dv = _mm(pT.to(do.dtype), do, dv, IEEE)
+        dpT = _mm(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mm(dsT.to(q.dtype), q, dk, IEEE)
+        if ATOMIC_DQ:
+            dq = _mm(tl.trans(dsT).to(k.dtype), k,
+                     tl.zeros([BLOCK_M, k.shape[1]], dtype=tl.float32), IEEE) * scale
+            tl.atomic_add(dq_ptrs, dq, mask=m_valid[:, None], sem="relaxed")
+        return dk, dv
+
+    @_jit
+    def _bwd_kv_span(dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
+                     t_lo, t_hi, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale,
+                     step_q, step_do, step_dq, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                     POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_DOCS: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
+        for t in range(t_lo, t_hi):
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr,
+                                  delta_ptr, t * BLOCK_M, QP, QD, q_start, q_stride, Sq, window,
+                                  qk_scale, scale, BLOCK_M, MASKED, POS_INDEX, CAUSAL, HAS_WINDOW,
+                                  HAS_DOCS, ATOMIC_DQ, IEEE)
+            q_ptrs += step_q
+            do_ptrs += step_do
+            dq_ptrs += step_dq
+        return dk, dv, q_ptrs, do_ptrs, dq_ptrs
+
+    @_jit
+    def _bwd_kv_kernel(
+        Q, K, V, DO, DQ, DK, DV, Lse, Delta,
+        QP, KP, QD, KD, CU, QTB, KTB,
+        qk_scale, scale, window,
+        q_start, q_stride, k_start, k_stride, q_first, q_last,
+        s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
+        s_dqb, s_dqs, s_dqh, s_dkb, s_dks, s_dkh,
+        Sq, Sk, H, Hkv, G, n_q_tiles,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_DOCS: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``: one key tile, all ``G`` query heads of its kv head.
+
+        dK/dV are accumulated in registers (deterministic); dK, dV stored in float32.
+        """
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k_valid = offs_n < Sk
+        last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
+        rows_n = offs_n[:, None].to(tl.int64)
+        k = tl.load(K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh + rows_n * s_ks
+                    + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        v = tl.load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh + rows_n * s_vs
+                    + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+
+        if POS_INDEX:
+            kp = tl.load(KP + offs_n, mask=k_valid, other=0)
+            k_lo = tl.load(KTB + 4 * pid_n)
+            k_hi = tl.load(KTB + 4 * pid_n + 1)
+        else:
+            kp = k_start + offs_n * k_stride
+            k_lo = k_start + start_n * k_stride
+            k_hi = k_start + last_n * k_stride
+        if HAS_DOCS:
+            kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+            if POS_INDEX:
+                kd_lo = tl.load(KTB + 4 * pid_n + 2)
+                kd_hi = tl.load(KTB + 4 * pid_n + 3)
+            else:
+                kd_lo = tl.load(KD + start_n)
+                kd_hi = tl.load(KD + last_n)
+        else:
+            kd = kp
+            kd_lo = k_lo
+            kd_hi = k_hi
+
+        if POS_INDEX:
+            t_lo = pid_n * 0  # a tensor zero: the index path walks every query tile
+            f_lo = t_lo
+            f_hi = t_lo
+            t_hi = t_lo + n_q_tiles
+        else:
+            t_lo, f_lo, f_hi, t_hi = _partner_tiles(
+                k_lo, k_hi, kd_lo, kd_hi, CU, q_first, q_last, q_start, q_stride, Sq, window,
+                BLOCK_M, CAUSAL, HAS_WINDOW, HAS_DOCS, False)
+
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        tile_q = offs_m[:, None] * s_qs + offs_d[None, :]
+        tile_do = offs_m[:, None] * s_ds + offs_d[None, :]
+        tile_dq = offs_m[:, None] * s_dqs + offs_d[None, :]
+        step_q = BLOCK_M * s_qs
+        step_do = BLOCK_M * s_ds
+        step_dq = BLOCK_M * s_dqs
+        first = (t_lo * BLOCK_M).to(tl.int64)
+        for g in range(0, G):
+            h = hk * G + g
+            q_ptrs = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + first * s_qs + tile_q
+            do_ptrs = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + first * s_ds + tile_do
+            dq_ptrs = DQ + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + first * s_dqs + tile_dq
+            lse_ptr = Lse + (b * H + h).to(tl.int64) * Sq
+            delta_ptr = Delta + (b * H + h).to(tl.int64) * Sq
+            if POS_INDEX:
+                for t in range(0, n_q_tiles):
+                    if _tile_visible(k_lo, k_hi, kd_lo, kd_hi, QTB, t, window,
+                                     CAUSAL, HAS_WINDOW, HAS_DOCS, False):
+                        dk, dv = _bwd_kv_tile(
+                            dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr,
+                            delta_ptr, t * BLOCK_M, QP, QD, q_start, q_stride, Sq, window,
+                            qk_scale, scale, BLOCK_M, True, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                            ATOMIC_DQ, IEEE)
+                    q_ptrs += step_q
+                    do_ptrs += step_do
+                    dq_ptrs += step_dq
+            else:
+                dk, dv, q_ptrs, do_ptrs, dq_ptrs = _bwd_kv_span(
+                    dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
+                    t_lo, f_lo, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale, step_q,
+                    step_do, step_dq, BLOCK_M, True, False, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                    ATOMIC_DQ, IEEE)
+                dk, dv, q_ptrs, do_ptrs, dq_ptrs = _bwd_kv_span(
+                    dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
+                    f_lo, f_hi, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale, step_q,
+                    step_do, step_dq, BLOCK_M, False, False, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                    ATOMIC_DQ, IEEE)
+                dk, dv, q_ptrs, do_ptrs, dq_ptrs = _bwd_kv_span(
+                    dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
+                    f_hi, t_hi, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale, step_q,
+                    step_do, step_dq, BLOCK_M, True, False, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                    ATOMIC_DQ, IEEE)
+
+        rows = offs_n[:, None].to(tl.int64)
+        dk_off = b.to(tl.int64) * s_dkb + hk.to(tl.int64) * s_dkh + rows * s_dks + offs_d[None, :]
+        tl.store(DK + dk_off, dk * scale, mask=k_valid[:, None])
+        tl.store(DV + dk_off, dv, mask=k_valid[:, None])
+
+    @_jit
+    def _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, start_n, KP, KD, k_start,
+                    k_stride, Sk, window, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                    POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """One key tile's contribution to a query tile's dQ (deterministic path)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k_valid = offs_n < Sk
+            k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            if POS_INDEX:
+                kp = tl.load(KP + offs_n, mask=k_valid, other=0)
+            else:
+                kp = k_start + offs_n * k_stride
+            if HAS_DOCS:
+                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+            else:
+                kd = kp
+            ok = _allowed(qp[:, None], kp[None, :], qd[:, None], kd[None, :], window,
+                          CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+            p = tl.where(ok, p, 0.0)
+        dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        ds = p * (dp - delta[:, None])
+        return _mm(ds.to(k.dtype), k, dq, IEEE)
+
+    @_jit
+    def _bwd_q_span(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t_lo, t_hi, KP, KD, k_start,
+                    k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        for t in range(t_lo, t_hi):
+            dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N, KP, KD,
+                             k_start, k_stride, Sk, window, qk_scale, BLOCK_N, MASKED, POS_INDEX,
+                             CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+            k_ptrs += step_k
+            v_ptrs += step_v
+        return dq, k_ptrs, v_ptrs
+
+    @_jit
+    def _bwd_q_kernel(
+        Q, K, V, DO, DQ, Lse, Delta,
+        QP, KP, QD, KD, CU, QTB, KTB,
+        qk_scale, scale, window,
+        q_start, q_stride, k_start, k_stride, k_first, k_last,
+        s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
+        s_dqb, s_dqs, s_dqh,
+        Sq, Sk, H, G, n_k_tiles,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_DOCS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Grid ``(cdiv(Sq, BLOCK_M), B * H)``: dQ of one query tile, no atomics."""
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // G
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_valid = offs_m < Sq
+        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + rows * s_qs
+                    + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + rows * s_ds
+                     + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=0.0)
+
+        if POS_INDEX:
+            qp = tl.load(QP + offs_m, mask=m_valid, other=0)
+            q_lo = tl.load(QTB + 4 * pid_m)
+            q_hi = tl.load(QTB + 4 * pid_m + 1)
+        else:
+            qp = q_start + offs_m * q_stride
+            q_lo = q_start + start_m * q_stride
+            q_hi = q_start + last_m * q_stride
+        if HAS_DOCS:
+            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+            if POS_INDEX:
+                qd_lo = tl.load(QTB + 4 * pid_m + 2)
+                qd_hi = tl.load(QTB + 4 * pid_m + 3)
+            else:
+                qd_lo = tl.load(QD + start_m)
+                qd_hi = tl.load(QD + last_m)
+        else:
+            qd = qp
+            qd_lo = q_lo
+            qd_hi = q_hi
+
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+        v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+        tile_k = offs_n[:, None] * s_ks + offs_d[None, :]
+        tile_v = offs_n[:, None] * s_vs + offs_d[None, :]
+        step_k = BLOCK_N * s_ks
+        step_v = BLOCK_N * s_vs
+        if POS_INDEX:
+            k_ptrs = k_base + tile_k
+            v_ptrs = v_base + tile_v
+            for t in range(0, n_k_tiles):
+                if _tile_visible(q_lo, q_hi, qd_lo, qd_hi, KTB, t, window,
+                                 CAUSAL, HAS_WINDOW, HAS_DOCS, True):
+                    dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N,
+                                     KP, KD, k_start, k_stride, Sk, window, qk_scale, BLOCK_N,
+                                     True, True, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+                k_ptrs += step_k
+                v_ptrs += step_v
+        else:
+            t_lo, f_lo, f_hi, t_hi = _partner_tiles(
+                q_lo, q_hi, qd_lo, qd_hi, CU, k_first, k_last, k_start, k_stride, Sk, window,
+                BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS, True)
+            first = (t_lo * BLOCK_N).to(tl.int64)
+            k_ptrs = k_base + first * s_ks + tile_k
+            v_ptrs = v_base + first * s_vs + tile_v
+            dq, k_ptrs, v_ptrs = _bwd_q_span(
+                dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t_lo, f_lo, KP, KD, k_start,
+                k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL,
+                HAS_WINDOW, HAS_DOCS, IEEE)
+            dq, k_ptrs, v_ptrs = _bwd_q_span(
+                dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, f_lo, f_hi, KP, KD, k_start,
+                k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N, False, False, CAUSAL,
+                HAS_WINDOW, HAS_DOCS, IEEE)
+            dq, k_ptrs, v_ptrs = _bwd_q_span(
+                dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, f_hi, t_hi, KP, KD, k_start,
+                k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL,
+                HAS_WINDOW, HAS_DOCS, IEEE)
+
+        tl.store(DQ + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqs
+                 + offs_d[None, :], dq * scale, mask=m_valid[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+class _Side(NamedTuple):
+    """Kernel arguments describing the global positions of one side (queries or keys)."""
+
+    start: int  # strided path: position of token 0 ...
+    stride: int  # ... and the step between tokens
+    first: int  # smallest / largest position (strided path)
+    last: int
+    pos: Tensor | None  # index path: int32 [S]
+    docs: Tensor | None  # int32 [S] document id per token (document masks only)
+
+
+class _Plan(NamedTuple):
+    """Everything the kernels need to evaluate ``mask`` on ``(q_pos, k_pos)``."""
+
+    pos_index: bool
+    q: _Side
+    k: _Side
+    cu: Tensor | None  # int32 [n_docs + 2]: document boundaries, then a sentinel
+    window: int
+    causal: bool
+    has_window: bool
+    has_docs: bool
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tile_bounds(pos: Tensor, docs: Tensor | None, block: int) -> Tensor:
+    """Per-tile ``(pos_min, pos_max, doc_min, doc_max)`` as int32 ``[cdiv(S, block) * 4]``."""
+    n = pos.numel()
+    n_tiles = -(-n // block)
+    pad = n_tiles * block - n
+    cols = [pos] if docs is None else [pos, docs]
+    out = []
+    for c in cols:
+        c = torch.cat([c, c[-1:].expand(pad)]) if pad else c  # repeat the last: min/max unchanged
+        c = c.view(n_tiles, block)  # [S_padded] -> [tiles, block]
+        out += [c.amin(1), c.amax(1)]
+    if docs is None:
+        out += [out[0], out[1]]  # unused doc bounds
+    return torch.stack(out, 1).to(torch.int32).reshape(-1).contiguous()  # [tiles, 4] -> flat
+
+
+class TritonFlash:
+    """Triton flash attention on the local kernel contract (see the module docstring).
+
+    Args:
+        config: tiles, warps, pipelining and the deterministic-backward switch
+            (:class:`TritonFlashConfig`).
+
+    Supported: CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``) in float16, bfloat16 or
+    float32, head dims 16, 32, 64, 128, 256; masks made of causal / window / documents.  Use
+    :meth:`supports` to ask before calling.
+    """
+
+    name = "triton"
+
+    def __init__(self, config: TritonFlashConfig = TritonFlashConfig()):
+        self.config = config
+
+    # -- support ----------------------------------------------------------------------------------
+    @staticmethod
+    def unsupported_reason(q: Tensor, mask: Mask) -> str | None:
+        """Why this kernel cannot run ``q`` under ``mask`` (None when it can)."""
+        if _TRITON_IMPORT_ERROR is not None:
+            return f"triton is not importable ({_TRITON_IMPORT_ERROR}); install triton>=3.6"
+        if q.device.type != "cuda" and not _interpreting():
+            return (
+                f"q is on {q.device}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
+                "to run CPU tensors in Triton's interpreter (slow; for tests). On CPU use "
+                "kernel='reference'"
+            )
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return (
+                f"dtype {q.dtype} is not supported by the Triton kernel (float16, bfloat16, "
+                "float32); use kernel='reference' for float64"
+            )
+        if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
+            return (
+                f"head_dim {q.shape[-1]} is not supported by the Triton kernel (supported: "
+                f"{_SUPPORTED_HEAD_DIMS}); pad the head dim to one of these or use "
+                "kernel='reference'"
+            )
+        if mask.block_sparse is not None:
+            return (
+                "block-sparse masks are not implemented in the Triton kernel yet; use "
+                "kernel='reference' (or kernel='auto', which routes them there)"
+            )
+        return None
+
+    def supports(self, q: Tensor, mask: Mask) -> bool:
+        return self.unsupported_reason(q, mask) is None
+
+    def _check(self, q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Mask) -> None:
+        check_qkv(q, k, v)
+        reason = self.unsupported_reason(q, mask)
+        if reason is not None:
+            raise ValueError(reason)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+
+    # -- positions --------------------------------------------------------------------------------
+    @staticmethod
+    def _plan(mask: Mask, q_pos: Positions, k_pos: Positions, device: torch.device) -> _Plan:
+        strided = (
+            q_pos.index is None and len(q_pos.segments) == 1
+            and k_pos.index is None and len(k_pos.segments) == 1
+        )
+        docs = mask.cu_seqlens is not None
+        for name, p in (("q_pos", q_pos), ("k_pos", k_pos)):
+            if len(p) and p.max() >= _MAX_POSITION:
+                raise ValueError(
+                    f"{name} reaches global position {p.max()}; the Triton kernel handles "
+                    f"positions below 2**30"
+                )
+        sides = []
+        for p in (q_pos, k_pos):
+            pos = p.materialize(device) if (docs or not strided) else None  # int64 [S]
+            doc = mask.document_ids(pos).to(torch.int32) if docs else None
+            if strided:
+                s = p.segments[0]
+                sides.append(_Side(s.start, s.stride, s.start, max(s.last, s.start), None, doc))
+            else:
+                sides.append(_Side(0, 1, 0, 0, pos.to(torch.int32), doc))
+        cu = None
+        if docs:
+            cu = torch.cat([
+                mask.cu_seqlens.to(torch.int64),
+                torch.tensor([_MAX_POSITION], dtype=torch.int64),
+            ]).to(device=device, dtype=torch.int32)
+        window = mask.window if mask.window is not None else 1
+        return _Plan(
+            pos_index=not strided, q=sides[0], k=sides[1], cu=cu,
+            window=min(window, _MAX_POSITION), causal=mask.causal,
+            has_window=mask.window is not None, has_docs=docs,
+        )
+
+    @staticmethod
+    def _launch(kernel, grid, *args, **meta):
+        """Compile for the GPU, or interpret when TRITON_INTERPRET=1 (CPU tensors)."""
+        target = kernel.interpreted if _interpreting() else kernel
+        return target[grid](*args, **meta)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Mask = Mask(),
+        q_pos: Positions | None = None, k_pos: Positions | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``q [B, Sq, H, D]``, ``k``/``v [B, Sk, Hkv, D]`` -> ``out [B, Sq, H, D]`` (q.dtype),
+        ``lse [B, H, Sq]`` (float32, natural log; ``-inf`` for rows with no allowed key)."""
+        self._check(q, k, v, scale, mask)
+        q_pos, k_pos = default_positions(q, k, q_pos, k_pos)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        B, Sq, H, D = q.shape
+        Sk, Hkv = k.shape[1], k.shape[2]
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        if Sq == 0 or B * H == 0:
+            return out, lse
+        tile = self.config.tiles(D)["fwd"]
+        plan = self._plan(mask, q_pos, k_pos, q.device)
+        dummy = lse  # never read: stands in for unused tensor arguments
+        qtb = ktb = dummy
+        if plan.pos_index:
+            qtb = _tile_bounds(plan.q.pos, plan.q.docs, tile.block_m)
+            ktb = _tile_bounds(plan.k.pos, plan.k.docs, tile.block_n) if Sk else dummy
+        grid = (triton.cdiv(Sq, tile.block_m), B * H)
+        self._launch(
+            _fwd_kernel, grid,
+            q, k, v, out, lse,
+            plan.q.pos if plan.q.pos is not None else dummy,
+            plan.k.pos if plan.k.pos is not None else dummy,
+            plan.q.docs if plan.q.docs is not None else dummy,
+            plan.k.docs if plan.k.docs is not None else dummy,
+            plan.cu if plan.cu is not None else dummy, qtb, ktb,
+            scale * _LOG2E, plan.window,
+            plan.q.start, plan.q.stride, plan.k.start, plan.k.stride, plan.k.first, plan.k.last,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            Sq, Sk, H, H // Hkv, triton.cdiv(Sk, tile.block_n),
+            HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            POS_INDEX=plan.pos_index, CAUSAL=plan.causal, HAS_WINDOW=plan.has_window,
+            HAS_DOCS=plan.has_docs, IEEE=q.dtype == torch.float32,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+        return out, lse
+
+    # -- backward ---------------------------------------------------------------------------------
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+        scale: float, mask: Mask = Mask(), q_pos: Positions | None = None,
+        k_pos: Positions | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients from the **global** ``out [B, Sq, H, D]`` / ``lse [B, H, Sq]``.
+
+        Returns float32 ``dq [B, Sq, H, D]``, ``dk``/``dv [B, Sk, Hkv, D]`` for this key block
+        only, ready to be summed over ring steps.
+        """
+        self._check(q, k, v, scale, mask)
+        q_pos, k_pos = default_positions(q, k, q_pos, k_pos)
+        B, Sq, H, D = q.shape
+        Sk, Hkv = k.shape[1], k.shape[2]
+        if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, Sq):
+            raise ValueError(
+                f"backward needs dout and out shaped like q {tuple(q.shape)} and lse [B, H, Sq] = "
+                f"{(B, H, Sq)}; got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse "
+                f"{tuple(lse.shape)}"
+            )
+        q, k, v, dout, out = (
+            t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, dout, out)
+        )
+        lse = lse.to(torch.float32).contiguous()
+        tiles = self.config.tiles(D)
+        atomic = not self.config.deterministic
+        dq = (torch.zeros if atomic else torch.empty)(B, Sq, H, D, dtype=torch.float32, device=q.device)
+        dk = torch.empty(B, Sk, Hkv, D, dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+        if Sq == 0 or Sk == 0 or B * H == 0:
+            return dq.zero_(), dk.zero_(), dv.zero_()
+
+        delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        pre_block = 64 if D <= 128 else 32
+        self._launch(
+            _bwd_delta_kernel, (triton.cdiv(Sq, pre_block), B * H),
+            out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2), Sq, H,
+            HEAD_DIM=D, BLOCK_M=pre_block,
+        )
+
+        plan = self._plan(mask, q_pos, k_pos, q.device)
+        dummy = delta
+        kv, qt = tiles["bwd_kv"], tiles["bwd_q"]
+        pos_args = (
+            plan.q.pos if plan.q.pos is not None else dummy,
+            plan.k.pos if plan.k.pos is not None else dummy,
+            plan.q.docs if plan.q.docs is not None else dummy,
+            plan.k.docs if plan.k.docs is not None else dummy,
+            plan.cu if plan.cu is not None else dummy,
+        )
+        flags = dict(
+            POS_INDEX=plan.pos_index, CAUSAL=plan.causal, HAS_WINDOW=plan.has_window,
+            HAS_DOCS=plan.has_docs, IEEE=q.dtype == torch.float32,
+        )
+        strides = (
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+        )
+        qtb = ktb = dummy
+        if plan.pos_index:
+            qtb = _tile_bounds(plan.q.pos, plan.q.docs, kv.block_m)
+            ktb = _tile_bounds(plan.k.pos, plan.k.docs, kv.block_n)
+        self._launch(
+            _bwd_kv_kernel, (triton.cdiv(Sk, kv.block_n), B * Hkv),
+            q, k, v, dout, dq, dk, dv, lse, delta, *pos_args, qtb, ktb,
+            scale * _LOG2E, scale, plan.window,
+            plan.q.start, plan.q.stride, plan.k.start, plan.k.stride, plan.q.first, plan.q.last,
+            *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+            Sq, Sk, H, Hkv, H // Hkv, triton.cdiv(Sq, kv.block_m),
+            HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=atomic, **flags,
+            num_warps=kv.num_warps, num_stages=kv.num_stages,
+        )
+        if not atomic:
+            if plan.pos_index:
+                qtb = _tile_bounds(plan.q.pos, plan.q.docs, qt.block_m)
+                ktb = _tile_bounds(plan.k.pos, plan.k.docs, qt.block_n)
+            self._launch(
+                _bwd_q_kernel, (triton.cdiv(Sq, qt.block_m), B * H),
+                q, k, v, dout, dq, lse, delta, *pos_args, qtb, ktb,
+                scale * _LOG2E, scale, plan.window,
+                plan.q.start, plan.q.stride, plan.k.start, plan.k.stride, plan.k.first,
+                plan.k.last, *strides, Sq, Sk, H, H // Hkv, triton.cdiv(Sk, qt.block_n),
+                HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, **flags,
+                num_warps=qt.num_warps, num_stages=qt.num_stages,
+            )
+        return dq, dk, dv
+
+
+register_kernel("triton", TritonFlash)
