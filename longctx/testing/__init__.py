@@ -1,6 +1,14 @@
 """Test support: a simulated device mesh and CP-vs-reference checks (used by tests/ and users)."""
 
-from .cp_check import MASK_KINDS, CPCase, check_cp_case, reference_grads, run_cp_case_on_rank
+from .cp_check import (
+    MASK_KINDS,
+    CPCase,
+    check_cp_case,
+    errors_against_reference,
+    reference_grads,
+    run_cp_case_on_rank,
+    tensor_error,
+)
 from .mesh import MeshConfig, MeshError, SimulatedMesh
 
 __all__ = [
@@ -10,6 +18,8 @@ __all__ = [
     "MeshError",
     "SimulatedMesh",
     "check_cp_case",
+    "errors_against_reference",
     "reference_grads",
     "run_cp_case_on_rank",
+    "tensor_error",
 ]

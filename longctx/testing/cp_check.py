@@ -28,7 +28,15 @@ from ..kernels.reference import TorchReference
 from ..parallel.api import attention
 from ..parallel.layout import Layout
 
-__all__ = ["MASK_KINDS", "CPCase", "run_cp_case_on_rank", "reference_grads", "check_cp_case"]
+__all__ = [
+    "MASK_KINDS",
+    "CPCase",
+    "run_cp_case_on_rank",
+    "reference_grads",
+    "tensor_error",
+    "errors_against_reference",
+    "check_cp_case",
+]
 
 MASK_KINDS = ("full", "causal", "window", "window_bidir", "documents", "block_sparse")
 
@@ -92,8 +100,12 @@ def _device(case: CPCase, rank: int) -> torch.device:
 
 
 def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
-    """Rank body: shard the case's inputs, run CP attention forward and backward, return shards."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    """Rank body: shard the case's inputs, run CP attention forward and backward, return shards.
+
+    ``group=None`` runs the case in this process alone (``case.world_size`` must be 1).
+    """
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
     if world != case.world_size:
         raise ValueError(f"case is for {case.world_size} ranks, the group has {world}")
     layout = Layout.parse(case.layout)
@@ -124,28 +136,42 @@ def reference_grads(case: CPCase) -> dict[str, Tensor]:
     return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
 
 
-def _error(got: Tensor, want: Tensor) -> float:
-    """Max abs error; infinite where -inf entries disagree; NaN anywhere counts as infinite."""
+def tensor_error(got: Tensor, want: Tensor, metric: str = "max_abs") -> float:
+    """``max_abs`` or ``rel_l2`` (||got - want|| / ||want||) error over the finite entries.
+
+    Infinite when the ``-inf`` entries (empty rows of ``lse``) disagree or ``got`` has a NaN.
+    """
     got, want = got.to(torch.float64), want.to(torch.float64)
     if torch.isnan(got).any():
         return float("inf")
-    inf_got, inf_want = torch.isneginf(got), torch.isneginf(want)
-    if not torch.equal(inf_got, inf_want):
+    inf_want = torch.isneginf(want)
+    if not torch.equal(torch.isneginf(got), inf_want):
         return float("inf")
-    diff = (got - want)[~inf_want]
-    return float(diff.abs().max()) if diff.numel() else 0.0
+    diff, ref = (got - want)[~inf_want], want[~inf_want]
+    if not diff.numel():
+        return 0.0
+    if metric == "max_abs":
+        return float(diff.abs().max())
+    if metric == "rel_l2":
+        return float(diff.norm() / ref.norm().clamp_min(1e-300))
+    raise ValueError(f"metric must be 'max_abs' or 'rel_l2', got {metric!r}")
 
 
-def check_cp_case(mesh, case: CPCase) -> dict[str, float]:
-    """Max abs error of out, lse, dq, dk, dv (CP on ``mesh`` vs. the one-process reference)."""
-    if mesh.world_size != case.world_size:
-        case = replace(case, world_size=mesh.world_size)
-    shards = mesh.run(run_cp_case_on_rank, case)
+def errors_against_reference(
+    case: CPCase, shards: list[dict[str, Tensor]], metric: str = "max_abs"
+) -> dict[str, float]:
+    """Unshard per-rank results and compare each with the float64 whole-sequence reference."""
     layout = Layout.parse(case.layout)
-    want = reference_grads(case)
     errors = {}
-    for name, ref in want.items():
+    for name, ref in reference_grads(case).items():
         dim = 2 if name == "lse" else 1  # lse is [B, H, S]
         got = layout.unshard([s[name] for s in shards], dim=dim)
-        errors[name] = _error(got, ref)
+        errors[name] = tensor_error(got, ref, metric)
     return errors
+
+
+def check_cp_case(mesh, case: CPCase, metric: str = "max_abs") -> dict[str, float]:
+    """Errors of out, lse, dq, dk, dv (CP on ``mesh`` vs. the one-process reference)."""
+    if mesh.world_size != case.world_size:
+        case = replace(case, world_size=mesh.world_size)
+    return errors_against_reference(case, mesh.run(run_cp_case_on_rank, case), metric)
