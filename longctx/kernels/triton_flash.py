@@ -51,9 +51,9 @@ Example::
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -156,19 +156,37 @@ if triton is not None:
         """A ``triton.jit`` function that can also run in Triton's interpreter.
 
         ``fn[grid](...)`` compiles for the GPU; ``fn.interpreted[grid](...)`` runs the same source
-        on the host.  Calls between kernels resolve through module globals in both modes: the
-        compiler inlines the ``_Kernel`` (a ``JITFunction``), and inside an interpreted kernel
-        calling it runs its interpreted twin.
+        on the host (inside :func:`_interpreter_calls`).  Triton itself picks one mode for the
+        whole process when it is imported (from ``TRITON_INTERPRET``); keeping both lets the
+        interpreter be chosen per launch, whatever was imported earlier.
         """
 
         def __init__(self, fn):
             super().__init__(fn)
             self.interpreted = InterpretedFunction(fn)
 
-        def __call__(self, *args, **kwargs):
-            return self.interpreted(*args, **kwargs)
-
     _jit = _Kernel
+    _INTERPRETED: dict = {}
+
+    def _call_interpreted(self, *args, **kwargs):
+        """``JITFunction.__call__`` inside an interpreted kernel: run the callee interpreted."""
+        fn = _INTERPRETED.get(self.fn)
+        if fn is None:
+            fn = _INTERPRETED[self.fn] = InterpretedFunction(self.fn)
+        return fn(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _interpreter_calls():
+        """Let interpreted kernels call compiled-mode jit functions (ours and ``tl.max``,
+        ``tl.cdiv``, ... which Triton built in compiled mode when TRITON_INTERPRET was unset at
+        its import).  Outside a kernel such a call only raises, so nothing else changes."""
+        original = JITFunction.__call__
+        JITFunction.__call__ = _call_interpreted
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
 else:  # pragma: no cover
 
     def _jit(fn):
@@ -915,8 +933,10 @@ class TritonFlash:
     @staticmethod
     def _launch(kernel, grid, *args, **meta):
         """Compile for the GPU, or interpret when TRITON_INTERPRET=1 (CPU tensors)."""
-        target = kernel.interpreted if _interpreting() else kernel
-        return target[grid](*args, **meta)
+        if _interpreting():
+            with _interpreter_calls():
+                return kernel.interpreted[grid](*args, **meta)
+        return kernel[grid](*args, **meta)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
