@@ -41,6 +41,8 @@ def plan_calls(mask: Mask, q_pos: Positions, k_pos: Positions) -> list[TileCall]
         >>> plan_calls(Mask(causal=True), pos, pos)
         [TileCall(q_begin=0, q_end=4, k_begin=0, k_end=4), TileCall(q_begin=4, q_end=8, k_begin=0, k_end=8)]
     """
+    if len(q_pos) == 0 or len(k_pos) == 0:
+        return []
     whole = TileCall(0, len(q_pos), 0, len(k_pos))
     q_runs, k_runs = q_pos.local_runs(), k_pos.local_runs()
     if len(q_runs) * len(k_runs) > _MAX_SPLIT_RUNS:
