@@ -16,8 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_arguments(demo_parser)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return 0 if demo.run_demo(demo.config_from_args(args)) else 1
+    try:
+        if args.command == "demo":
+            return 0 if demo.run_demo(demo.config_from_args(args)) else 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"longctx {args.command}: error: {e}", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
 

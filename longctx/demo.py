@@ -3,15 +3,18 @@
 Runs every strategy on a 4-process gloo mesh over one sequence, forward and backward, and prints
 how far each is from the single-process reference (float64), and how long it took.
 
-    longctx demo                      # 4 ranks, 2048 tokens
-    longctx demo --world-size 8 --tokens-per-rank 128 --mask documents
+    longctx demo                      # the embedded default: configs/demo.yaml's values
+    longctx demo --config configs/demo.yaml --set world_size=8 --set tokens_per_rank=128
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
 
 from .testing import MASK_KINDS, CPCase, SimulatedMesh, check_cp_case
 
@@ -41,11 +44,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> bool:
         f"longctx demo: {config.world_size} CPU processes (gloo), sequence {seq} tokens, "
         f"H={config.heads} H_kv={config.kv_heads} D={config.head_dim}, float64\n"
     )
-    header = f"{'strategy':<10} {'layout':<11} {'mask':<12} {'max |err| out':>14} {'max |err| grads':>16} {'seconds':>8}"
-    print(header)
-    print("-" * len(header))
+    header = f"{'strategy':<10} {'layout':<11} {'mask':<12} {'max |err| out':>14} {'max |err| grads':>16} {'check s':>8}"
     ok = True
+    start = time.perf_counter()
     with SimulatedMesh(config.world_size) as mesh:
+        print(f"(mesh of {config.world_size} processes up in {time.perf_counter() - start:.1f}s)\n")
+        print(header)
+        print("-" * len(header))
         for mask in config.masks:
             for strategy, layout in DEMO_COMBOS:
                 case = CPCase(
@@ -68,24 +73,53 @@ def run_demo(config: DemoConfig = DemoConfig()) -> bool:
     return ok
 
 
+def _with_values(config: DemoConfig, values: dict, source: str) -> DemoConfig:
+    """``config`` with ``values`` applied, each checked against DemoConfig's fields."""
+    kinds = {f.name: f.type for f in fields(DemoConfig)}
+    updates = {}
+    for key, value in values.items():
+        if key not in kinds:
+            raise ValueError(f"{source}: unknown key {key!r}; allowed keys: {sorted(kinds)}")
+        if key == "masks":
+            value = tuple([value] if isinstance(value, str) else value)
+            bad = [m for m in value if m not in MASK_KINDS]
+            if bad:
+                raise ValueError(f"{source}: masks {bad} unknown; allowed: {list(MASK_KINDS)}")
+        elif key == "tolerance":
+            value = float(value)
+        else:
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: {key} must be an integer, got {value!r}") from None
+        updates[key] = value
+    return replace(config, **updates)
+
+
+def load_config(path: str | None, overrides: list[str]) -> DemoConfig:
+    """DemoConfig from an optional YAML file, then ``key=value`` overrides."""
+    config = DemoConfig()
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of DemoConfig keys, got {type(values).__name__}")
+        config = _with_values(config, values, path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        parsed = value.split(",") if key == "masks" else value
+        config = _with_values(config, {key: parsed}, "--set")
+    return config
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DemoConfig()
-    parser.add_argument("--world-size", type=int, default=d.world_size)
-    parser.add_argument("--tokens-per-rank", type=int, default=d.tokens_per_rank)
-    parser.add_argument("--heads", type=int, default=d.heads)
-    parser.add_argument("--kv-heads", type=int, default=d.kv_heads)
-    parser.add_argument("--head-dim", type=int, default=d.head_dim)
+    parser.add_argument("--config", help="YAML file with DemoConfig keys (e.g. configs/demo.yaml)")
     parser.add_argument(
-        "--mask", action="append", choices=MASK_KINDS, help="repeatable; default: causal, documents"
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one key, e.g. --set world_size=8 --set masks=causal,window",
     )
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    return DemoConfig(
-        world_size=args.world_size,
-        tokens_per_rank=args.tokens_per_rank,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        masks=tuple(args.mask) if args.mask else DemoConfig.masks,
-    )
+    return load_config(args.config, args.set)

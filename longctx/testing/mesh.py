@@ -64,6 +64,7 @@ def _worker(rank: int, config: MeshConfig, port: int, tasks, results) -> None:
         world_size=config.world_size,
     )
     group = dist.group.WORLD
+    results.put((rank, True, "ready"))
     while True:
         task = tasks.get()
         if task is None:
@@ -105,6 +106,7 @@ class SimulatedMesh:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = env_before
+        self._collect("process group start-up")  # every rank has joined the group
 
     @property
     def world_size(self) -> int:
@@ -116,6 +118,10 @@ class SimulatedMesh:
             raise MeshError("this SimulatedMesh was closed")
         for q in self._tasks:
             q.put((fn, args, kwargs))
+        return self._collect(getattr(fn, "__name__", repr(fn)))
+
+    def _collect(self, what: str) -> list[Any]:
+        """One result per rank, in rank order; raises MeshError on a failure or a time-out."""
         out: list[Any] = [None] * self.world_size
         errors = []
         for _ in range(self.world_size):
@@ -124,9 +130,9 @@ class SimulatedMesh:
             except queue.Empty:
                 self.close(force=True)
                 raise MeshError(
-                    f"{getattr(fn, '__name__', fn)} did not finish on all {self.world_size} ranks "
-                    f"within {self.config.timeout:.0f}s (a collective mismatch or deadlock); the "
-                    "mesh was shut down"
+                    f"{what} did not finish on all {self.world_size} ranks within "
+                    f"{self.config.timeout:.0f}s (a collective mismatch or deadlock); the mesh "
+                    "was shut down"
                 ) from None
             if ok:
                 out[rank] = value
@@ -134,8 +140,7 @@ class SimulatedMesh:
                 errors.append(f"--- rank {rank} ---\n{value}")
         if errors:
             raise MeshError(
-                f"{getattr(fn, '__name__', fn)} failed on {len(errors)} rank(s):\n"
-                + "\n".join(sorted(errors))
+                f"{what} failed on {len(errors)} rank(s):\n" + "\n".join(sorted(errors))
             )
         return out
 
