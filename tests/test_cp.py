@@ -50,6 +50,44 @@ def test_strategy_matches_reference(mesh, strategy, layout, mask):
     _assert_close(check_cp_case(mesh, case), case)
 
 
+HEAD_SPLIT_COMBOS = [
+    ("ulysses", "contiguous"),
+    ("ulysses", "zigzag"),
+    ("ulysses", "striped"),
+    ("hybrid", "contiguous"),
+    ("hybrid", "zigzag"),
+]
+
+
+def hybrid_degree(world: int) -> int:
+    """A Ulysses degree that leaves a real ring when the world allows one (2 x R)."""
+    return 2 if world % 2 == 0 and world > 2 else world
+
+
+@pytest.mark.parametrize("mask", MASK_KINDS)
+@pytest.mark.parametrize(
+    "strategy,layout", HEAD_SPLIT_COMBOS, ids=[f"{s}-{lay}" for s, lay in HEAD_SPLIT_COMBOS]
+)
+def test_head_split_strategy_matches_reference(mesh, strategy, layout, mask):
+    P = mesh.world_size
+    case = CPCase(
+        strategy, layout, mask, world_size=P, heads=2 * P, kv_heads=P, head_dim=4,
+        ulysses=hybrid_degree(P),
+    )
+    _assert_close(check_cp_case(mesh, case), case)
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "hybrid"])
+def test_head_split_replicates_kv_heads_when_fewer_than_ranks(mesh, strategy):
+    """MQA: one kv head, needed by every rank; its gradient sums the replicas."""
+    P = mesh.world_size
+    case = CPCase(
+        strategy, "zigzag", "documents", world_size=P, heads=P, kv_heads=1, head_dim=4,
+        ulysses=hybrid_degree(P),
+    )
+    _assert_close(check_cp_case(mesh, case), case)
+
+
 @pytest.mark.parametrize(
     "heads,kv_heads", [(4, 4), (4, 1), (6, 3)], ids=["mha", "mqa", "gqa-6-3"]
 )

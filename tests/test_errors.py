@@ -42,6 +42,28 @@ def test_bad_input_single_process(make, kwargs, match):
         longctx.attention(q, k, v, **kwargs)
 
 
+def _ulysses_error(group, heads, kv_heads):
+    q, k, v = qkv(s=4, h=heads, hkv=kv_heads)
+    try:
+        longctx.attention(q, k, v, group, strategy="ulysses")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ulysses_head_split_errors(mesh2):
+    # 3 heads over 2 ranks: not divisible
+    assert all("divisible by 2" in m for m in mesh2.run(_ulysses_error, 3, 3))
+    # 6 heads over 2 ranks = 3 per rank, GQA groups of 2: neither covers nor fits
+    assert all("GQA groups of 2" in m for m in mesh2.run(_ulysses_error, 6, 3))
+
+
+def test_hybrid_needs_two_groups():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"HybridGroups\(ulysses=..., ring=...\)"):
+        longctx.attention(q, k, v, strategy="hybrid")
+
+
 def test_mixed_dtypes_and_devices():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"share a dtype.*\.to\(q\.dtype\)"):

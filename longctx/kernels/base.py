@@ -79,15 +79,20 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
     if not (q.device == k.device == v.device):
         raise ValueError(
-            f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}"
+            f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device} "
+            "(move them with .to(q.device))"
         )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     B, _, H, D = q.shape
     if k.shape[0] != B:
-        raise ValueError(f"q has batch {B} but k has batch {k.shape[0]}")
+        raise ValueError(
+            f"q has batch {B} but k has batch {k.shape[0]}; pass q, k, v of the same batch"
+        )
     if k.shape[3] != D:
-        raise ValueError(f"q has head_dim {D} but k has head_dim {k.shape[3]}")
+        raise ValueError(
+            f"q has head_dim {D} but k has head_dim {k.shape[3]}; project q and k to one head_dim"
+        )
     if H % k.shape[2] != 0:
         raise ValueError(
             f"q has {H} heads, which is not a multiple of the {k.shape[2]} kv heads; "

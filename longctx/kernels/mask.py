@@ -89,9 +89,19 @@ class Positions:
 
     @staticmethod
     def cat(parts: Sequence["Positions"]) -> "Positions":
-        """Positions of several shards laid end to end (e.g. all-gathered keys)."""
+        """Positions of several shards laid end to end (e.g. all-gathered keys).
+
+        Runs that continue one another are merged: contiguous shards make one run.
+        """
         if all(p.index is None for p in parts):
-            return Positions(tuple(s for p in parts for s in p.segments))
+            merged: list[Segment] = []
+            for s in (s for p in parts for s in p.segments if s.length):
+                prev = merged[-1] if merged else None
+                if prev is not None and prev.stride == s.stride and s.start == prev.last + s.stride:
+                    merged[-1] = Segment(prev.start, prev.length + s.length, s.stride)
+                else:
+                    merged.append(s)
+            return Positions(tuple(merged))
         return Positions.from_index(torch.cat([p.materialize() for p in parts]))
 
     # -- queries --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RingComm", "GatherComm"]
+__all__ = ["RingComm", "GatherComm", "AllToAllComm"]
 
 # torch 2.13 renamed the flat-tensor collectives; torch 2.11 has only the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -98,4 +98,21 @@ class GatherComm:
         out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
         # [P, ...] -> [P * x.shape[1], ...]: the flat form every backend accepts
         _reduce_scatter_flat(out, x.contiguous().flatten(0, 1), group=self.group)
+        return out
+
+
+class AllToAllComm:
+    """Equal-split all-to-all along dim 0, for Ulysses' sequence <-> heads exchange."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group  # None: a single process
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def all_to_all(self, x: Tensor) -> Tensor:
+        """``x [P, ...]``: slot ``j`` goes to rank ``j``; slot ``j`` of the result came from rank ``j``."""
+        if self.group is None:
+            return x
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, x.contiguous(), group=self.group)
         return out

@@ -8,7 +8,7 @@ and never look anything up through globals.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch import Tensor
@@ -17,7 +17,14 @@ from ..kernels.base import AttentionKernel, check_qkv, get_kernel
 from ..kernels.mask import Mask, Positions
 from .layout import Layout
 
-__all__ = ["CPContext", "build_context", "resolve_group", "STRATEGY_LAYOUTS"]
+__all__ = [
+    "CPContext",
+    "HybridGroups",
+    "build_context",
+    "resolve_group",
+    "resolve_hybrid_groups",
+    "STRATEGY_LAYOUTS",
+]
 
 # The layouts each strategy runs on (None: any layout).
 STRATEGY_LAYOUTS: dict[str, tuple[str, ...] | None] = {
@@ -25,15 +32,29 @@ STRATEGY_LAYOUTS: dict[str, tuple[str, ...] | None] = {
     "allgather": None,
     "zigzag": ("zigzag",),
     "striped": ("striped",),
+    "ulysses": None,
+    "hybrid": None,
 }
 
 
 @dataclass(frozen=True, eq=False)
+class HybridGroups:
+    """The two groups of 2-D context parallelism: CP rank = ``ring_rank * U + ulysses_rank``.
+
+    ``ulysses`` (size U) should be the inner one, inside a node; ``ring`` (size R) spans them.
+    """
+
+    ulysses: dist.ProcessGroup
+    ring: dist.ProcessGroup
+
+
+@dataclass(frozen=True, eq=False)
 class CPContext:
-    """Per-call state of a context-parallel attention: group, layout, mask, kernel, scale.
+    """Per-call state of a context-parallel attention: group, positions, mask, kernel, scale.
 
     ``seq_len`` is the global sequence length; ``rank``/``world_size`` are within ``group``
-    (``group=None``: a single process, no communication).
+    (``group=None``: a single process, no communication); ``positions[r]`` are the global
+    token positions rank ``r`` holds.  ``hybrid`` is set for the 2-D strategy only.
     """
 
     group: dist.ProcessGroup | None
@@ -44,32 +65,50 @@ class CPContext:
     scale: float
     world_size: int
     rank: int
-    _positions: list[Positions] = field(default_factory=list, repr=False)
+    positions: tuple[Positions, ...]
+    hybrid: HybridGroups | None = None
 
-    def all_positions(self) -> list[Positions]:
+    def all_positions(self) -> tuple[Positions, ...]:
         """Global positions held by every rank of the group, in rank order."""
-        if not self._positions:
-            self._positions.extend(
-                self.layout.positions(self.seq_len, self.world_size, r)
-                for r in range(self.world_size)
-            )
-        return self._positions
+        return self.positions
+
+
+def _is_device_mesh(obj) -> bool:
+    return hasattr(obj, "get_group") and hasattr(obj, "ndim")
 
 
 def resolve_group(mesh_or_group) -> dist.ProcessGroup | None:
     """A ProcessGroup from a group, a 1-D DeviceMesh, or None (single process / no CP)."""
     if mesh_or_group is None or isinstance(mesh_or_group, dist.ProcessGroup):
         return mesh_or_group
-    if hasattr(mesh_or_group, "get_group") and hasattr(mesh_or_group, "ndim"):
+    if _is_device_mesh(mesh_or_group):
         if mesh_or_group.ndim != 1:
             raise ValueError(
                 f"attention needs a 1-D mesh for context parallelism; got a {mesh_or_group.ndim}-D "
-                "mesh: pass its cp dimension, e.g. mesh['cp']"
+                "mesh: pass its cp dimension, e.g. mesh['cp'] (or use strategy='hybrid' with a "
+                "2-D (ring, ulysses) mesh)"
             )
         return mesh_or_group.get_group()
+    if isinstance(mesh_or_group, HybridGroups):
+        raise ValueError(
+            "HybridGroups are for strategy='hybrid'; pass one process group for the other strategies"
+        )
     raise TypeError(
         "expected a torch.distributed ProcessGroup, a 1-D DeviceMesh or None; got "
         f"{type(mesh_or_group).__name__}"
+    )
+
+
+def resolve_hybrid_groups(mesh_or_groups) -> HybridGroups:
+    """HybridGroups from HybridGroups or a 2-D DeviceMesh with dims (ring, ulysses), inner last."""
+    if isinstance(mesh_or_groups, HybridGroups):
+        return mesh_or_groups
+    if _is_device_mesh(mesh_or_groups) and mesh_or_groups.ndim == 2:
+        return HybridGroups(ulysses=mesh_or_groups.get_group(1), ring=mesh_or_groups.get_group(0))
+    raise ValueError(
+        "strategy='hybrid' needs HybridGroups(ulysses=..., ring=...) or a 2-D DeviceMesh with "
+        "dims (ring, ulysses), e.g. longctx.parallel.mesh.build_mesh(...).hybrid_groups(); got "
+        f"{type(mesh_or_groups).__name__}"
     )
 
 
@@ -103,9 +142,19 @@ def build_context(
 ) -> CPContext:
     """Check the local shards and the call, and bundle what the strategy needs."""
     check_qkv(q, k, v)
-    group = resolve_group(group)
-    world = dist.get_world_size(group) if group is not None else 1
-    rank = dist.get_rank(group) if group is not None else 0
+    hybrid = None
+    if strategy == "hybrid":
+        hybrid = resolve_hybrid_groups(group)
+        group = None
+        u_world, u_rank = dist.get_world_size(hybrid.ulysses), dist.get_rank(hybrid.ulysses)
+        r_world, r_rank = dist.get_world_size(hybrid.ring), dist.get_rank(hybrid.ring)
+        world, rank = u_world * r_world, r_rank * u_world + u_rank
+        _check_device(q, hybrid.ulysses)
+    else:
+        group = resolve_group(group)
+        world = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        _check_device(q, group)
     layout = Layout.parse(layout)
     allowed = STRATEGY_LAYOUTS[strategy]
     if allowed is not None and layout.kind not in allowed:
@@ -119,7 +168,6 @@ def build_context(
             f"q holds {q.shape[1]} local tokens but k/v hold {k.shape[1]}: shard q, k and v of the "
             "same sequence with the same layout (context-parallel self-attention)"
         )
-    _check_device(q, group)
     seq_len = q.shape[1] * world
     need = layout.required_multiple(world)
     if seq_len % need:
@@ -140,6 +188,8 @@ def build_context(
         scale=float(scale),
         world_size=world,
         rank=rank,
+        positions=tuple(layout.positions(seq_len, world, r) for r in range(world)),
+        hybrid=hybrid,
     )
 
 

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, replace
 
@@ -26,7 +27,9 @@ from torch import Tensor
 from ..kernels.mask import BlockSparse, Mask
 from ..kernels.reference import TorchReference
 from ..parallel.api import attention
+from ..parallel.context import HybridGroups
 from ..parallel.layout import Layout
+from ..parallel.mesh import ParallelDims, build_mesh
 
 __all__ = [
     "MASK_KINDS",
@@ -56,6 +59,7 @@ class CPCase:
     kernel: str = "reference"
     device: str = "cpu"  # "cuda": rank r uses cuda:r
     seed: int = 0
+    ulysses: int = 1  # strategy "hybrid": the ulysses degree (ring = world_size / ulysses)
 
     @property
     def seq_len(self) -> int:
@@ -99,6 +103,12 @@ def _device(case: CPCase, rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if case.device == "cuda" else torch.device("cpu")
 
 
+@functools.lru_cache(maxsize=None)
+def _hybrid_groups(world_size: int, ulysses: int, device_type: str) -> HybridGroups:
+    """Built once per worker process and shape (creating groups is a collective)."""
+    return build_mesh(ParallelDims(cp=world_size, ulysses=ulysses), device_type).hybrid_groups()
+
+
 def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
     """Rank body: shard the case's inputs, run CP attention forward and backward, return shards.
 
@@ -112,6 +122,8 @@ def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
     device = _device(case, rank)
     q, k, v, dout = (layout.shard(t, world, rank).to(device) for t in case.make_inputs())
     q, k, v = (t.requires_grad_() for t in (q, k, v))
+    if case.strategy == "hybrid":
+        group = _hybrid_groups(world, case.ulysses, device.type)
     out, lse = attention(
         q, k, v, group, strategy=case.strategy, layout=layout, mask=case.make_mask(),
         kernel=case.kernel, return_lse=True,

@@ -2,8 +2,10 @@
 ``<name>_forward``, ``<name>_backward``, an autograd Function, and ``<name>_attention``."""
 
 from .allgather import allgather_attention
+from .hybrid import hybrid_attention
 from .ring import ring_attention
 from .striped import striped_attention
+from .ulysses import ulysses_attention
 from .zigzag import zigzag_attention
 
 STRATEGIES = {
@@ -11,12 +13,16 @@ STRATEGIES = {
     "zigzag": zigzag_attention,
     "striped": striped_attention,
     "allgather": allgather_attention,
+    "ulysses": ulysses_attention,
+    "hybrid": hybrid_attention,
 }
 
 __all__ = [
     "STRATEGIES",
     "allgather_attention",
+    "hybrid_attention",
     "ring_attention",
     "striped_attention",
+    "ulysses_attention",
     "zigzag_attention",
 ]
