@@ -34,7 +34,10 @@ def attention(
         q: ``[B, S/P, H, D]`` this rank's queries, sharded with ``layout``.
         k, v: ``[B, S/P, H_kv, D]`` this rank's keys/values (``H % H_kv == 0``; never expanded).
         mesh_or_group: the context-parallel ProcessGroup or a 1-D DeviceMesh; None = one process.
-        strategy: ``"ring"``, ``"zigzag"``, ``"striped"`` or ``"allgather"``.
+            For ``strategy="hybrid"``: :class:`~longctx.parallel.context.HybridGroups` or a 2-D
+            ``(ring, ulysses)`` DeviceMesh (see :mod:`longctx.parallel.mesh`).
+        strategy: ``"ring"``, ``"zigzag"``, ``"striped"``, ``"allgather"``, ``"ulysses"`` or
+            ``"hybrid"``.
         layout: how the sequence was sharded (``"contiguous"``, ``"zigzag"``, ``"striped"``,
             ``"striped:w"``); defaults to the strategy's own layout (contiguous for ring and
             all-gather).
