@@ -14,15 +14,22 @@ from .base import (
 from .mask import BlockSparse, Mask, Positions, Segment
 from .merge import merge_into, merge_partials
 from .reference import ReferenceConfig, TorchReference
+from .triton_flash import TritonFlash, TritonFlashConfig  # registers "triton"
+from .vendor import VendorSDPA  # registers "sdpa"
+from .dispatch import AutoKernel, select_kernel  # registers "auto"; after the kernels it picks
 
 __all__ = [
     "AttentionKernel",
+    "AutoKernel",
     "BlockSparse",
     "Mask",
     "Positions",
     "ReferenceConfig",
     "Segment",
     "TorchReference",
+    "TritonFlash",
+    "TritonFlashConfig",
+    "VendorSDPA",
     "acc_dtype",
     "available_kernels",
     "check_qkv",
@@ -30,4 +37,5 @@ __all__ = [
     "merge_into",
     "merge_partials",
     "register_kernel",
+    "select_kernel",
 ]
