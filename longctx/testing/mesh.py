@@ -45,6 +45,7 @@ class MeshConfig:
     backend: str = "gloo"  # "nccl": one GPU per rank
     timeout: float = 300.0  # seconds one run() may take
     threads_per_rank: int = 1
+    env: tuple[tuple[str, str], ...] = ()  # set in every worker before it starts
 
 
 def _free_port() -> int:
@@ -54,6 +55,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, config: MeshConfig, port: int, tasks, results) -> None:
+    os.environ.update(dict(config.env))
     torch.set_num_threads(config.threads_per_rank)
     if config.backend == "nccl":
         torch.cuda.set_device(rank)
@@ -78,12 +80,23 @@ def _worker(rank: int, config: MeshConfig, port: int, tasks, results) -> None:
 
 
 class SimulatedMesh:
-    """``world_size`` processes in one process group (gloo on CPU by default)."""
+    """``world_size`` processes in one process group (gloo on CPU by default).
 
-    def __init__(self, world_size: int, backend: str = "gloo", timeout: float = 300.0):
+    ``env`` is set in the workers only (e.g. ``{"TRITON_INTERPRET": "1"}``), not in this process.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        backend: str = "gloo",
+        timeout: float = 300.0,
+        env: dict[str, str] | None = None,
+    ):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        self.config = MeshConfig(world_size, backend, timeout)
+        self.config = MeshConfig(
+            world_size, backend, timeout, env=tuple(sorted((env or {}).items()))
+        )
         ctx = mp.get_context("spawn")
         port = _free_port()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
