@@ -145,7 +145,7 @@ def test_tiles_without_allowed_pairs_are_skipped(interpret):
         for k_pos in (Positions.contiguous(0, 80), Positions.from_index(torch.arange(80))):
             kern = TritonFlash(config)
             out, lse = kern.forward(q, k_poisoned, v_poisoned, scale=0.3, mask=mask, k_pos=k_pos)
-            r_out, r_lse = TorchReference().forward(q, k[:, :32], v[:, :32], scale=0.3, mask=mask)
+            r_out, _ = TorchReference().forward(q, k[:, :32], v[:, :32], scale=0.3, mask=mask)
             torch.testing.assert_close(out, r_out, atol=2e-5, rtol=0)
             dq, dk, dv = kern.backward(dout, q, k_poisoned, v_poisoned, out, lse, scale=0.3,
                                        mask=mask, k_pos=k_pos)
@@ -247,9 +247,9 @@ def test_registered_names():
 
 
 def test_auto_kernel_runs_reference_on_cpu():
-    q, k, v, dout = _inputs(1, 12, 12, 2, 1, 16, torch.float64)
+    q, k, v, _ = _inputs(1, 12, 12, 2, 1, 16, torch.float64)
     auto = AutoKernel()
-    out, lse = auto.forward(q, k, v, scale=0.25, mask=Mask(causal=True))
+    out, _ = auto.forward(q, k, v, scale=0.25, mask=Mask(causal=True))
     assert auto.last_choice.startswith("reference")
     r_out, _ = TorchReference().forward(q, k, v, scale=0.25, mask=Mask(causal=True))
     torch.testing.assert_close(out, r_out)

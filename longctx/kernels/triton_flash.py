@@ -3,7 +3,7 @@
 Implements :class:`~longctx.kernels.base.AttentionKernel` exactly like
 :class:`~longctx.kernels.reference.TorchReference`:
 
-    forward(q, k, v, *, scale, mask, q_pos, k_pos) -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq] f32
+    forward(q, k, v, *, scale, mask, q_pos, k_pos) -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq]
     backward(dout, q, k, v, out, lse, *, scale, mask, q_pos, k_pos) -> dq, dk, dv (float32)
 
 - ``q [B, Sq, H, D]``, ``k``/``v [B, Sk, Hkv, D]``: GQA is read in place (query head ``h`` uses kv
@@ -67,6 +67,7 @@ try:  # Triton is importable on CPU-only Linux machines; keep the module importa
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     _TRITON_IMPORT_ERROR: Exception | None = None
 except Exception as exc:  # pragma: no cover - exercised only where triton is missing
@@ -108,15 +109,21 @@ class TileConfig:
             raise ValueError(f"TileConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-# Defaults per head dim, tuned on one H200 (bf16, causal, 32k): see benchmarks/RESULTS.md, issue 3.
-# ``fwd``: forward; ``bwd_kv``: dK/dV (+ atomic dQ) pass, block_m = query tile, block_n = key tile;
+# Defaults per head dim for Hopper, chosen from the compiler's register report (no spills except
+# hd256 backward) and timings on one H200 (benchmarks/RESULTS.md, issue 3).  ``fwd``: the forward;
+# ``bwd_kv``: the dK/dV (+ TMA reduce-add dQ) pass, block_m = query tile, block_n = key tile;
 # ``bwd_q``: the deterministic dQ pass.
 _DEFAULT_TILES: dict[int, dict[str, TileConfig]] = {
-    16: dict(fwd=TileConfig(64, 64, 4, 3), bwd_kv=TileConfig(64, 64, 4, 2), bwd_q=TileConfig(64, 64, 4, 2)),
-    32: dict(fwd=TileConfig(64, 64, 4, 3), bwd_kv=TileConfig(64, 64, 4, 2), bwd_q=TileConfig(64, 64, 4, 2)),
-    64: dict(fwd=TileConfig(128, 64, 4, 3), bwd_kv=TileConfig(64, 128, 8, 2), bwd_q=TileConfig(128, 64, 8, 2)),
-    128: dict(fwd=TileConfig(128, 64, 8, 3), bwd_kv=TileConfig(64, 128, 8, 2), bwd_q=TileConfig(128, 64, 8, 2)),
-    256: dict(fwd=TileConfig(64, 32, 4, 2), bwd_kv=TileConfig(32, 64, 4, 1), bwd_q=TileConfig(64, 32, 4, 1)),
+    16: dict(fwd=TileConfig(64, 64, 4, 3), bwd_kv=TileConfig(32, 64, 4, 2),
+             bwd_q=TileConfig(64, 64, 4, 2)),
+    32: dict(fwd=TileConfig(64, 64, 4, 3), bwd_kv=TileConfig(32, 64, 4, 2),
+             bwd_q=TileConfig(64, 64, 4, 2)),
+    64: dict(fwd=TileConfig(128, 128, 8, 3), bwd_kv=TileConfig(64, 128, 8, 2),
+             bwd_q=TileConfig(128, 64, 8, 3)),
+    128: dict(fwd=TileConfig(128, 64, 8, 3), bwd_kv=TileConfig(32, 128, 8, 2),
+              bwd_q=TileConfig(128, 64, 8, 2)),
+    256: dict(fwd=TileConfig(64, 64, 8, 2), bwd_kv=TileConfig(16, 64, 8, 2),
+              bwd_q=TileConfig(64, 32, 4, 2)),
 }
 
 
@@ -255,7 +262,8 @@ if triton is not None:
             any_hi = tl.minimum(any_hi, tl.load(CU + d_hi + 1) - 1)
             all_lo = tl.maximum(all_lo, doc_lo_start)
             all_hi = tl.minimum(all_hi, tl.load(CU + d_lo + 1) - 1)
-            all_hi = tl.where(d_lo == d_hi, all_hi, all_lo - 1)  # tile spans documents: no full tile
+            # a tile spanning several documents has no fully-allowed partner tile
+            all_hi = tl.where(d_lo == d_hi, all_hi, all_lo - 1)
         # position intervals -> partner indices [j_lo, j_hi) -> tiles
         j_lo = tl.cdiv(tl.maximum(any_lo - p_start, 0), p_stride)
         j_hi = tl.minimum(tl.maximum(any_hi - p_start + p_stride, 0) // p_stride, p_len)
@@ -272,7 +280,8 @@ if triton is not None:
 
     @_jit
     def _tile_visible(lo, hi, d_lo, d_hi, TB, t, window, CAUSAL: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PARTNER_IS_KEY: tl.constexpr):
+                      HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                      PARTNER_IS_KEY: tl.constexpr):
         """Index path: may tile ``t`` of the partner side (bounds ``TB[t] = (pmin, pmax, dmin,
         dmax)``) hold an allowed pair with the tile ``[lo, hi]`` (docs ``[d_lo, d_hi]``)?"""
         p_lo = tl.load(TB + 4 * t)
@@ -295,22 +304,26 @@ if triton is not None:
         return ok
 
     # ---------------------------------------------------------------------------------- forward
+    # Tensors are read through TMA descriptors over 3-D views ``[B, S, heads * D]`` with blocks
+    # ``[1, rows, D]``: a tile of head ``h`` starts at column ``h * D``; rows past the end of a
+    # sequence read as zeros (and are clipped on store), so only the element mask ever looks at
+    # the sequence end.
     @_jit
-    def _fwd_tile(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, start_n, KP, KD, k_start, k_stride,
-                  Sk, window, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
-        """One key tile of the online softmax for a query tile.  ``qk`` is in log2 units."""
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            k_valid = offs_n < Sk
-            k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+    def _load_rows(desc, b, row, col, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """``[ROWS, HEAD_DIM]`` tile at (batch ``b``, token ``row``, column ``col``)."""
+        return tl.reshape(desc.load([b, row, col]), [ROWS, HEAD_DIM])
+
+    @_jit
+    def _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, start_n, KP, KD, k_start,
+                  k_stride, Sk, window, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr, POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """One key tile of the online softmax of a query tile (scores in log2 units)."""
+        k = _load_rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_valid = offs_n < Sk
             if POS_INDEX:
                 kp = tl.load(KP + offs_n, mask=k_valid, other=0)
             else:
@@ -323,7 +336,8 @@ if triton is not None:
                           CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
             qk = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: avoid -inf - -inf
+            # rows with nothing allowed yet: subtract 0, not -inf (-inf - -inf would be NaN)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_use[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -331,30 +345,29 @@ if triton is not None:
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         return acc, l_i, m_new
 
     @_jit
-    def _fwd_span(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t_lo, t_hi, KP, KD, k_start, k_stride,
-                  Sk, window, qk_scale, step_k, step_v, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+    def _fwd_span(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, t_lo, t_hi, KP, KD,
+                  k_start, k_stride, Sk, window, qk_scale, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
-        """Key tiles ``[t_lo, t_hi)``; ``k_ptrs``/``v_ptrs`` point at tile ``t_lo`` on entry."""
+        """Key tiles ``[t_lo, t_hi)`` of the strided path."""
         for t in range(t_lo, t_hi):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N, KP, KD,
-                                      k_start, k_stride, Sk, window, qk_scale, BLOCK_N, MASKED,
-                                      POS_INDEX, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
-            k_ptrs += step_k
-            v_ptrs += step_v
-        return acc, l_i, m_i, k_ptrs, v_ptrs
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k,
+                                      t * BLOCK_N, KP, KD, k_start, k_stride, Sk, window,
+                                      qk_scale, BLOCK_N, HEAD_DIM, MASKED, False, CAUSAL,
+                                      HAS_WINDOW, HAS_DOCS, IEEE)
+        return acc, l_i, m_i
 
     @_jit
     def _fwd_kernel(
-        Q, K, V, Out, Lse,
+        desc_q, desc_k, desc_v, desc_o, Lse,
         QP, KP, QD, KD, CU, QTB, KTB,
         qk_scale, window,
         q_start, q_stride, k_start, k_stride, k_first, k_last,
-        s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
         Sq, Sk, H, G, n_k_tiles,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -365,19 +378,12 @@ if triton is not None:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        hk = h // G
+        col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
         m_valid = offs_m < Sq
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
-
-        q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_qs + offs_d[None, :],
-                    mask=m_valid[:, None], other=0.0)
-        k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
-        v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+        q = _load_rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
 
         # global positions / documents of the query tile
         if POS_INDEX:
@@ -404,51 +410,35 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        tile_k = offs_n[:, None] * s_ks + offs_d[None, :]
-        tile_v = offs_n[:, None] * s_vs + offs_d[None, :]
-        step_k = BLOCK_N * s_ks
-        step_v = BLOCK_N * s_vs
-
         if POS_INDEX:
-            k_ptrs = k_base + tile_k
-            v_ptrs = v_base + tile_v
             for t in range(0, n_k_tiles):
                 if _tile_visible(q_lo, q_hi, qd_lo, qd_hi, KTB, t, window,
                                  CAUSAL, HAS_WINDOW, HAS_DOCS, True):
-                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N,
-                                              KP, KD, k_start, k_stride, Sk, window, qk_scale,
-                                              BLOCK_N, True, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                                              IEEE)
-                k_ptrs += step_k
-                v_ptrs += step_v
+                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k,
+                                              t * BLOCK_N, KP, KD, k_start, k_stride, Sk, window,
+                                              qk_scale, BLOCK_N, HEAD_DIM, True, True, CAUSAL,
+                                              HAS_WINDOW, HAS_DOCS, IEEE)
         else:
             t_lo, f_lo, f_hi, t_hi = _partner_tiles(
                 q_lo, q_hi, qd_lo, qd_hi, CU, k_first, k_last, k_start, k_stride, Sk, window,
                 BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS, True)
-            first = (t_lo * BLOCK_N).to(tl.int64)
-            k_ptrs = k_base + first * s_ks + tile_k
-            v_ptrs = v_base + first * s_vs + tile_v
             # boundary tiles below the fully-allowed span, the span, boundary tiles above it
-            acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_span(
-                acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, t_lo, f_lo, KP, KD, k_start, k_stride,
-                Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL, HAS_WINDOW,
-                HAS_DOCS, IEEE)
-            acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_span(
-                acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, f_lo, f_hi, KP, KD, k_start, k_stride,
-                Sk, window, qk_scale, step_k, step_v, BLOCK_N, False, False, CAUSAL, HAS_WINDOW,
-                HAS_DOCS, IEEE)
-            acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_span(
-                acc, l_i, m_i, q, qp, qd, k_ptrs, v_ptrs, f_hi, t_hi, KP, KD, k_start, k_stride,
-                Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL, HAS_WINDOW,
-                HAS_DOCS, IEEE)
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, t_lo,
+                                      f_lo, KP, KD, k_start, k_stride, Sk, window, qk_scale,
+                                      BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, f_lo,
+                                      f_hi, KP, KD, k_start, k_stride, Sk, window, qk_scale,
+                                      BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, f_hi,
+                                      t_hi, KP, KD, k_start, k_stride, Sk, window, qk_scale,
+                                      BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        o_base = Out + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
-        tl.store(o_base + offs_m[:, None].to(tl.int64) * s_os + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=m_valid[:, None])
+        desc_o.store([b, start_m, h * HEAD_DIM],
+                     tl.reshape(out.to(desc_o.dtype), [1, BLOCK_M, HEAD_DIM]))
         tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_valid)
 
     # --------------------------------------------------------------------------------- backward
@@ -472,27 +462,24 @@ if triton is not None:
         tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=m_valid)
 
     @_jit
-    def _bwd_kv_tile(dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
-                     start_m, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale,
-                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, POS_INDEX: tl.constexpr,
-                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
-        """One query tile's contribution to a key tile's dK/dV (and, atomically, to dQ).
+    def _bwd_kv_tile(dk, dv, k, v, kp, kd, k_valid, desc_q, desc_do, desc_dq, b, col_q, lse_ptr,
+                     delta_ptr, start_m, full, QP, QD, q_start, q_stride, Sq, window, qk_scale,
+                     scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                     POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_DOCS: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr,
+                     INTERPRETED: tl.constexpr):
+        """One query tile's contribution to a key tile's dK/dV (and, with TMA reduce-add, to dQ).
 
-        Works on transposed scores ``[BLOCK_N, BLOCK_M]`` so dK/dV need no transposes.
+        Works on transposed scores ``[BLOCK_N, BLOCK_M]`` so dK/dV need no transposes.  With
+        ``MASKED`` the element mask is applied unless the runtime flag ``full`` says every pair of
+        the tile is allowed (one loop for all tiles keeps register pressure below spilling).
         """
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < Sq
-        if MASKED:
-            q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=m_valid[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
+        q = _load_rows(desc_q, b, start_m, col_q, BLOCK_M, HEAD_DIM)
         lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
         # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(delta_ptr + offs_m, mask=m_valid, other=0.0)
         qkT = _mm(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
@@ -506,49 +493,54 @@ if triton is not None:
                 qd = qp
             okT = _allowed(qp[None, :], kp[:, None], qd[None, :], kd[:, None], window,
                            CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[:, None]
-            pT = tl.where(okT, pT, 0.0)
+            pT = tl.where(okT | full, pT, 0.0)
+        do = _load_rows(desc_do, b, start_m, col_q, BLOCK_M, HEAD_DIM)
         dv = _mm(pT.to(do.dtype), do, dv, IEEE)
+        delta = tl.load(delta_ptr + offs_m, mask=m_valid, other=0.0)
         dpT = _mm(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _mm(dsT.to(q.dtype), q, dk, IEEE)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = _mm(dsT, q, dk, IEEE)
         if ATOMIC_DQ:
-            dq = _mm(tl.trans(dsT).to(k.dtype), k,
-                     tl.zeros([BLOCK_M, k.shape[1]], dtype=tl.float32), IEEE) * scale
-            tl.atomic_add(dq_ptrs, dq, mask=m_valid[:, None], sem="relaxed")
+            dq = _mm(tl.trans(dsT), k, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), IEEE)
+            dq = tl.reshape(dq * scale, [1, BLOCK_M, HEAD_DIM])
+            if INTERPRETED:  # programs run one by one there, and TMA reduce is not emulated
+                desc_dq.store([b, start_m, col_q], desc_dq.load([b, start_m, col_q]) + dq)
+            else:
+                desc_dq.atomic_add([b, start_m, col_q], dq)  # TMA reduce-add into float32 dQ
         return dk, dv
 
     @_jit
-    def _bwd_kv_span(dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
-                     t_lo, t_hi, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale,
-                     step_q, step_do, step_dq, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                     POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_DOCS: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
+    def _bwd_kv_span(dk, dv, k, v, kp, kd, k_valid, desc_q, desc_do, desc_dq, b, col_q, lse_ptr,
+                     delta_ptr, t_lo, f_lo, f_hi, t_hi, QP, QD, q_start, q_stride, Sq, window,
+                     qk_scale, scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_DOCS: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr,
+                     INTERPRETED: tl.constexpr):
+        """Query tiles ``[t_lo, t_hi)`` of the strided path; those in ``[f_lo, f_hi)`` unmasked."""
         for t in range(t_lo, t_hi):
-            dk, dv = _bwd_kv_tile(dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr,
-                                  delta_ptr, t * BLOCK_M, QP, QD, q_start, q_stride, Sq, window,
-                                  qk_scale, scale, BLOCK_M, MASKED, POS_INDEX, CAUSAL, HAS_WINDOW,
-                                  HAS_DOCS, ATOMIC_DQ, IEEE)
-            q_ptrs += step_q
-            do_ptrs += step_do
-            dq_ptrs += step_dq
-        return dk, dv, q_ptrs, do_ptrs, dq_ptrs
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, kp, kd, k_valid, desc_q, desc_do, desc_dq, b,
+                                  col_q, lse_ptr, delta_ptr, t * BLOCK_M, (t >= f_lo) & (t < f_hi),
+                                  QP, QD, q_start, q_stride, Sq, window, qk_scale, scale, BLOCK_M,
+                                  HEAD_DIM, MASKED, False, CAUSAL, HAS_WINDOW, HAS_DOCS, ATOMIC_DQ,
+                                  IEEE, INTERPRETED)
+        return dk, dv
 
     @_jit
     def _bwd_kv_kernel(
-        Q, K, V, DO, DQ, DK, DV, Lse, Delta,
+        desc_q, desc_k, desc_v, desc_do, desc_dq, desc_dk, desc_dv, Lse, Delta,
         QP, KP, QD, KD, CU, QTB, KTB,
         qk_scale, scale, window,
         q_start, q_stride, k_start, k_stride, q_first, q_last,
-        s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
-        s_dqb, s_dqs, s_dqh, s_dkb, s_dks, s_dkh,
         Sq, Sk, H, Hkv, G, n_q_tiles,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_DOCS: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr,
+        INTERPRETED: tl.constexpr,
     ):
-        """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``: one key tile, all ``G`` query heads of its kv head.
+        """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``: one key tile, all ``G`` query heads of its kv
+        head.
 
-        dK/dV are accumulated in registers (deterministic); dK, dV stored in float32.
+        dK/dV are accumulated in registers (deterministic) and stored in float32.
         """
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -556,15 +548,10 @@ if triton is not None:
         hk = pid_bh % Hkv
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
         k_valid = offs_n < Sk
         last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
-        rows_n = offs_n[:, None].to(tl.int64)
-        k = tl.load(K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh + rows_n * s_ks
-                    + offs_d[None, :], mask=k_valid[:, None], other=0.0)
-        v = tl.load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh + rows_n * s_vs
-                    + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+        k = _load_rows(desc_k, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
+        v = _load_rows(desc_v, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
 
         if POS_INDEX:
             kp = tl.load(KP + offs_n, mask=k_valid, other=0)
@@ -587,83 +574,52 @@ if triton is not None:
             kd_lo = k_lo
             kd_hi = k_hi
 
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         if POS_INDEX:
-            t_lo = pid_n * 0  # a tensor zero: the index path walks every query tile
-            f_lo = t_lo
-            f_hi = t_lo
-            t_hi = t_lo + n_q_tiles
+            for g in range(0, G):
+                h = hk * G + g
+                lse_ptr = Lse + (b * H + h).to(tl.int64) * Sq
+                delta_ptr = Delta + (b * H + h).to(tl.int64) * Sq
+                for t in range(0, n_q_tiles):
+                    if _tile_visible(k_lo, k_hi, kd_lo, kd_hi, QTB, t, window,
+                                     CAUSAL, HAS_WINDOW, HAS_DOCS, False):
+                        dk, dv = _bwd_kv_tile(  # k_lo < 0 is False: always apply the mask
+                            dk, dv, k, v, kp, kd, k_valid, desc_q, desc_do, desc_dq, b,
+                            h * HEAD_DIM, lse_ptr, delta_ptr, t * BLOCK_M, k_lo < 0, QP, QD,
+                            q_start, q_stride, Sq, window, qk_scale, scale, BLOCK_M, HEAD_DIM, True,
+                            True, CAUSAL, HAS_WINDOW, HAS_DOCS, ATOMIC_DQ, IEEE, INTERPRETED)
         else:
             t_lo, f_lo, f_hi, t_hi = _partner_tiles(
                 k_lo, k_hi, kd_lo, kd_hi, CU, q_first, q_last, q_start, q_stride, Sq, window,
                 BLOCK_M, CAUSAL, HAS_WINDOW, HAS_DOCS, False)
+            for g in range(0, G):
+                h = hk * G + g
+                lse_ptr = Lse + (b * H + h).to(tl.int64) * Sq
+                delta_ptr = Delta + (b * H + h).to(tl.int64) * Sq
+                dk, dv = _bwd_kv_span(dk, dv, k, v, kp, kd, k_valid, desc_q, desc_do, desc_dq, b,
+                                      h * HEAD_DIM, lse_ptr, delta_ptr, t_lo, f_lo, f_hi, t_hi,
+                                      QP, QD, q_start, q_stride, Sq, window, qk_scale, scale,
+                                      BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                      ATOMIC_DQ, IEEE, INTERPRETED)
 
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        tile_q = offs_m[:, None] * s_qs + offs_d[None, :]
-        tile_do = offs_m[:, None] * s_ds + offs_d[None, :]
-        tile_dq = offs_m[:, None] * s_dqs + offs_d[None, :]
-        step_q = BLOCK_M * s_qs
-        step_do = BLOCK_M * s_ds
-        step_dq = BLOCK_M * s_dqs
-        first = (t_lo * BLOCK_M).to(tl.int64)
-        for g in range(0, G):
-            h = hk * G + g
-            q_ptrs = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + first * s_qs + tile_q
-            do_ptrs = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + first * s_ds + tile_do
-            dq_ptrs = DQ + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + first * s_dqs + tile_dq
-            lse_ptr = Lse + (b * H + h).to(tl.int64) * Sq
-            delta_ptr = Delta + (b * H + h).to(tl.int64) * Sq
-            if POS_INDEX:
-                for t in range(0, n_q_tiles):
-                    if _tile_visible(k_lo, k_hi, kd_lo, kd_hi, QTB, t, window,
-                                     CAUSAL, HAS_WINDOW, HAS_DOCS, False):
-                        dk, dv = _bwd_kv_tile(
-                            dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr,
-                            delta_ptr, t * BLOCK_M, QP, QD, q_start, q_stride, Sq, window,
-                            qk_scale, scale, BLOCK_M, True, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                            ATOMIC_DQ, IEEE)
-                    q_ptrs += step_q
-                    do_ptrs += step_do
-                    dq_ptrs += step_dq
-            else:
-                dk, dv, q_ptrs, do_ptrs, dq_ptrs = _bwd_kv_span(
-                    dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
-                    t_lo, f_lo, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale, step_q,
-                    step_do, step_dq, BLOCK_M, True, False, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                    ATOMIC_DQ, IEEE)
-                dk, dv, q_ptrs, do_ptrs, dq_ptrs = _bwd_kv_span(
-                    dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
-                    f_lo, f_hi, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale, step_q,
-                    step_do, step_dq, BLOCK_M, False, False, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                    ATOMIC_DQ, IEEE)
-                dk, dv, q_ptrs, do_ptrs, dq_ptrs = _bwd_kv_span(
-                    dk, dv, k, v, kp, kd, k_valid, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
-                    f_hi, t_hi, QP, QD, q_start, q_stride, Sq, window, qk_scale, scale, step_q,
-                    step_do, step_dq, BLOCK_M, True, False, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                    ATOMIC_DQ, IEEE)
-
-        rows = offs_n[:, None].to(tl.int64)
-        dk_off = b.to(tl.int64) * s_dkb + hk.to(tl.int64) * s_dkh + rows * s_dks + offs_d[None, :]
-        tl.store(DK + dk_off, dk * scale, mask=k_valid[:, None])
-        tl.store(DV + dk_off, dv, mask=k_valid[:, None])
+        desc_dk.store([b, start_n, hk * HEAD_DIM], tl.reshape(dk * scale, [1, BLOCK_N, HEAD_DIM]))
+        desc_dv.store([b, start_n, hk * HEAD_DIM], tl.reshape(dv, [1, BLOCK_N, HEAD_DIM]))
 
     @_jit
-    def _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, start_n, KP, KD, k_start,
-                    k_stride, Sk, window, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
-        """One key tile's contribution to a query tile's dQ (deterministic path)."""
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            k_valid = offs_n < Sk
-            k = tl.load(k_ptrs, mask=k_valid[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+    def _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, start_n, full, KP,
+                    KD, k_start, k_stride, Sk, window, qk_scale, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, POS_INDEX: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                    IEEE: tl.constexpr):
+        """One key tile's contribution to a query tile's dQ (deterministic path); the element
+        mask is skipped when the runtime flag ``full`` says every pair is allowed."""
+        k = _load_rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_valid = offs_n < Sk
             if POS_INDEX:
                 kp = tl.load(KP + offs_n, mask=k_valid, other=0)
             else:
@@ -674,32 +630,31 @@ if triton is not None:
                 kd = kp
             ok = _allowed(qp[:, None], kp[None, :], qd[:, None], kd[None, :], window,
                           CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
-            p = tl.where(ok, p, 0.0)
+            p = tl.where(ok | full, p, 0.0)
+        v = _load_rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
         return _mm(ds.to(k.dtype), k, dq, IEEE)
 
     @_jit
-    def _bwd_q_span(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t_lo, t_hi, KP, KD, k_start,
-                    k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N: tl.constexpr,
-                    MASKED: tl.constexpr, POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+    def _bwd_q_span(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, t_lo, f_lo, f_hi,
+                    t_hi, KP, KD, k_start, k_stride, Sk, window, qk_scale, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """Key tiles ``[t_lo, t_hi)`` of the strided path; those in ``[f_lo, f_hi)`` unmasked."""
         for t in range(t_lo, t_hi):
-            dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N, KP, KD,
-                             k_start, k_stride, Sk, window, qk_scale, BLOCK_N, MASKED, POS_INDEX,
-                             CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
-            k_ptrs += step_k
-            v_ptrs += step_v
-        return dq, k_ptrs, v_ptrs
+            dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k,
+                             t * BLOCK_N, (t >= f_lo) & (t < f_hi), KP, KD, k_start, k_stride, Sk,
+                             window, qk_scale, BLOCK_N, HEAD_DIM, True, False, CAUSAL, HAS_WINDOW,
+                             HAS_DOCS, IEEE)
+        return dq
 
     @_jit
     def _bwd_q_kernel(
-        Q, K, V, DO, DQ, Lse, Delta,
+        desc_q, desc_k, desc_v, desc_do, desc_dq, Lse, Delta,
         QP, KP, QD, KD, CU, QTB, KTB,
         qk_scale, scale, window,
         q_start, q_stride, k_start, k_stride, k_first, k_last,
-        s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
-        s_dqb, s_dqs, s_dqh,
         Sq, Sk, H, G, n_k_tiles,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         POS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -710,18 +665,13 @@ if triton is not None:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        hk = h // G
+        col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
         m_valid = offs_m < Sq
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
-        rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + rows * s_qs
-                    + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        do = tl.load(DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + rows * s_ds
-                     + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        q = _load_rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+        do = _load_rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
         lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=0.0)
@@ -748,45 +698,24 @@ if triton is not None:
             qd_hi = q_hi
 
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
-        v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
-        tile_k = offs_n[:, None] * s_ks + offs_d[None, :]
-        tile_v = offs_n[:, None] * s_vs + offs_d[None, :]
-        step_k = BLOCK_N * s_ks
-        step_v = BLOCK_N * s_vs
         if POS_INDEX:
-            k_ptrs = k_base + tile_k
-            v_ptrs = v_base + tile_v
             for t in range(0, n_k_tiles):
                 if _tile_visible(q_lo, q_hi, qd_lo, qd_hi, KTB, t, window,
                                  CAUSAL, HAS_WINDOW, HAS_DOCS, True):
-                    dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t * BLOCK_N,
-                                     KP, KD, k_start, k_stride, Sk, window, qk_scale, BLOCK_N,
-                                     True, True, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
-                k_ptrs += step_k
-                v_ptrs += step_v
+                    dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k,
+                                     t * BLOCK_N, q_lo < 0, KP, KD,  # q_lo < 0: False, masked
+                                     k_start, k_stride, Sk, window, qk_scale,
+                                     BLOCK_N, HEAD_DIM, True, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                     IEEE)
         else:
             t_lo, f_lo, f_hi, t_hi = _partner_tiles(
                 q_lo, q_hi, qd_lo, qd_hi, CU, k_first, k_last, k_start, k_stride, Sk, window,
                 BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS, True)
-            first = (t_lo * BLOCK_N).to(tl.int64)
-            k_ptrs = k_base + first * s_ks + tile_k
-            v_ptrs = v_base + first * s_vs + tile_v
-            dq, k_ptrs, v_ptrs = _bwd_q_span(
-                dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, t_lo, f_lo, KP, KD, k_start,
-                k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL,
-                HAS_WINDOW, HAS_DOCS, IEEE)
-            dq, k_ptrs, v_ptrs = _bwd_q_span(
-                dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, f_lo, f_hi, KP, KD, k_start,
-                k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N, False, False, CAUSAL,
-                HAS_WINDOW, HAS_DOCS, IEEE)
-            dq, k_ptrs, v_ptrs = _bwd_q_span(
-                dq, q, do, lse2, delta, qp, qd, k_ptrs, v_ptrs, f_hi, t_hi, KP, KD, k_start,
-                k_stride, Sk, window, qk_scale, step_k, step_v, BLOCK_N, True, False, CAUSAL,
-                HAS_WINDOW, HAS_DOCS, IEEE)
+            dq = _bwd_q_span(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, t_lo, f_lo,
+                             f_hi, t_hi, KP, KD, k_start, k_stride, Sk, window, qk_scale, BLOCK_N,
+                             HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
 
-        tl.store(DQ + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqs
-                 + offs_d[None, :], dq * scale, mask=m_valid[:, None])
+        desc_dq.store([b, start_m, h * HEAD_DIM], tl.reshape(dq * scale, [1, BLOCK_M, HEAD_DIM]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -815,9 +744,42 @@ class _Plan(NamedTuple):
     has_window: bool
     has_docs: bool
 
+    def tensors(self, dummy: Tensor) -> tuple[Tensor, ...]:
+        """``(QP, KP, QD, KD, CU)`` kernel arguments; ``dummy`` (never read) for unused ones."""
+        return tuple(
+            t if t is not None else dummy
+            for t in (self.q.pos, self.k.pos, self.q.docs, self.k.docs, self.cu)
+        )
+
+    def flags(self, dtype: torch.dtype) -> dict[str, bool]:
+        """The constexpr switches that select the kernel variant."""
+        return dict(
+            POS_INDEX=self.pos_index, CAUSAL=self.causal, HAS_WINDOW=self.has_window,
+            HAS_DOCS=self.has_docs, IEEE=dtype == torch.float32,
+        )
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tma_ready(t: Tensor) -> Tensor:
+    """``t [B, S, heads, D]`` with heads packed (stride D, unit last stride), 16-byte aligned:
+    what a TMA descriptor over the ``[B, S, heads * D]`` view needs; copies only if not."""
+    item = t.element_size()
+    ok = (
+        t.stride(3) == 1 and t.stride(2) == t.shape[3]
+        and (t.stride(0) * item) % 16 == 0 and (t.stride(1) * item) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
+    return t if ok else t.contiguous()
+
+
+def _rows_desc(t: Tensor, rows: int) -> "TensorDescriptor":
+    """TMA descriptor over ``t [B, S, heads, D]`` seen as ``[B, S, heads * D]``, blocks
+    ``[1, rows, D]`` (a tile of ``rows`` tokens of one head); rows past ``S`` read as zeros."""
+    B, S, heads, D = t.shape
+    return TensorDescriptor(t, [B, S, heads * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
 def _tile_bounds(pos: Tensor, docs: Tensor | None, block: int) -> Tensor:
@@ -947,37 +909,29 @@ class TritonFlash:
         ``lse [B, H, Sq]`` (float32, natural log; ``-inf`` for rows with no allowed key)."""
         self._check(q, k, v, scale, mask)
         q_pos, k_pos = default_positions(q, k, q_pos, k_pos)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = (_tma_ready(t) for t in (q, k, v))
         B, Sq, H, D = q.shape
         Sk, Hkv = k.shape[1], k.shape[2]
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-        if Sq == 0 or B * H == 0:
-            return out, lse
+        if Sq == 0 or B * H == 0 or Sk == 0:
+            return out.zero_(), lse.fill_(float("-inf"))
         tile = self.config.tiles(D)["fwd"]
         plan = self._plan(mask, q_pos, k_pos, q.device)
         dummy = lse  # never read: stands in for unused tensor arguments
         qtb = ktb = dummy
         if plan.pos_index:
             qtb = _tile_bounds(plan.q.pos, plan.q.docs, tile.block_m)
-            ktb = _tile_bounds(plan.k.pos, plan.k.docs, tile.block_n) if Sk else dummy
-        grid = (triton.cdiv(Sq, tile.block_m), B * H)
+            ktb = _tile_bounds(plan.k.pos, plan.k.docs, tile.block_n)
         self._launch(
-            _fwd_kernel, grid,
-            q, k, v, out, lse,
-            plan.q.pos if plan.q.pos is not None else dummy,
-            plan.k.pos if plan.k.pos is not None else dummy,
-            plan.q.docs if plan.q.docs is not None else dummy,
-            plan.k.docs if plan.k.docs is not None else dummy,
-            plan.cu if plan.cu is not None else dummy, qtb, ktb,
+            _fwd_kernel, (triton.cdiv(Sq, tile.block_m), B * H),
+            _rows_desc(q, tile.block_m), _rows_desc(k, tile.block_n), _rows_desc(v, tile.block_n),
+            _rows_desc(out, tile.block_m), lse,
+            *plan.tensors(dummy), qtb, ktb,
             scale * _LOG2E, plan.window,
             plan.q.start, plan.q.stride, plan.k.start, plan.k.stride, plan.k.first, plan.k.last,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             Sq, Sk, H, H // Hkv, triton.cdiv(Sk, tile.block_n),
-            HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            POS_INDEX=plan.pos_index, CAUSAL=plan.causal, HAS_WINDOW=plan.has_window,
-            HAS_DOCS=plan.has_docs, IEEE=q.dtype == torch.float32,
+            HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **plan.flags(q.dtype),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
         return out, lse
@@ -1003,19 +957,19 @@ class TritonFlash:
                 f"{(B, H, Sq)}; got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse "
                 f"{tuple(lse.shape)}"
             )
-        q, k, v, dout, out = (
-            t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, dout, out)
-        )
+        q, k, v, dout = (_tma_ready(t) for t in (q, k, v, dout.to(q.dtype)))
+        out = out if out.stride(-1) == 1 else out.contiguous()
         lse = lse.to(torch.float32).contiguous()
         tiles = self.config.tiles(D)
         atomic = not self.config.deterministic
-        dq = (torch.zeros if atomic else torch.empty)(B, Sq, H, D, dtype=torch.float32, device=q.device)
-        dk = torch.empty(B, Sk, Hkv, D, dtype=torch.float32, device=q.device)
-        dv = torch.empty_like(dk)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dq = torch.zeros(B, Sq, H, D, **f32) if atomic else torch.empty(B, Sq, H, D, **f32)
+        dk = torch.empty(B, Sk, Hkv, D, **f32)
+        dv = torch.empty(B, Sk, Hkv, D, **f32)
         if Sq == 0 or Sk == 0 or B * H == 0:
             return dq.zero_(), dk.zero_(), dv.zero_()
 
-        delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        delta = torch.empty(B, H, Sq, **f32)  # rowsum(dout * out) with the global out
         pre_block = 64 if D <= 128 else 32
         self._launch(
             _bwd_delta_kernel, (triton.cdiv(Sq, pre_block), B * H),
@@ -1025,37 +979,23 @@ class TritonFlash:
         )
 
         plan = self._plan(mask, q_pos, k_pos, q.device)
-        dummy = delta
         kv, qt = tiles["bwd_kv"], tiles["bwd_q"]
-        pos_args = (
-            plan.q.pos if plan.q.pos is not None else dummy,
-            plan.k.pos if plan.k.pos is not None else dummy,
-            plan.q.docs if plan.q.docs is not None else dummy,
-            plan.k.docs if plan.k.docs is not None else dummy,
-            plan.cu if plan.cu is not None else dummy,
-        )
-        flags = dict(
-            POS_INDEX=plan.pos_index, CAUSAL=plan.causal, HAS_WINDOW=plan.has_window,
-            HAS_DOCS=plan.has_docs, IEEE=q.dtype == torch.float32,
-        )
-        strides = (
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-        )
-        qtb = ktb = dummy
+        qtb = ktb = delta  # dummies unless the index path needs tile bounds
         if plan.pos_index:
             qtb = _tile_bounds(plan.q.pos, plan.q.docs, kv.block_m)
             ktb = _tile_bounds(plan.k.pos, plan.k.docs, kv.block_n)
         self._launch(
             _bwd_kv_kernel, (triton.cdiv(Sk, kv.block_n), B * Hkv),
-            q, k, v, dout, dq, dk, dv, lse, delta, *pos_args, qtb, ktb,
+            _rows_desc(q, kv.block_m), _rows_desc(k, kv.block_n), _rows_desc(v, kv.block_n),
+            _rows_desc(dout, kv.block_m), _rows_desc(dq, kv.block_m),
+            _rows_desc(dk, kv.block_n), _rows_desc(dv, kv.block_n), lse, delta,
+            *plan.tensors(delta), qtb, ktb,
             scale * _LOG2E, scale, plan.window,
             plan.q.start, plan.q.stride, plan.k.start, plan.k.stride, plan.q.first, plan.q.last,
-            *strides, dk.stride(0), dk.stride(1), dk.stride(2),
             Sq, Sk, H, Hkv, H // Hkv, triton.cdiv(Sq, kv.block_m),
-            HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=atomic, **flags,
-            num_warps=kv.num_warps, num_stages=kv.num_stages,
+            HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=atomic,
+            INTERPRETED=_interpreting(), **plan.flags(q.dtype), num_warps=kv.num_warps,
+            num_stages=kv.num_stages,
         )
         if not atomic:
             if plan.pos_index:
@@ -1063,11 +1003,13 @@ class TritonFlash:
                 ktb = _tile_bounds(plan.k.pos, plan.k.docs, qt.block_n)
             self._launch(
                 _bwd_q_kernel, (triton.cdiv(Sq, qt.block_m), B * H),
-                q, k, v, dout, dq, lse, delta, *pos_args, qtb, ktb,
+                _rows_desc(q, qt.block_m), _rows_desc(k, qt.block_n), _rows_desc(v, qt.block_n),
+                _rows_desc(dout, qt.block_m), _rows_desc(dq, qt.block_m), lse, delta,
+                *plan.tensors(delta), qtb, ktb,
                 scale * _LOG2E, scale, plan.window,
                 plan.q.start, plan.q.stride, plan.k.start, plan.k.stride, plan.k.first,
-                plan.k.last, *strides, Sq, Sk, H, H // Hkv, triton.cdiv(Sk, qt.block_n),
-                HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, **flags,
+                plan.k.last, Sq, Sk, H, H // Hkv, triton.cdiv(Sk, qt.block_n),
+                HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, **plan.flags(q.dtype),
                 num_warps=qt.num_warps, num_stages=qt.num_stages,
             )
         return dq, dk, dv

@@ -1,4 +1,4 @@
-"""Vendor attention (cuDNN or FlashAttention-2 through torch's SDPA ops) on the local kernel contract.
+"""Vendor attention (cuDNN or FlashAttention-2, via torch's SDPA ops) on the local kernel contract.
 
 torch ships two fused attention kernels that also return the log-sum-exp, which is what the
 contract (and the LSE merge of a ring) needs:
@@ -20,8 +20,8 @@ to one of those on global positions:
 
 Anything else (windows, documents, block-sparse, striped or offset diagonals), GQA with
 ``H != Hkv`` (the ops would need K/V expanded), float32/float64, or CPU tensors is refused with
-the reason; :func:`longctx.kernels.dispatch.select_kernel` asks :meth:`VendorSDPA.unsupported_reason`
-and routes those calls to the Triton kernel or the reference.
+the reason; :func:`longctx.kernels.dispatch.select_kernel` asks
+:meth:`VendorSDPA.unsupported_reason` and routes those calls to the Triton kernel or the reference.
 
 Example::
 
@@ -153,9 +153,10 @@ class VendorSDPA:
         self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Mask = Mask(),
         q_pos: Positions | None = None, k_pos: Positions | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``q [B, Sq, H, D]``, ``k``/``v [B, Sk, H, D]`` -> ``out [B, Sq, H, D]``, ``lse [B, H, Sq]``."""
+        """``q [B, Sq, H, D]``, ``k``/``v [B, Sk, H, D]`` -> ``out [B, Sq, H, D]``,
+        ``lse [B, H, Sq]``."""
         mode, backend = self._prepare(q, k, v, mask, q_pos, k_pos)
-        B, Sq, H, D = q.shape
+        B, Sq, H, _ = q.shape
         if mode == "empty":
             out = torch.zeros_like(q)
             return out, torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
@@ -168,7 +169,9 @@ class VendorSDPA:
             )
             out_t, lse = res[0], res[1].reshape(B, H, Sq)  # [B, H, Sq, 1] -> [B, H, Sq]
         else:
-            res = _aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
+            res = _aten._scaled_dot_product_flash_attention(
+                qt, kt, vt, 0.0, causal, False, scale=scale
+            )
             out_t, lse = res[0], res[1]
         out = out_t.transpose(1, 2)  # [B, H, Sq, D] -> [B, Sq, H, D]
         return out, lse.to(torch.float32)
@@ -181,7 +184,7 @@ class VendorSDPA:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Gradients (float32) from the global ``out``/``lse`` (see the contract)."""
         mode, backend = self._prepare(q, k, v, mask, q_pos, k_pos)
-        B, Sq, H, D = q.shape
+        B, Sq, H, _ = q.shape
         Sk = k.shape[1]
         if mode == "empty":
             z = lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device)  # noqa: E731
