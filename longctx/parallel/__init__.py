@@ -6,7 +6,7 @@ Imports ``torch.distributed``; never imports models or trainers.
 from .api import ContextParallelAttention, CPConfig, attention
 from .context import CPContext, build_context
 from .layout import Layout, document_ids, pad_to_multiple, positions, shard, unshard
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, Star
 
 __all__ = [
     "CPConfig",
@@ -14,6 +14,7 @@ __all__ = [
     "ContextParallelAttention",
     "Layout",
     "STRATEGIES",
+    "Star",
     "attention",
     "build_context",
     "document_ids",

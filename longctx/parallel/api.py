@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..kernels.base import AttentionKernel
 from ..kernels.mask import Mask
 from .layout import Layout
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, Star, star_attention
 
 __all__ = ["attention", "CPConfig", "ContextParallelAttention"]
 
@@ -21,7 +21,7 @@ def attention(
     v: Tensor,
     mesh_or_group=None,
     *,
-    strategy: str = "ring",
+    strategy: "str | Star" = "ring",
     layout: "str | Layout | None" = None,
     mask: Mask | None = None,
     kernel: "str | AttentionKernel" = "reference",
@@ -36,8 +36,9 @@ def attention(
         mesh_or_group: the context-parallel ProcessGroup or a 1-D DeviceMesh; None = one process.
             For ``strategy="hybrid"``: :class:`~longctx.parallel.context.HybridGroups` or a 2-D
             ``(ring, ulysses)`` DeviceMesh (see :mod:`longctx.parallel.mesh`).
-        strategy: ``"ring"``, ``"zigzag"``, ``"striped"``, ``"allgather"``, ``"ulysses"`` or
-            ``"hybrid"``.
+        strategy: ``"ring"``, ``"zigzag"``, ``"striped"``, ``"allgather"``, ``"ulysses"``,
+            ``"hybrid"``, or a :class:`~longctx.parallel.strategies.star.Star` (star attention
+            with its anchor and query lengths).
         layout: how the sequence was sharded (``"contiguous"``, ``"zigzag"``, ``"striped"``,
             ``"striped:w"``); defaults to the strategy's own layout (contiguous for ring and
             all-gather).
@@ -57,13 +58,18 @@ def attention(
         >>> out.shape
         torch.Size([1, 16, 4, 8])
     """
+    kwargs = {} if layout is None else {"layout": layout}
+    if isinstance(strategy, Star):
+        return star_attention(
+            q, k, v, mesh_or_group, star=strategy, mask=mask, kernel=kernel, scale=scale,
+            return_lse=return_lse, **kwargs,
+        )
     try:
         fn = STRATEGIES[strategy]
     except KeyError:
         raise ValueError(
             f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}"
         ) from None
-    kwargs = {} if layout is None else {"layout": layout}
     return fn(
         q, k, v, mesh_or_group, mask=mask, kernel=kernel, scale=scale, return_lse=return_lse,
         **kwargs,

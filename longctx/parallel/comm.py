@@ -75,7 +75,7 @@ class RingComm:
 
 
 class GatherComm:
-    """All-gather along the sequence and reduce-scatter back, for the all-gather strategy."""
+    """Collectives over one group: all-gather, reduce-scatter, broadcast and reduce to one rank."""
 
     def __init__(self, group: dist.ProcessGroup | None):
         self.group = group  # None: a single process
@@ -99,6 +99,20 @@ class GatherComm:
         # [P, ...] -> [P * x.shape[1], ...]: the flat form every backend accepts
         _reduce_scatter_flat(out, x.contiguous().flatten(0, 1), group=self.group)
         return out
+
+    def broadcast(self, x: Tensor, src: int) -> Tensor:
+        """``x`` of rank ``src`` on every rank; the others pass a buffer of the same shape."""
+        if self.group is not None:
+            x = x.contiguous()
+            dist.broadcast(x, src=dist.get_global_rank(self.group, src), group=self.group)
+        return x
+
+    def reduce(self, x: Tensor, dst: int) -> Tensor:
+        """Sum of ``x`` over ranks, valid on rank ``dst`` only."""
+        if self.group is not None:
+            x = x.contiguous()
+            dist.reduce(x, dst=dist.get_global_rank(self.group, dst), group=self.group)
+        return x
 
 
 class AllToAllComm:

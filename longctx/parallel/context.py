@@ -34,6 +34,7 @@ STRATEGY_LAYOUTS: dict[str, tuple[str, ...] | None] = {
     "striped": ("striped",),
     "ulysses": None,
     "hybrid": None,
+    "star": ("contiguous",),
 }
 
 

@@ -4,6 +4,7 @@
 from .allgather import allgather_attention
 from .hybrid import hybrid_attention
 from .ring import ring_attention
+from .star import Star, star_attention
 from .striped import striped_attention
 from .ulysses import ulysses_attention
 from .zigzag import zigzag_attention
@@ -19,6 +20,8 @@ STRATEGIES = {
 
 __all__ = [
     "STRATEGIES",
+    "Star",
+    "star_attention",
     "allgather_attention",
     "hybrid_attention",
     "ring_attention",
