@@ -134,6 +134,60 @@ def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repe
         return {"error": traceback.format_exc(limit=2).strip().splitlines()[-1][:120]}
 
 
+def _merge_intervals(intervals):
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def comm_overlap(events) -> dict:
+    """How much NCCL kernel time runs while a compute kernel runs (from profiler GPU events)."""
+    comm, compute = [], []
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        span = (e.time_range.start, e.time_range.end)
+        (comm if "nccl" in e.name.lower() else compute).append(span)
+    busy = _merge_intervals(compute)
+    comm_total = sum(end - start for start, end in _merge_intervals(comm))
+    overlapped = 0.0
+    for start, end in _merge_intervals(comm):
+        overlapped += sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy)
+    return {
+        "comm_ms": comm_total / 1e3,
+        "overlapped_ms": overlapped / 1e3,
+        "compute_ms": sum(b - a for a, b in busy) / 1e3,
+    }
+
+
+def profile_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel):
+    """Rank body: one profiled forward+backward; the NCCL/compute overlap of this rank."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    q, k, v = (
+        longctx.shard(t, layout, world, rank).requires_grad_()
+        for t in _inputs(seq, heads, kv_heads, dim)
+    )
+    mask = longctx.Mask(causal=True)
+
+    def step():
+        out = longctx.attention(q, k, v, group, strategy=strategy, layout=layout, mask=mask, kernel=kernel)
+        out.backward(torch.ones_like(out))
+
+    for _ in range(2):
+        step()
+    dist.barrier(group)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    return comm_overlap(prof.events())
+
+
 def _row(name, seq, heads, kv_heads, dim, world, times, one):
     if "error" in times:
         return f"| {name} | {seq} | {heads}/{kv_heads} | failed: {times['error']} | | | | |"
@@ -162,6 +216,10 @@ def main() -> None:
         default=["ring:contiguous", "zigzag:zigzag", "striped:striped", "allgather:zigzag", "ulysses:zigzag", "hybrid:zigzag"],
     )
     parser.add_argument("--torch-native", nargs="*", default=["cudnn:alltoall", "cudnn:allgather", "flash:alltoall", "flash:allgather"])
+    parser.add_argument(
+        "--profile", nargs="*", default=["ring:contiguous", "zigzag:zigzag"],
+        help="strategies whose comm/compute overlap is measured from a profiler trace (first seq)",
+    )
     args = parser.parse_args()
     world = torch.cuda.device_count()
     torch.cuda.set_device(0)
@@ -198,6 +256,15 @@ def main() -> None:
                     new.append(_row(f"torch CP {backend} {rotate} x{world}", *common, world, slowest, one_t))
                 print("\n".join(new), flush=True)
                 rows += new
+        overlap_rows = ["", "| profiled run (rank 0..P-1) | NCCL ms | of which overlapped with compute | compute ms |", "| --- | --- | --- | --- |"]
+        for spec in args.profile:
+            strategy, layout = spec.split(":")
+            per_rank = mesh.run(profile_on_rank, strategy, layout, args.seqs[0], args.heads[0], args.kv_heads[0], args.dim, args.kernel)
+            for r, o in enumerate(per_rank):
+                frac = o["overlapped_ms"] / o["comm_ms"] if o["comm_ms"] else 1.0
+                overlap_rows.append(f"| {strategy} S={args.seqs[0]} rank {r} | {o['comm_ms']:.2f} | {o['overlapped_ms']:.2f} ({100 * frac:.0f}%) | {o['compute_ms']:.2f} |")
+        print("\n".join(overlap_rows), flush=True)
+        rows += overlap_rows
     rows.append(f"\n(took {time.time() - t0:.0f}s)")
     (RESULTS / "bench_cp.md").write_text("\n".join(rows) + "\n")
 
