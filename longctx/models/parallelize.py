@@ -1,0 +1,298 @@
+"""The one place where parallelism is applied to a :class:`~longctx.models.llama.LlamaModel`.
+
+The model code is single-device; :func:`parallelize_model` turns it into a parallel model in place,
+torchtitan style, in this order:
+
+1. **Tensor parallel** (when ``tp > 1`` in the mesh), DTensor ``parallelize_module`` per block:
+   ``wq wk wv w1 w3`` column-wise, ``wo w2`` row-wise, all with ``use_local_output=True`` so the
+   block sees plain local tensors (``heads / tp`` heads, ``ffn / tp`` features) and the residual
+   stream stays a plain replicated ``[B, S_local, hidden]`` tensor. One all-reduce after ``wo`` and
+   one after ``w2`` in forward; one per column-parallel input in backward. The embedding, the
+   norms and the output projection stay **replicated** over ``tp`` (plain parameters): their
+   gradients come out complete and identical on every tp rank, and the trainer's chunked loss can
+   use ``model.output_weight`` as an ordinary ``[vocab, hidden]`` tensor. (Vocabulary-parallel
+   embedding/output would save ``2 V h (1 - 1/tp)`` parameters per rank before FSDP and needs a
+   vocab-parallel cross entropy; FSDP already shards them over dp x cp.)
+2. **Activation checkpointing** per block: ``"full"`` wraps each block in ``checkpoint_wrapper``
+   (only the block input is kept); ``"selective"`` recomputes everything except the attention
+   core (its q, k, v, out, lse are kept), so the quadratic attention and its CP communication
+   never run twice - the right trade at long context.
+3. **torch.compile** per block (``nn.Module.compile``, parameter names unchanged). The attention
+   core runs eagerly (a graph break: its communication is Python); the projections, norms, RoPE
+   and MLP are compiled.
+4. **FSDP2** ``fully_shard`` per block, then the root (embedding, final norm, output), over the
+   flattened ``dp x cp`` mesh dimension: CP ranks hold the same weights and their gradients add
+   up like data-parallel ones. Gradients are **summed** over dp x cp by default
+   (``grad_reduction="sum"``): normalise the loss by the global token count over dp x cp.
+
+Without FSDP, gradients are not reduced in backward: call :func:`reduce_gradients` after the last
+backward of a step (a no-op for FSDP models, so it can always be called).
+
+Example (on each of 8 ranks after ``dist.init_process_group``)::
+
+    from longctx.models import LlamaModel, ModelConfig
+    from longctx.models.parallelize import ParallelConfig, parallelize_model, reduce_gradients
+    from longctx.parallel.mesh import ParallelDims, build_mesh
+
+    pmesh = build_mesh(ParallelDims(dp=2, cp=2, tp=2), device_type="cuda")
+    model = LlamaModel(cfg, device="meta")
+    model = parallelize_model(model, pmesh, ParallelConfig(fsdp=True, param_dtype="bfloat16",
+                                                           activation_checkpointing="selective"))
+    model.to_empty(device="cuda"); model.init_weights(seed=0)
+    hidden = model(input_ids, seq)          # seq.cp_group = pmesh.group("cp")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping, get_args
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..parallel.mesh import ParallelMesh
+from .llama import LlamaModel, TransformerBlock
+
+__all__ = [
+    "ParallelConfig",
+    "build_dp_cp_tp_mesh",
+    "parallelize_model",
+    "reduce_gradients",
+    "tp_plan",
+]
+
+ACModes = Literal["none", "full", "selective"]
+GradReduction = Literal["sum", "mean"]
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def _parse_dtype(name: str, value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise ValueError(
+        f"ParallelConfig.{name}={value!r}; choose one of {sorted(_DTYPES)} or None"
+    )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How :func:`parallelize_model` parallelizes the model (sizes come from the mesh).
+
+    - ``fsdp``: FSDP2 over dp x cp (also useful on one rank for mixed precision).
+    - ``activation_checkpointing``: ``"none"``, ``"full"`` or ``"selective"`` (see module doc).
+    - ``compile`` / ``compile_backend``: ``torch.compile`` each block with this backend.
+    - ``param_dtype`` / ``reduce_dtype``: FSDP2 mixed precision (``"bfloat16"``, ``"float32"``,
+      ...; None keeps the parameter dtype). Needs ``fsdp``.
+    - ``reshard_after_forward``: FSDP2's (blocks; the root never reshards after forward).
+    - ``grad_reduction``: ``"sum"`` (loss normalised by the global token count) or ``"mean"``
+      over the dp x cp ranks.
+    """
+
+    fsdp: bool = False
+    activation_checkpointing: ACModes = "none"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    param_dtype: torch.dtype | str | None = None
+    reduce_dtype: torch.dtype | str | None = None
+    reshard_after_forward: bool = True
+    grad_reduction: GradReduction = "sum"
+
+    def __post_init__(self) -> None:
+        if self.activation_checkpointing not in get_args(ACModes):
+            raise ValueError(
+                f"ParallelConfig.activation_checkpointing={self.activation_checkpointing!r}; "
+                f"choose one of {list(get_args(ACModes))}"
+            )
+        if self.grad_reduction not in get_args(GradReduction):
+            raise ValueError(
+                f"ParallelConfig.grad_reduction={self.grad_reduction!r}; choose one of "
+                f"{list(get_args(GradReduction))}"
+            )
+        for name in ("fsdp", "compile", "reshard_after_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"ParallelConfig.{name} must be true or false, got {getattr(self, name)!r}"
+                )
+        for name in ("param_dtype", "reduce_dtype"):
+            object.__setattr__(self, name, _parse_dtype(name, getattr(self, name)))
+        if not self.fsdp and (self.param_dtype is not None or self.reduce_dtype is not None):
+            raise ValueError(
+                "ParallelConfig.param_dtype / reduce_dtype are FSDP2 mixed precision; set "
+                "fsdp=true (it works on a single rank too) or leave them unset"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ParallelConfig":
+        """Build from a mapping; unknown keys raise and list the allowed ones."""
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown ParallelConfig key(s) {unknown}; allowed keys: {allowed}")
+        return cls(**dict(values))
+
+
+# -- meshes -------------------------------------------------------------------------------------
+def build_dp_cp_tp_mesh(pmesh: ParallelMesh) -> DeviceMesh:
+    """A 2-D DeviceMesh ``("dp_cp", "tp")`` over the same ranks as ``pmesh`` (collective).
+
+    ``build_mesh`` places rank ``((dp * cp_size) + cp) * tp_size + tp``, so viewing the rank grid
+    as ``[dp * cp, tp]`` flattens dp and cp with cp fastest. FSDP shards over ``"dp_cp"``; TP uses
+    ``"tp"`` of this same mesh (FSDP2 + TP need both from one root mesh).
+    """
+    dims = pmesh.dims
+    ranks = pmesh.mesh.mesh.reshape(dims.dp * dims.cp, dims.tp)  # [dp, cp, tp] -> [dp*cp, tp]
+    return DeviceMesh(pmesh.mesh.device_type, ranks, mesh_dim_names=("dp_cp", "tp"))
+
+
+# -- tensor parallel ----------------------------------------------------------------------------
+def tp_plan() -> dict[str, Any]:
+    """The per-block TP plan: submodule name -> DTensor ``ParallelStyle``."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    col, row = ColwiseParallel(use_local_output=True), RowwiseParallel(use_local_output=True)
+    return {
+        "attention.wq": col,
+        "attention.wk": col,
+        "attention.wv": col,
+        "attention.wo": row,
+        "feed_forward.w1": col,
+        "feed_forward.w3": col,
+        "feed_forward.w2": row,
+    }
+
+
+def _check_divisible(model: LlamaModel, pmesh: ParallelMesh) -> None:
+    cfg, tp = model.config, pmesh.dims.tp
+    for name, value in (
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_query_groups", cfg.num_query_groups),
+        ("ffn_hidden_size", cfg.ffn_hidden_size),
+    ):
+        if value % tp:
+            raise ValueError(
+                f"tensor parallel size tp={tp} must divide ModelConfig.{name}={value}; choose tp "
+                f"in {[d for d in range(1, value + 1) if value % d == 0]} or change {name}"
+            )
+    ulysses = pmesh.dims.ulysses
+    heads_local = cfg.num_attention_heads // tp
+    if ulysses > 1 and heads_local % ulysses:
+        raise ValueError(
+            f"Ulysses degree {ulysses} must divide the local head count num_attention_heads / tp "
+            f"= {cfg.num_attention_heads} / {tp} = {heads_local}; lower ulysses or tp"
+        )
+
+
+# -- entry --------------------------------------------------------------------------------------
+def parallelize_model(
+    model: LlamaModel, pmesh: ParallelMesh, config: ParallelConfig = ParallelConfig()
+) -> LlamaModel:
+    """Apply TP (``pmesh.dims.tp > 1``), activation checkpointing, compile and FSDP2, in place.
+
+    Call on every rank with the same arguments (it builds process groups). Returns ``model``.
+    Weights may be real (every rank built them from the same seed) or on ``meta`` (then
+    ``model.to_empty(device=...)`` and ``model.init_weights(seed)`` after this call).
+    """
+    if not isinstance(model, LlamaModel):
+        raise TypeError(f"parallelize_model expects a LlamaModel, got {type(model).__name__}")
+    if getattr(model, "_longctx_parallelized", False):
+        raise ValueError("parallelize_model was already applied to this model")
+    _check_divisible(model, pmesh)
+    dims = pmesh.dims
+    need_2d = dims.tp > 1 or config.fsdp
+    mesh_2d = build_dp_cp_tp_mesh(pmesh) if need_2d else None
+
+    if dims.tp > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        plan = tp_plan()
+        for block in model.layers:
+            parallelize_module(block, mesh_2d["tp"], plan)
+
+    for i, block in enumerate(model.layers):
+        block = _apply_ac(block, config.activation_checkpointing)
+        if config.compile:
+            block.compile(backend=config.compile_backend)
+        model.layers[i] = block
+
+    if config.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype)
+        dp_cp = mesh_2d["dp_cp"]
+        for block in model.layers:
+            fully_shard(
+                block, mesh=dp_cp, mp_policy=mp, reshard_after_forward=config.reshard_after_forward
+            )
+        fully_shard(model, mesh=dp_cp, mp_policy=mp)
+        if config.grad_reduction == "sum":
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_gradient_divide_factor(1.0)
+
+    model._longctx_parallelized = True
+    model._longctx_grad_reduction = config.grad_reduction
+    return model
+
+
+def _apply_ac(block: TransformerBlock, mode: str) -> nn.Module:
+    if mode == "full":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+
+        return checkpoint_wrapper(block, preserve_rng_state=False)
+    if mode == "selective":
+        block.recompute_around_attention = True
+    return block
+
+
+@torch.no_grad()
+def reduce_gradients(model: nn.Module, pmesh: ParallelMesh, op: GradReduction | None = None) -> None:
+    """Sum (or average) gradients over dp x cp when FSDP did not; a no-op for FSDP models.
+
+    Call after the last backward of a step, before clipping. ``op`` defaults to the model's
+    ``ParallelConfig.grad_reduction`` (``"sum"`` for an unparallelized model). TP-sharded
+    parameters reduce their local shards; replicated parameters are already complete over tp.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(model, FSDPModule):
+        return
+    op = op or getattr(model, "_longctx_grad_reduction", "sum")
+    n = pmesh.dims.dp * pmesh.dims.cp
+    if n == 1:
+        return
+    grads = [
+        p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        for p in model.parameters()
+        if p.grad is not None
+    ]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])  # one buffer per dtype
+        for dim in ("dp", "cp"):
+            if getattr(pmesh.dims, dim) > 1:
+                dist.all_reduce(flat, group=pmesh.group(dim))
+        if op == "mean":
+            flat /= n
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -1,0 +1,296 @@
+"""Models: config checks, RoPE, and the model under CP / TP / FSDP equal to one process, float64.
+
+The parallel runs use simulated meshes (real gloo processes, started once per module). Every
+rank builds the same model from the same seed, runs forward and backward of
+``sum(hidden * w_h) + sum(logits * w_l)`` on its shard (``w_h``, ``w_l`` fixed random weights,
+sharded like the tokens), and returns its hidden states and full parameter gradients (summed
+over dp x cp, gathered over tp / FSDP shards); the test unshards the hidden states and compares
+everything with the single-process model on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longctx.kernels.mask import Mask
+from longctx.models import LlamaModel, ModelConfig, SequenceContext, apply_rope, rope_cos_sin
+from longctx.models.config import flops_per_token, matmul_flops_per_token, num_params
+from longctx.models.parallelize import ParallelConfig
+from longctx.parallel.layout import Layout
+from longctx.testing import SimulatedMesh
+
+TOL = 1e-10
+DTYPE = torch.float64
+CFG = ModelConfig(
+    num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
+    seq_length=32, ffn_hidden_size=48,
+)
+BATCH = 2
+CU_SEQLENS = torch.tensor([0, 5, 19, 32])
+
+
+# -- config ---------------------------------------------------------------------------------------
+def test_config_derives_megatron_defaults():
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=10)
+    assert (cfg.num_query_groups, cfg.kv_channels, cfg.ffn_hidden_size) == (8, 8, 192)
+    assert cfg.replace(hidden_size=128).kv_channels == 16  # derived fields are derived again
+    assert cfg.replace(hidden_size=128, kv_channels=8).kv_channels == 8
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(hidden_size=48, num_attention_heads=6, num_query_groups=4), r"num_query_groups in \[1, 2, 3, 6\]"),
+        (dict(hidden_size=30, num_attention_heads=4), "hidden_size=30 is not divisible"),
+        (dict(num_layers=0), r"num_layers must be >= 1"),
+        (dict(num_layers=2.0), r"num_layers must be an int"),
+        (dict(untie_embeddings_and_output_weights=1), "must be true or false"),
+        (dict(norm_epsilon=0.0), "norm_epsilon must be > 0"),
+        (dict(hidden_size=12, num_attention_heads=4), "must be even for rotary"),
+        (dict(num_layers=2, attention_kinds=("softmax",)), "has 1 entries but num_layers=2"),
+        (dict(num_layers=1, attention_kinds=("mamba",)), r"unknown kinds \['mamba'\]"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown ModelConfig key\(s\) \['hiden_size'\]; allowed"):
+        ModelConfig.from_dict({"hiden_size": 32})
+    cfg = ModelConfig.from_dict({"num_layers": 2, "attention_kinds": ["softmax", "softmax"]})
+    assert cfg.attention_kinds == ("softmax", "softmax")
+
+
+def test_linear_attention_layers_name_issue_5():
+    cfg = ModelConfig(num_layers=2, attention_kinds=("softmax", "linear"))
+    with pytest.raises(NotImplementedError, match="issue 5"):
+        LlamaModel(cfg)
+    with pytest.raises(NotImplementedError, match="issue 5"):
+        flops_per_token(cfg)
+
+
+def test_param_and_flop_counts():
+    for untie in (True, False):
+        cfg = CFG.replace(untie_embeddings_and_output_weights=untie)
+        model = LlamaModel(cfg)
+        assert num_params(cfg) == sum(p.numel() for p in model.parameters())
+        non_embedding = num_params(cfg, include_embedding=False)
+        # dense matmul FLOPs are 2 per weight (norm weights are not matmuls)
+        norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+        assert matmul_flops_per_token(cfg) == 2 * (non_embedding - norms)
+    S, L, H, D = 32, CFG.num_layers, CFG.num_attention_heads, CFG.kv_channels
+    attn = 4 * S * H * D * L
+    assert flops_per_token(CFG, S, training=False) == matmul_flops_per_token(CFG) + attn / 2
+    assert flops_per_token(CFG, S, causal=False) == 3 * (matmul_flops_per_token(CFG) + attn)
+
+
+def test_parallel_config_errors():
+    with pytest.raises(ValueError, match=r"activation_checkpointing='half'; choose one of"):
+        ParallelConfig(activation_checkpointing="half")
+    with pytest.raises(ValueError, match="set fsdp=true"):
+        ParallelConfig(param_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"param_dtype='bf8'; choose one of"):
+        ParallelConfig(fsdp=True, param_dtype="bf8")
+    assert ParallelConfig(fsdp=True, param_dtype="bf16").param_dtype is torch.bfloat16
+    with pytest.raises(ValueError, match=r"unknown ParallelConfig key\(s\) \['tp'\]"):
+        ParallelConfig.from_dict({"tp": 2})
+
+
+# -- RoPE -----------------------------------------------------------------------------------------
+def test_rope_scores_depend_only_on_position_difference():
+    g = torch.Generator().manual_seed(0)
+    D = 16
+    q = torch.randn(1, 1, 1, D, generator=g, dtype=DTYPE)
+    k = torch.randn(1, 1, 1, D, generator=g, dtype=DTYPE)
+
+    def score(m: int, n: int) -> float:
+        cos, sin = rope_cos_sin(torch.tensor([m, n]), D, 10000.0, DTYPE)
+        qm = apply_rope(q, cos[:1], sin[:1])
+        kn = apply_rope(k, cos[1:], sin[1:])
+        return float((qm * kn).sum())
+
+    for delta in (0, 1, 7, 100):
+        ref = score(delta, 0)
+        for shift in (3, 1000, 1_000_000):
+            assert abs(score(shift + delta, shift) - ref) < 1e-9 * (1 + abs(ref))
+    assert abs(score(5, 0) - score(0, 0)) > 1e-3  # and they do depend on the difference
+    # a rotation: norms are kept
+    cos, sin = rope_cos_sin(torch.arange(4) * 1000, D, 10000.0, DTYPE)
+    x = torch.randn(2, 4, 3, D, generator=g, dtype=DTYPE)
+    assert torch.allclose(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_documents_restart_rope_positions():
+    seq = SequenceContext.single_device(8, cu_seqlens=torch.tensor([0, 3, 8]))
+    assert seq.rope_position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+
+
+# -- single-process reference -------------------------------------------------------------------
+def _inputs(cfg: ModelConfig = CFG, batch: int = BATCH, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    S = cfg.seq_length
+    ids = torch.randint(0, cfg.vocab_size, (batch, S), generator=g)
+    w_h = torch.randn(batch, S, cfg.hidden_size, generator=g, dtype=DTYPE)
+    w_l = torch.randn(batch, S, cfg.vocab_size, generator=g, dtype=DTYPE)
+    return ids, w_h, w_l
+
+
+def _mask(masked: str) -> Mask:
+    return Mask(causal=True, cu_seqlens=CU_SEQLENS if masked == "documents" else None)
+
+
+def _reference(cfg: ModelConfig, masked: str):
+    ids, w_h, w_l = _inputs(cfg)
+    model = LlamaModel(cfg, seed=0, dtype=DTYPE)
+    seq = SequenceContext(position_ids=torch.arange(cfg.seq_length), mask=_mask(masked))
+    hidden = model(ids, seq)
+    loss = (hidden * w_h).sum() + (model.logits(hidden) * w_l).sum()
+    loss.backward()
+    return hidden.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def reference(cfg: ModelConfig, masked: str):
+    key = (repr(cfg), masked)
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = _reference(cfg, masked)
+    return _REFERENCE_CACHE[key]
+
+
+def test_single_device_forward_is_causal_and_deterministic():
+    ids, _, _ = _inputs()
+    model = LlamaModel(CFG, seed=0, dtype=DTYPE)
+    seq = SequenceContext.single_device(CFG.seq_length)
+    h1 = model(ids, seq)
+    ids2 = ids.clone()
+    ids2[:, 20:] = (ids2[:, 20:] + 1) % CFG.vocab_size  # change the future
+    h2 = model(ids2, seq)
+    assert torch.equal(h1[:, :20], h2[:, :20]) and not torch.equal(h1[:, 20:], h2[:, 20:])
+    again = LlamaModel(CFG, seed=0, dtype=DTYPE)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    other = LlamaModel(CFG, seed=1, dtype=DTYPE)
+    assert not torch.equal(model.layers[0].attention.wq.weight, other.layers[0].attention.wq.weight)
+    # Megatron's scaled init of the output layers
+    std = CFG.init_method_std
+    big = LlamaModel(CFG.replace(hidden_size=256, num_layers=8), seed=0)
+    w2 = big.layers[0].feed_forward.w2.weight
+    assert abs(float(w2.detach().std()) - std / math.sqrt(16)) < 0.1 * std / 4
+    assert abs(float(big.layers[0].attention.wq.weight.detach().std()) - std) < 0.05 * std
+
+
+def test_tied_output_uses_embedding():
+    cfg = CFG.replace(untie_embeddings_and_output_weights=False)
+    model = LlamaModel(cfg, seed=0, dtype=DTYPE)
+    assert model.output is None and model.output_weight is model.embedding.weight
+    hidden = torch.randn(3, cfg.hidden_size, dtype=DTYPE)
+    assert torch.equal(model.logits(hidden), hidden @ model.embedding.weight.T)
+
+
+def test_bad_context_length_is_refused():
+    model = LlamaModel(CFG, seed=0)
+    with pytest.raises(ValueError, match="SequenceContext has 8 positions but input_ids holds 16"):
+        model(torch.zeros(1, 16, dtype=torch.long), SequenceContext.single_device(8))
+
+
+# -- parallel runs ------------------------------------------------------------------------------
+def _run_parallel(group, cfg, dims, pconfig, strategy, layout, masked):
+    """Rank body: forward/backward on this rank's shard; returns hidden and full gradients."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from longctx.models.llama import _canonical_name
+    from longctx.models.parallelize import parallelize_model, reduce_gradients
+    from longctx.parallel.mesh import build_mesh
+
+    pmesh = build_mesh(dims, "cpu")
+    coords = pmesh.mesh.get_coordinate()  # (dp, cp, tp) of this rank
+    dp_rank, cp_rank = coords[0], coords[1]
+    model = LlamaModel(cfg, seed=0, dtype=DTYPE)
+    if pconfig is not None:
+        model = parallelize_model(model, pmesh, pconfig)
+
+    ids, w_h, w_l = _inputs(cfg)
+    rows = slice(dp_rank * BATCH // dims.dp, (dp_rank + 1) * BATCH // dims.dp)  # dp splits the batch
+    lay = Layout.parse(layout)
+    shard = lambda t: lay.shard(t[rows], dims.cp, cp_rank)  # noqa: E731
+    seq = SequenceContext(
+        position_ids=lay.positions(cfg.seq_length, dims.cp, cp_rank).materialize(),
+        mask=_mask(masked),
+        cp_group=pmesh.group("cp") if strategy != "hybrid" else pmesh.hybrid_groups(),
+        strategy=strategy,
+        layout=layout,
+    )
+    hidden = model(shard(ids), seq)
+    loss = (hidden * shard(w_h)).sum() + (model.logits(hidden) * shard(w_l)).sum()
+    loss.backward()
+    reduce_gradients(model, pmesh)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        grads[_canonical_name(name)] = g.detach().clone()
+    dist.barrier()
+    return (dp_rank, cp_rank), hidden.detach(), grads
+
+
+def check_parallel(mesh, dims, pconfig, strategy, layout, masked, cfg=CFG):
+    results = mesh.run(_run_parallel, cfg, dims, pconfig, strategy, layout, masked)
+    ref_hidden, ref_grads = reference(cfg, masked)
+    # hidden: unshard over cp per dp row block; tp ranks must agree
+    by_coord = {}
+    for coord, hidden, _ in results:
+        if coord in by_coord:
+            assert torch.equal(by_coord[coord], hidden), "tp ranks disagree on the hidden states"
+        by_coord[coord] = hidden
+    lay = Layout.parse(layout)
+    rows = [lay.unshard([by_coord[(d, c)] for c in range(dims.cp)]) for d in range(dims.dp)]
+    errors = {"hidden": float((torch.cat(rows) - ref_hidden).abs().max())}
+    for _, _, grads in results:
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            errors[name] = max(errors.get(name, 0.0), float((g - ref_grads[name]).abs().max()))
+    bad = {k: v for k, v in errors.items() if not v < TOL}
+    assert not bad, f"errors above {TOL}: {bad}"
+
+
+@pytest.fixture(scope="module")
+def mesh2():
+    with SimulatedMesh(2) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def mesh4():
+    with SimulatedMesh(4) as m:
+        yield m
+
+
+CP_CASES = [
+    ("ring", "contiguous", "causal"),
+    ("zigzag", "zigzag", "documents"),
+    ("striped", "striped", "causal"),
+    ("ring", "striped", "documents"),
+    ("allgather", "zigzag", "causal"),
+    ("ulysses", "zigzag", "documents"),
+]
+
+
+@pytest.mark.parametrize("strategy,layout,masked", CP_CASES, ids=["-".join(c) for c in CP_CASES])
+def test_cp2_equals_one_process(mesh2, strategy, layout, masked):
+    from longctx.parallel.mesh import ParallelDims
+
+    check_parallel(mesh2, ParallelDims(cp=2), None, strategy, layout, masked)
+
+
+@pytest.mark.parametrize("strategy,layout,masked", CP_CASES, ids=["-".join(c) for c in CP_CASES])
+def test_cp4_equals_one_process(mesh4, strategy, layout, masked):
+    from longctx.parallel.mesh import ParallelDims
+
+    check_parallel(mesh4, ParallelDims(cp=4), None, strategy, layout, masked)
