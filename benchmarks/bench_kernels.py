@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longctx.kernels.mask import Mask  # noqa: E402
-from longctx.kernels.triton_flash import TileConfig, TritonFlash, TritonFlashConfig  # noqa: E402
+from longctx.kernels.triton_flash import TritonFlash, TritonFlashConfig  # noqa: E402
 
 H = 16
 WINDOW = 4096
@@ -164,7 +164,8 @@ def flex_fns(case: Case, q, k, v, dout):
 
         def mask_mod(b, h, qi, ki):
             return (qi >= ki) & (doc[qi] == doc[ki])
-    block_mask = create_block_mask(mask_mod, None, None, case.S, case.S, device="cuda")
+    block_mask = create_block_mask(mask_mod, None, None, case.S, case.S, device="cuda",
+                                   _compile=True)  # compiled: no S x S mask in memory
     qt, kt, vt, dt = (t.transpose(1, 2) for t in (q, k, v, dout))
     qg, kg, vg = (t.detach().requires_grad_() for t in (qt, kt, vt))
     scale = case.D**-0.5
@@ -210,9 +211,13 @@ def tflops(case: Case, ms: float, mode: str) -> float:
 def run_table(args) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
+    # most important first (a run cut short still has them): 32k, then the mask rows, then the rest
     cases = [Case("causal", S, D) for D in args.head_dims for S in args.seqs]
     if args.masks:
-        cases += [Case("window", args.mask_seq, 128), Case("docs", args.mask_seq, 128)]
+        cases += [Case("window", args.mask_seq, 128), Case("causal", args.mask_seq, 128),
+                  Case("docs", args.mask_seq, 128)]
+    order = {32768: 0, args.mask_seq: 1}
+    cases = sorted(dict.fromkeys(cases), key=lambda c: (c.D != 128, order.get(c.S, 2), c.S))
     rows = []
     for case in cases:
         q, k, v, dout = inputs(case)
@@ -242,76 +247,107 @@ def run_table(args) -> list[dict]:
             print(f"  ({name} took {time.time() - t0:.1f}s wall)", flush=True)
         del q, k, v, dout
         torch.cuda.empty_cache()
+        write_csv(rows, Path(args.out) / "bench_kernels.csv")  # partial results survive a timeout
     return rows
 
 
-SWEEP_FWD = {
-    128: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(128, 64, 8, 4),
-          TileConfig(64, 64, 4, 3)],
-    64: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 4, 3)],
+# sweep entries: (part, config kwargs); tiles as (block_m, block_n, num_warps, num_stages)
+SWEEP: dict[int, list[tuple[str, dict]]] = {
+    128: [
+        ("fwd", dict(fwd=(128, 64, 8, 3))),
+        ("fwd", dict(fwd=(128, 64, 8, 4))),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), bwd_q=(128, 32, 8, 3), dq_atomic=False)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 2), bwd_q=(128, 32, 8, 3), dq_atomic=False)),
+        ("bwd", dict(bwd_kv=(32, 128, 8, 3), bwd_q=(128, 32, 8, 3), dq_atomic=False)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), bwd_q=(128, 64, 8, 3), dq_atomic=False)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), bwd_q=(128, 32, 8, 4), dq_atomic=False)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), bwd_q=(64, 64, 4, 3), dq_atomic=False)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), dq_atomic=True)),
+    ],
+    64: [
+        ("fwd", dict(fwd=(128, 64, 4, 3))),
+        ("fwd", dict(fwd=(128, 64, 4, 4))),
+        ("fwd", dict(fwd=(64, 64, 4, 3))),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), dq_atomic=True)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 4), dq_atomic=True)),
+        ("bwd", dict(bwd_kv=(128, 128, 8, 2), dq_atomic=True)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), bwd_q=(128, 64, 8, 3), dq_atomic=False)),
+        ("bwd", dict(bwd_kv=(64, 128, 8, 3), bwd_q=(128, 32, 8, 3), dq_atomic=False)),
+    ],
 }
-SWEEP_KV = {
-    128: [TileConfig(32, 128, 8, 2), TileConfig(32, 128, 8, 3), TileConfig(64, 128, 8, 2),
-          TileConfig(16, 128, 8, 3)],
-    64: [TileConfig(64, 128, 8, 2), TileConfig(32, 128, 8, 3), TileConfig(64, 128, 8, 3)],
-}
-SWEEP_Q = {
-    128: [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 3)],
-    64: [TileConfig(128, 64, 8, 3)],
-}
+
+
+def _load_variant(path: str):
+    """A copy of triton_flash.py (an experiment) loaded as its own module."""
+    import importlib.util
+
+    name = f"longctx.kernels._variant_{Path(path).stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_sweep(args) -> list[dict]:
-    """Time tile configs of the Triton kernel (forward; backward with atomic and deterministic
-    dQ) on causal attention; the fastest become the defaults in triton_flash.py."""
+    """Time tile configs of the Triton kernel (forward; backward with either dQ strategy) on
+    causal attention, for this kernel and any ``--variant`` copies; the fastest become the
+    defaults in triton_flash.py."""
+    import longctx.kernels.triton_flash as main_module
+
+    modules = [("main", main_module)] + [(Path(p).stem, _load_variant(p)) for p in args.variant]
     rows = []
     for D in args.head_dims:
         for S in args.seqs:
             case = Case("causal", S, D)
             q, k, v, dout = inputs(case)
-            scale = D**-0.5
-            mask = Mask(causal=True)
-            base = TritonFlash(TritonFlashConfig())
-            out, lse = base.forward(q, k, v, scale=scale, mask=mask)
-            candidates = [("fwd", c, TritonFlashConfig(fwd=c)) for c in SWEEP_FWD.get(D, [])]
-            candidates += [("bwd_kv", c, TritonFlashConfig(bwd_kv=c)) for c in SWEEP_KV.get(D, [])]
-            candidates += [
-                ("bwd_q", c, TritonFlashConfig(bwd_q=c, deterministic=True))
-                for c in SWEEP_Q.get(D, [])
-            ]
-            for part, tile, config in candidates:
-                kern = TritonFlash(config)
-                if part == "fwd":
-                    fn = partial(kern.forward, q, k, v, scale=scale, mask=mask)
-                else:
-                    fn = partial(kern.backward, dout, q, k, v, out, lse, scale=scale, mask=mask)
-                flop_mode = "fwd" if part == "fwd" else "bwd"
-                try:
-                    ms = time_ms(fn, budget_s=args.budget)
-                except Exception as exc:
-                    print(f"sweep D={D} S={S} {part} {tile}: FAILED {type(exc).__name__}: "
-                          f"{str(exc)[:300]}", flush=True)
-                    continue
-                flops = 4 * allowed_pairs(case) * H * D * (1.0 if flop_mode == "fwd" else 2.5)
-                tf = flops / (ms * 1e-3) / 1e12
-                rows.append(dict(kernel=f"triton-{part}", mask="causal", S=S, D=D,
-                                 mode=f"{tile.block_m}x{tile.block_n} w{tile.num_warps} "
-                                      f"s{tile.num_stages}",
-                                 ms=round(ms, 4), tflops=round(tf, 1)))
-                print(f"sweep D={D} S={S} {part:6s} {rows[-1]['mode']:18s} {ms:8.3f} ms "
-                      f"{tf:6.1f} TFLOP/s", flush=True)
+            scale, mask = D**-0.5, Mask(causal=True)
+            out, lse = TritonFlash().forward(q, k, v, scale=scale, mask=mask)
+            for mod_name, mod in modules:
+                for part, kwargs in SWEEP.get(D, []):
+                    if part == "fwd" and mod_name != "main":
+                        continue
+                    cfg = mod.TritonFlashConfig(**{
+                        key: mod.TileConfig(*val) if isinstance(val, tuple) else val
+                        for key, val in kwargs.items()
+                    })
+                    kern = mod.TritonFlash(cfg)
+                    if part == "fwd":
+                        fn = partial(kern.forward, q, k, v, scale=scale, mask=mask)
+                    else:
+                        fn = partial(kern.backward, dout, q, k, v, out, lse, scale=scale,
+                                     mask=mask)
+                    label = f"{mod_name}: " + " ".join(
+                        f"{key}={'x'.join(map(str, val)) if isinstance(val, tuple) else val}"
+                        for key, val in kwargs.items())
+                    try:
+                        ms = time_ms(fn, budget_s=args.budget)
+                    except Exception as exc:
+                        print(f"sweep D={D} S={S} {part} {label}: FAILED {type(exc).__name__}: "
+                              f"{str(exc)[:300]}", flush=True)
+                        continue
+                    flops = 4 * allowed_pairs(case) * H * D * (1.0 if part == "fwd" else 2.5)
+                    tf = flops / (ms * 1e-3) / 1e12
+                    rows.append(dict(kernel=f"triton-{part}", mask="causal", S=S, D=D,
+                                     mode=label, ms=round(ms, 4), tflops=round(tf, 1)))
+                    print(f"sweep D={D} S={S} {part:3s} {ms:8.3f} ms {tf:6.1f} TFLOP/s  {label}",
+                          flush=True)
             del q, k, v, dout, out, lse
             torch.cuda.empty_cache()
     return rows
 
 
 # -- reporting -----------------------------------------------------------------------------------
-def write_reports(rows: list[dict], out_dir: Path, stem: str, header: str) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["kernel", "mask", "S", "D", "mode", "ms", "tflops"])
         w.writeheader()
         w.writerows(rows)
+
+
+def write_reports(rows: list[dict], out_dir: Path, stem: str, header: str) -> str:
+    write_csv(rows, out_dir / f"{stem}.csv")
 
     # one line per (mask, S, D, mode): TFLOP/s of each kernel and triton's ratio to the others
     keys = sorted({(r["mask"], r["S"], r["D"], r["mode"]) for r in rows},
@@ -377,6 +413,8 @@ def main() -> None:
     p.add_argument("--mask-seq", type=int, default=131072)
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     p.add_argument("--sweep", action="store_true", help="time Triton tile configs instead")
+    p.add_argument("--variant", action="append", default=[],
+                   help="with --sweep: also time this copy of triton_flash.py (an experiment)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args()
     args.seqs = [int(s) for s in args.seqs.split(",")]
@@ -391,11 +429,17 @@ def main() -> None:
               f"cuDNN {torch.backends.cudnn.version()}, bf16, B=1, H={H}")
     cmd = "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])
     t0 = time.time()
+    header += f"\n\ncommand: `{cmd}`"
     if args.sweep:
-        rows, stem = run_sweep(args), "bench_kernels_sweep"
+        rows = run_sweep(args)
+        table = "\n".join(
+            [header, "", "| part | S | D | ms | TFLOP/s | config |", "|---|---|---|---|---|---|"]
+            + [f"| {r['kernel']} | {r['S']} | {r['D']} | {r['ms']} | {r['tflops']} | {r['mode']} |"
+               for r in rows]) + "\n"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_kernels_sweep.md").write_text(table)
     else:
-        rows, stem = run_table(args), "bench_kernels"
-    table = write_reports(rows, Path(args.out), stem, header + f"\n\ncommand: `{cmd}`")
+        table = write_reports(run_table(args), Path(args.out), "bench_kernels", header)
     print(f"\n(total {time.time() - t0:.0f}s)\n")
     print(table)
 

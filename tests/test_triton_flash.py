@@ -204,11 +204,13 @@ def test_unsupported_inputs_raise_clearly(interpret, dtype, D, mask, match):
         TritonFlash().forward(q, k, v, scale=0.25, mask=mask)
 
 
-def test_tile_config_validates():
+def test_config_validates():
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(48, 64)
     with pytest.raises(ValueError, match="num_warps"):
         TileConfig(64, 64, num_warps=3)
+    with pytest.raises(ValueError, match="not deterministic"):
+        TritonFlashConfig(dq_atomic=True, deterministic=True)
 
 
 # -- vendor mask mapping and dispatch (no GPU needed) -------------------------------------------
@@ -281,15 +283,19 @@ def _rel(a, b):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
-def test_gpu_matches_reference_bf16(monkeypatch, case, deterministic):
+@pytest.mark.parametrize(
+    "config",
+    [TritonFlashConfig(), TritonFlashConfig(dq_atomic=True), TritonFlashConfig(deterministic=True)],
+    ids=["default", "atomic-dq", "deterministic"],
+)
+def test_gpu_matches_reference_bf16(monkeypatch, case, config):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _, B, Sq, Sk, H, Hkv, D, mask, q_spec, k_spec = case
     q_pos, k_pos = _pos(q_spec), _pos(k_spec)
     q, k, v, dout = _inputs(B, Sq, Sk, H, Hkv, D, torch.bfloat16, device="cuda", seed=1)
     scale = D**-0.5
     pos = dict(mask=mask, q_pos=q_pos, k_pos=k_pos)
-    kern = TritonFlash(TritonFlashConfig(deterministic=deterministic))
+    kern = TritonFlash(config)
     out, lse = kern.forward(q, k, v, scale=scale, **pos)
     ref = TorchReference()
     f32 = [t.float() for t in (q, k, v, dout)]
