@@ -71,6 +71,7 @@ __all__ = [
     "LinearReferenceConfig",
     "LinearReference",
     "LinearKernelFunction",
+    "check_cu_seqlens",
     "check_linear_inputs",
     "check_state",
     "recurrent_linear_attention",
@@ -163,8 +164,8 @@ def check_state(state: Tensor | None, shape: LinearShape, device: torch.device,
         raise ValueError(f"{name} is on {state.device} but q is on {device}; move it with .to()")
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
-    """Validated int64 CPU copy of ``cu_seqlens``."""
+def check_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
+    """Validated int64 CPU copy of ``cu_seqlens`` (``[0, e_1, ..., seq_len]``, non-decreasing)."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens must be a 1-D integer Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
@@ -242,7 +243,7 @@ class LinearArgs:
         g = None
         if log_decay is not None:
             g = _check_log_decay(log_decay, shape.heads, acc_dtype(q.dtype), q.device)
-        cu = _check_cu_seqlens(cu_seqlens, shape.seq) if cu_seqlens is not None else None
+        cu = check_cu_seqlens(cu_seqlens, shape.seq) if cu_seqlens is not None else None
         return LinearArgs(scale, g, cu)
 
     def doc_ids(self, seq_len: int, device: torch.device) -> Tensor | None:

@@ -1,0 +1,364 @@
+"""Linear attention context parallelism (LASP-2 style): one all-gather of the shards' states.
+
+With the contiguous layout rank ``r`` holds tokens ``[a_r, a_r + n)``.  Causal linear attention
+(:mod:`longctx.kernels.linear_reference`) needs, besides the local tokens, only the state that
+enters the shard, which is a decayed sum of the earlier shards' own final states::
+
+    forward on rank r
+      1. out_r, s_r = kernel(q_r, k_r, v_r, state=0)         # local, from a zero state
+                                                               # (rank 0: from initial_state)
+      2. s = all_gather(s_r)                                  # [P, B, H, Dk, Dv], the ONE collective
+      3. P_r = sum_{j<r} W[r, j] s_j                          # the state entering rank r
+         W[r, j] = prod_{j<i<r} A_i,  A_i = lambda^n if no document starts in shard i, else 0
+      4. out_r[t] += scale * (q_r[t] * lambda^(t+1)) P_r      # for the first ``head`` tokens
+      final_state = sum_j W[P, j] s_j                          # the state after the last token
+
+Steps 3-4 are a ``[P] x [B, H, Dk, Dv]`` weighted sum and one small matmul per rank.  The decays
+are not communicated: the per-head ``lambda`` and the document boundaries are known on every
+rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` (:func:`carry_weights`).
+
+The backward mirrors it with one all-gather: each rank forms ``dP_r`` (the gradient of its entering
+state, from the corrected head tokens), the ``dP`` of all ranks (and each rank's gradient of the
+replicated final state) are gathered, and rank ``j`` receives the gradient of its local final
+state ``ds_j = sum_{r>j} W[r, j] dP_r + W[P, j] sum_ranks dfinal``; the local kernel's backward then
+takes ``ds_j`` as the gradient of its final state.
+
+Documents (``cu_seqlens``, global boundaries ``[0, e_1, ..., S]``): the local kernel runs with the
+boundaries that fall in the shard; a shard in which a document starts stops the earlier state
+(``A = 0``), and only the tokens before the first boundary in a shard (its ``head``) see the
+entering state, so a document's first token never sees the previous document, on whatever rank.
+
+States: ``initial_state [B, H, Dk, Dv]`` is the state before global token 0.  It is used on rank 0
+(the owner of token 0; pass the same tensor on every rank) and its gradient arrives on rank 0 only
+(zeros elsewhere).  ``final_state`` is returned on every rank (replicated); the gradients it gets
+on the ranks are summed, so a loss on it on one rank or on all (a sum of per-rank losses) is
+handled alike.  Chaining CP calls with these conventions is exact.
+
+Example (on each rank of a process group; ``q [B, S/P, H, Dk]`` contiguous shards)::
+
+    from longctx.kernels.linear_reference import retnet_log_decay
+    from longctx.parallel.strategies.linear import linear_attention
+    out = linear_attention(q, k, v, group, log_decay=retnet_log_decay(H, q.device),
+                           cu_seqlens=cu_seqlens, kernel="triton")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ...kernels.base import acc_dtype
+from ...kernels.linear_reference import (
+    LinearArgs,
+    LinearAttentionKernel,
+    check_cu_seqlens,
+    check_linear_inputs,
+    check_state,
+    get_linear_kernel,
+)
+from ...kernels.mask import Mask
+from ..comm import GatherComm
+from ..context import resolve_group
+from ..layout import Layout
+
+__all__ = [
+    "ShardDocs",
+    "carry_weights",
+    "LinearCPContext",
+    "build_linear_context",
+    "linear_forward",
+    "linear_backward",
+    "LinearCPAttention",
+    "linear_attention",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# pure layout math: where documents cut the shards, and how states carry between shards
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardDocs:
+    """How the documents of a packed sequence cut one contiguous shard (pure, host-side).
+
+    Attributes:
+        start: global position of the shard's first token; ``length``: its token count ``n``.
+        local_cu: int64 ``[m + 1]`` boundaries in local positions for the local kernel (the
+            global interior boundaries in ``[start, start + n)``, shifted), or None (no documents).
+        head: leading tokens that continue the document of the previous shard and so see the
+            entering state: ``n`` without boundaries, 0 on rank 0 and when a document starts at
+            ``start``.
+        passes: the entering state reaches the end of the shard (rank > 0, no document starts in
+            it), decayed by ``lambda^n``.
+
+    Example::
+
+        >>> import torch
+        >>> d = ShardDocs.build(torch.tensor([0, 5, 20, 24]), seq_len=24, world_size=3, rank=1)
+        >>> d.start, d.length, d.local_cu.tolist(), d.head, d.passes
+        (8, 8, [0, 8], 8, True)
+        >>> d = ShardDocs.build(torch.tensor([0, 5, 20, 24]), seq_len=24, world_size=3, rank=2)
+        >>> d.local_cu.tolist(), d.head, d.passes
+        ([0, 4, 8], 4, False)
+    """
+
+    start: int
+    length: int
+    local_cu: Tensor | None
+    head: int
+    passes: bool
+
+    @staticmethod
+    def build(cu_seqlens: Tensor | None, seq_len: int, world_size: int, rank: int) -> ShardDocs:
+        """Shard ``rank`` of ``world_size`` of a ``seq_len``-token sequence with global boundaries
+        ``cu_seqlens`` (validated: ``[0, ..., seq_len]``, or None)."""
+        Layout("contiguous").check(seq_len, world_size)
+        n = seq_len // world_size
+        start = rank * n
+        if cu_seqlens is None:
+            return ShardDocs(start, n, None, n if rank else 0, rank > 0)
+        interior = [int(c) for c in cu_seqlens[1:-1]]
+        inside = [c - start for c in interior if start <= c < start + n]  # local doc starts
+        local_cu = torch.tensor([0, *inside, n], dtype=torch.int64)
+        head = 0 if rank == 0 else (inside[0] if inside else n)
+        return ShardDocs(start, n, local_cu, head, rank > 0 and not inside)
+
+
+def carry_weights(shards: list[ShardDocs], log_decay: Tensor | None, heads: int,
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+    """``W [P + 1, P, H]``: the state entering rank ``r`` is ``sum_j W[r, j] s_j`` (row ``P``: the
+    final state), ``s_j`` being rank ``j``'s local final state.
+
+    ``W[r, j] = prod_{j<i<r} A_i`` for ``j < r`` (else 0), ``A_i = lambda^n`` if ``shards[i].passes``
+    else 0; computed as ``exp(g * n * (r - j - 1))`` so nothing overflows.  On the CPU, in ``dtype``.
+    """
+    P = len(shards)
+    g = torch.zeros(heads, dtype=dtype) if log_decay is None else log_decay.detach().cpu().to(dtype)
+    W = torch.zeros(P + 1, P, heads, dtype=dtype)
+    for r in range(1, P + 1):
+        for j in range(r - 1, -1, -1):
+            # the state of shard j reaches the start of shard r through shards j+1 .. r-1
+            decay_tokens = sum(shards[i].length for i in range(j + 1, r))
+            W[r, j] = torch.exp(g * decay_tokens)
+            if not shards[j].passes:
+                break  # a document starts in shard j: nothing before it gets through
+    return W
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-call context
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class LinearCPContext:
+    """Everything a linear CP call needs besides q, k, v and the state; built and checked per call.
+
+    ``args`` are the *local* kernel arguments (this shard's boundaries); ``weights [P + 1, P, H]``
+    come from :func:`carry_weights` (accumulation dtype, on q's device); ``head_decay
+    [head, H, 1]`` is ``lambda^(t+1)`` for the shard's head tokens.
+    """
+
+    group: dist.ProcessGroup | None
+    world_size: int
+    rank: int
+    seq_len: int
+    kernel: LinearAttentionKernel
+    args: LinearArgs
+    docs: ShardDocs
+    weights: Tensor
+    head_decay: Tensor
+    return_final_state: bool
+
+
+def _check_backend(q: Tensor, group: dist.ProcessGroup | None) -> None:
+    if group is None:
+        return
+    backend = str(dist.get_backend(group)).lower()
+    if q.device.type == "cuda" and "nccl" not in backend:
+        raise ValueError(
+            f"q/k/v are on {q.device} but the process group uses {backend!r}; create it with "
+            "backend='nccl' (or 'cpu:gloo,cuda:nccl') for CUDA tensors"
+        )
+    if q.device.type == "cpu" and "gloo" not in backend:
+        raise ValueError(
+            f"q/k/v are on the CPU but the process group uses {backend!r}; move them to the GPU "
+            "(.cuda()) or use a gloo group for CPU tensors"
+        )
+
+
+def _cu_from_mask(mask: Mask | None, cu_seqlens: Tensor | None) -> Tensor | None:
+    """The document boundaries of a call given as ``mask=`` (for the generic entry) or directly."""
+    if mask is None:
+        return cu_seqlens
+    if not mask.causal or mask.window is not None or mask.block_sparse is not None:
+        raise ValueError(
+            f"strategy 'linear' computes causal linear attention: the mask may only be causal with "
+            f"documents (Mask(causal=True, cu_seqlens=...)); got {mask}. Sliding windows and "
+            "block-sparse masks need a softmax strategy ('ring', 'zigzag', ...)"
+        )
+    if mask.cu_seqlens is not None and cu_seqlens is not None:
+        raise ValueError("give the document boundaries once: as cu_seqlens= or in mask=, not both")
+    return mask.cu_seqlens if mask.cu_seqlens is not None else cu_seqlens
+
+
+def build_linear_context(
+    q: Tensor, k: Tensor, v: Tensor, group, *, log_decay: Tensor | None,
+    cu_seqlens: Tensor | None, initial_state: Tensor | None,
+    kernel: str | LinearAttentionKernel, layout: str | Layout, scale: float | None,
+    mask: Mask | None = None, return_final_state: bool = False,
+) -> LinearCPContext:
+    """Check the local shards and the call (errors say what to change), bundle what it needs."""
+    shape = check_linear_inputs(q, k, v)
+    group = resolve_group(group)
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    layout = Layout.parse(layout)
+    if layout.kind != "contiguous":
+        raise ValueError(
+            f"strategy 'linear' runs on the contiguous layout (the state flows through the shards "
+            f"in sequence order) but got layout {str(layout)!r}: shard q/k/v with "
+            "longctx.parallel.shard(x, 'contiguous', world_size, rank) and pass layout='contiguous'"
+        )
+    _check_backend(q, group)
+    check_state(initial_state, shape, q.device)
+    seq_len = shape.seq * world
+    cu = _cu_from_mask(mask, cu_seqlens)
+    if cu is not None:
+        if isinstance(cu, Tensor) and cu.dim() == 1 and cu.numel() >= 2 and int(cu[-1]) != seq_len:
+            raise ValueError(
+                f"cu_seqlens ends at {int(cu[-1])} but the {world} shards of {shape.seq} tokens "
+                f"make {seq_len}: cu_seqlens must give the global (unsharded) document boundaries, "
+                f"ending at the global length; pad the global sequence to a multiple of {world} "
+                "with longctx.parallel.layout.pad_to_multiple and add the padding as a document"
+            )
+        cu = check_cu_seqlens(cu, seq_len)
+    args = LinearArgs.build(q, k, v, log_decay=log_decay, scale=scale)  # checks decay and scale
+    kern = get_linear_kernel(kernel)
+    reason = getattr(kern, "unsupported_reason", None)
+    if reason is not None and (why := reason(q, v)) is not None:
+        raise ValueError(why)
+    docs = ShardDocs.build(cu, seq_len, world, rank)
+    acc = acc_dtype(q.dtype)
+    weights = carry_weights(
+        [ShardDocs.build(cu, seq_len, world, r) for r in range(world)], args.log_decay,
+        shape.heads,
+    ).to(device=q.device, dtype=acc)
+    t = torch.arange(1, docs.head + 1, dtype=acc, device=q.device)  # lambda^(t+1), t = 0..head-1
+    g = args.log_decay if args.log_decay is not None else torch.zeros(shape.heads, dtype=acc, device=q.device)
+    head_decay = torch.exp(t[:, None] * g[None, :])[..., None]  # [head, H] -> [head, H, 1]
+    return LinearCPContext(
+        group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
+        args=LinearArgs(args.scale, args.log_decay, docs.local_cu), docs=docs, weights=weights,
+        head_decay=head_decay, return_final_state=return_final_state,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# forward / backward
+# --------------------------------------------------------------------------------------------------
+def linear_forward(
+    q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None, cp: LinearCPContext
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Local shards ``q [B, n, H, Dk]``, ``k [B, n, H_kv, Dk]``, ``v [B, n, H_kv, Dv]`` ->
+    ``out [B, n, H, Dv]`` (q.dtype), the global ``final_state`` and this rank's entering state
+    ``prefix`` (both ``[B, H, Dk, Dv]``, accumulation dtype)."""
+    acc = acc_dtype(q.dtype)
+    own_initial = initial_state if cp.rank == 0 else None  # rank 0 owns token 0
+    out, local_final = cp.kernel.forward(q, k, v, cp.args, own_initial)
+    states = GatherComm(cp.group).all_gather(local_final.to(acc))  # [P, B, H, Dk, Dv]
+    prefix = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.rank], states)
+    final = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.world_size], states)
+    head = cp.docs.head
+    if head:
+        q_head = q[:, :head].to(acc) * cp.head_decay  # [B, head, H, Dk] * lambda^(t+1)
+        carry = torch.einsum("bthk,bhkv->bthv", q_head, prefix) * cp.args.scale
+        out[:, :head] = (out[:, :head].to(acc) + carry).to(out.dtype)
+    return out, final, prefix
+
+
+def linear_backward(
+    dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+    initial_state: Tensor | None, prefix: Tensor, cp: LinearCPContext,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of the local shards and of ``initial_state`` (rank 0; zeros elsewhere), in the
+    accumulation dtype.  ``dfinal`` is this rank's gradient of the replicated final state."""
+    acc = acc_dtype(q.dtype)
+    head, scale = cp.docs.head, cp.args.scale
+    q_head = q[:, :head].to(acc) * cp.head_decay  # [B, head, H, Dk]
+    d_prefix = torch.einsum("bthk,bthv->bhkv", q_head, dout[:, :head].to(acc)) * scale
+    if cp.return_final_state:
+        d_final = dfinal.to(acc) if dfinal is not None else torch.zeros_like(d_prefix)
+        got = GatherComm(cp.group).all_gather(torch.stack([d_prefix, d_final]))  # [P, 2, B, H, Dk, Dv]
+        # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final-state grad
+        d_entering = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
+    else:
+        got = GatherComm(cp.group).all_gather(d_prefix)  # [P, B, H, Dk, Dv]
+        d_entering = torch.cat([got, torch.zeros_like(got[:1])])
+    # this rank's local final state feeds the entering state of every later rank (and the final)
+    d_local_final = torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering)
+    own_initial = initial_state if cp.rank == 0 else None
+    dq, dk, dv, dh0 = cp.kernel.backward(dout, d_local_final, q, k, v, cp.args, own_initial)
+    dq = dq.to(acc)
+    if head:
+        dq[:, :head] += torch.einsum("bthv,bhkv->bthk", dout[:, :head].to(acc), prefix) * (
+            cp.head_decay * scale
+        )
+    if initial_state is not None and dh0 is None:
+        dh0 = torch.zeros(initial_state.shape, dtype=acc, device=q.device)
+    return dq, dk.to(acc), dv.to(acc), dh0
+
+
+class LinearCPAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None,
+                cp: LinearCPContext):
+        out, final, prefix = linear_forward(q, k, v, initial_state, cp)
+        ctx.save_for_backward(q, k, v, initial_state, prefix)
+        ctx.cp = cp
+        ctx.set_materialize_grads(False)
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout: Tensor | None, dfinal: Tensor | None):
+        q, k, v, initial_state, prefix = ctx.saved_tensors
+        if dout is None:  # only the final state was used on this rank
+            dout = q.new_zeros(*q.shape[:3], v.shape[-1])
+        dq, dk, dv, dh0 = linear_backward(dout, dfinal, q, k, v, initial_state, prefix, ctx.cp)
+        dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None
+
+
+def linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, group=None, *, log_decay: Tensor | None = None,
+    cu_seqlens: Tensor | None = None, initial_state: Tensor | None = None,
+    kernel: str | LinearAttentionKernel = "reference", layout: str | Layout = "contiguous",
+    scale: float | None = None, mask: Mask | None = None, return_final_state: bool = False,
+):
+    """Context-parallel causal linear attention with per-head decay on contiguous shards.
+
+    Args:
+        q: ``[B, S/P, H, Dk]`` this rank's queries (contiguous layout).
+        k, v: ``[B, S/P, H_kv, Dk]`` / ``[B, S/P, H_kv, Dv]`` (``H % H_kv == 0``).
+        group: the context-parallel ProcessGroup or a 1-D DeviceMesh; None = one process.
+        log_decay: ``[H]`` per-head log-decays ``<= 0`` (``lambda = exp(g)``); None: no decay.
+        cu_seqlens: global document boundaries ``[0, e_1, ..., S]`` (the same on every rank).
+        initial_state: ``[B, H, Dk, Dv]`` state before global token 0 (used on rank 0).
+        kernel: ``"reference"`` or ``"triton"`` (or a LinearAttentionKernel).
+        layout: must be ``"contiguous"``.
+        scale: multiplies q; default ``Dk ** -0.5``.
+        mask: alternative to ``cu_seqlens`` for the generic entry: ``Mask(causal=True,
+            cu_seqlens=...)`` (linear attention is causal; windows are refused).
+        return_final_state: also return the global final state (on every rank).
+
+    Returns:
+        ``out [B, S/P, H, Dv]`` in q's dtype (and ``final_state [B, H, Dk, Dv]`` in the
+        accumulation dtype if asked), differentiable in q, k, v and ``initial_state``.
+    """
+    cp = build_linear_context(
+        q, k, v, group, log_decay=log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state,
+        kernel=kernel, layout=layout, scale=scale, mask=mask,
+        return_final_state=return_final_state,
+    )
+    out, final = LinearCPAttention.apply(q, k, v, initial_state, cp)
+    return (out, final) if return_final_state else out
