@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import re
 import time
@@ -176,6 +177,29 @@ def test_load_jsonl_parquet_text(tmp_path, streaming):
     assert [d.strip() for d in para.iter_from(0)] == ["line one\nline two", "paragraph two"]
 
 
+def test_loader_offline_flags_are_scoped(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    before = datasets.config.HF_HUB_OFFLINE
+    jl = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    load_documents(DatasetConfig(jl, streaming=True))
+    assert datasets.config.HF_HUB_OFFLINE == before
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+
+
+def test_pre_tokenized_documents(tmp_path):
+    jl = write_jsonl(tmp_path / "ids.jsonl", [{"ids": [1, 2, 3]}, {"ids": [4, 5]}])
+    docs = load_documents(DatasetConfig(jl, text_field="ids", cache_dir=str(tmp_path / "c")))
+    s = pack_documents(docs, BYTE, PackingConfig(8, shuffle=False))
+    assert s[0].input_ids.tolist() == [1, 2, 3, BYTE.eos_id, 4, 5, BYTE.eos_id, BYTE.pad_id]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"ids": [1, 2, 300]}])
+    docs = load_documents(DatasetConfig(bad, text_field="ids", streaming=True))
+    with pytest.raises(ValueError, match=r"token id 300, outside the tokenizer's vocab \[0, 259\)"):
+        pack_documents(docs, BYTE, PackingConfig(8))
+
+
 def test_dataset_errors(tmp_path):
     cache = str(tmp_path / "cache")
     empty = tmp_path / "empty.jsonl"
@@ -199,7 +223,7 @@ def test_dataset_errors(tmp_path):
         with pytest.raises(ValueError, match=r"no field 'text'.*\['content', 'meta'\]"):
             load_documents(DatasetConfig(jl, streaming=streaming, cache_dir=cache))
     bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "ok"}, {"text": 5}])
-    with pytest.raises(ValueError, match="document 1 has text=5"):
+    with pytest.raises(ValueError, match=r"b\.jsonl.*(document 1 has text=5|text)"):
         list(load_documents(DatasetConfig(bad, streaming=True)).iter_from(0))
     blank = tmp_path / "blank.txt"
     blank.write_text("\n")
@@ -538,6 +562,35 @@ def test_answer_accuracy_metric():
     rep = answer_accuracy(samples, one_wrong)
     assert rep.exact_match == pytest.approx(1 - len(samples) / n_answers)
     assert "exact match" in str(rep)
+
+
+def _context_reader(window: int | None = None):
+    """A rule-based next-token function that answers by reading its context (the last
+    ``window`` characters only, if given): it shows the metric rewards using the context."""
+
+    def predict(ids):
+        text = bytes(ids[0].tolist()).decode()
+        seen = text if window is None else text[-window:]
+        if m := re.search(r"The pass key is (\d*)$", text):
+            found = re.search(r"The pass key is (\d+)\. Remember", seen)
+        elif m := re.search(r" ([a-z]+)=(\d*)$", text):
+            found = re.search(rf"(?:^|\s){m.group(1)}=(\d+)\.", seen)
+        else:
+            found = None
+        if found is None:
+            return torch.tensor([ord("0")])
+        partial = m.groups()[-1]
+        return torch.tensor([ord(found.group(1)[len(partial)])])
+
+    return predict
+
+
+def test_answer_accuracy_next_token_mode_rewards_context_use():
+    samples = generate_samples(SyntheticConfig(num_samples=30, seed=8, min_length=400))
+    full = answer_accuracy(samples, _context_reader(), next_token_only=True)
+    assert full.exact_match == 1.0 and full.token_accuracy == 1.0
+    short = answer_accuracy(samples, _context_reader(window=60), next_token_only=True)
+    assert short.exact_match < 0.3  # the needle is further back than 60 characters
 
 
 def test_synthetic_documents_pack_intact(tmp_path):

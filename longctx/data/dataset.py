@@ -12,6 +12,8 @@ never for the whole process.
 
 - jsonl / json: one document per record, text under ``text_field`` (default ``"text"``).
 - parquet: one document per row, text in the ``text_field`` column.
+- Pre-tokenized data: a ``text_field`` holding lists of token ids is passed through untokenized
+  (ids must be below the tokenizer's vocab size; the packer still appends ``<eos>``).
 - text: ``text_unit="line"`` (one document per line, the ``datasets`` default),
   ``"paragraph"`` (blank-line separated) or ``"document"`` (one per file).
 
@@ -109,8 +111,9 @@ class DocumentList:
 class HFDocuments:
     """The ``text_field`` column of a ``datasets.Dataset`` (indexed) or ``IterableDataset``.
 
-    Every value must be a string; a missing (None) or non-string value raises ValueError naming
-    the document's position and ``description`` (the files it came from).
+    Every value must be a string (or a list of token ids: pre-tokenized data); a missing (None)
+    or other value raises ValueError naming the document's position and ``description`` (the
+    files it came from).
     """
 
     def __init__(self, dataset: Any, text_field: str, description: str = "dataset") -> None:
@@ -134,14 +137,16 @@ class HFDocuments:
     def num_documents(self) -> int | None:
         return None if self._streaming else self._ds.num_rows
 
-    def _check(self, value: Any, position: int) -> str:
-        if not isinstance(value, str):
-            raise ValueError(
-                f"{self.description}: document {position} has {self.text_field}={value!r:.60} "
-                f"(type {type(value).__name__}); every record needs a string in "
-                f"{self.text_field!r}"
-            )
-        return value
+    def _check(self, value: Any, position: int) -> Document:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)) and (not value or isinstance(value[0], int)):
+            return value  # pre-tokenized: token ids, used as they are
+        raise ValueError(
+            f"{self.description}: document {position} has {self.text_field}={value!r:.60} "
+            f"(type {type(value).__name__}); every record needs a string (or a list of token "
+            f"ids) in {self.text_field!r}"
+        )
 
     def get(self, indices: Sequence[int]) -> list[Document]:
         if self._streaming:
@@ -164,7 +169,16 @@ class HFDocuments:
 
     def _iter_stream(self, start: int) -> Iterator[Document]:
         ds = self._ds.skip(start) if start else self._ds
-        for i, row in enumerate(ds, start=start):
+        rows = iter(ds)
+        for i in itertools.count(start):
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:  # a parse error surfaces while streaming
+                raise ValueError(
+                    f"could not read {self.description} (near document {i}): {e}"
+                ) from e
             if self.text_field not in row:
                 raise ValueError(
                     f"{self.description}: document {i} has no field {self.text_field!r}; its "

@@ -407,6 +407,15 @@ class PackedDataset(torch.utils.data.IterableDataset):
                     arr = np.empty(0, dtype=np.int64)
                 else:
                     arr = np.asarray([*prefix, *ids, tok.eos_id], dtype=np.int64)
+                    if not isinstance(doc, str):  # pre-tokenized: check the ids
+                        lo, hi = int(arr.min()), int(arr.max())
+                        if lo < 0 or hi >= tok.vocab_size:
+                            raise ValueError(
+                                f"document {index} of {self.description} holds token id "
+                                f"{hi if hi >= tok.vocab_size else lo}, outside the tokenizer's "
+                                f"vocab [0, {tok.vocab_size}); pre-tokenized data must use the "
+                                "configured tokenizer's ids"
+                            )
                 yield _Doc(pos, index, arr)
 
     # -- iteration -------------------------------------------------------------------------------

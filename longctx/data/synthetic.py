@@ -356,17 +356,22 @@ def answer_accuracy(
     tokenizer: Tokenizer | None = None,
     *,
     add_bos: bool = False,
+    next_token_only: bool = False,
     distance_bins: Sequence[int] = (256, 1024, 4096, 16384, 65536),
 ) -> AccuracyReport:
     """Teacher-forced exact-match accuracy of ``predict`` on the answers of ``samples``.
 
     ``predict`` sees each sample once, as ``input_ids [1, T]`` ending with its last answer
     (tokenized like training with ``tokenizer``, byte-level by default, with ``<bos>`` first when
-    ``add_bos``).  With a longctx model on one device, e.g.::
+    ``add_bos``), and returns logits ``[1, T, V]`` or predicted ids ``[1, T]``.  With a longctx
+    model on one device, e.g.::
 
         predict = lambda ids: model(ids, SequenceContext.single_device(ids.shape[1]))
 
-    (under ``torch.no_grad()``).  Returns an :class:`AccuracyReport`.
+    (under ``torch.no_grad()``).  With ``next_token_only=True``, ``predict`` is instead a
+    next-token function (an inference engine): it gets each prompt ``[1, j]`` that precedes an
+    answer token and returns the next token's logits (``[V]`` / ``[1, V]``) or id; this costs
+    one call per answer token and gives the same numbers.  Returns an :class:`AccuracyReport`.
     """
     tok = tokenizer or ByteTokenizer()
     prefix = [tok.bos_id] if add_bos and tok.bos_id is not None else []
@@ -380,17 +385,26 @@ def answer_accuracy(
             continue
         ids, spans = _segment_ids(sample, tok, prefix)
         x = torch.tensor(ids, dtype=torch.int64)[None]
-        out = predict(x)
-        pred = out.argmax(-1) if out.is_floating_point() else out
-        if pred.shape[:2] != x.shape:
-            raise ValueError(
-                f"predict returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected "
-                "logits [1, T, V] or predicted ids [1, T]"
-            )
-        pred = pred[0].to("cpu", torch.int64)
+        if spans[0][0] == 0:
+            raise ValueError("an answer at position 0 has no context to be predicted from")
+        if next_token_only:
+            pred = torch.full((x.shape[1],), -1, dtype=torch.int64)
+            for a, b in spans:
+                for j in range(a, b):  # the token at j, predicted from x[:, :j]
+                    out = torch.as_tensor(predict(x[:, :j]))
+                    out = out.argmax(-1) if out.is_floating_point() else out
+                    pred[j - 1] = int(out.reshape(-1)[-1])
+        else:
+            out = predict(x)
+            pred = out.argmax(-1) if out.is_floating_point() else out
+            if pred.shape[:2] != x.shape:
+                raise ValueError(
+                    f"predict returned shape {tuple(out.shape)} for input {tuple(x.shape)}; "
+                    "expected logits [1, T, V] or predicted ids [1, T] (or pass "
+                    "next_token_only=True for a next-token function)"
+                )
+            pred = pred[0].to("cpu", torch.int64)
         for k, (a, b) in enumerate(spans):
-            if a == 0:
-                raise ValueError("an answer at position 0 has no context to be predicted from")
             ok = pred[a - 1 : b - 1] == x[0, a:b]
             correct = bool(ok.all())
             hits += correct
