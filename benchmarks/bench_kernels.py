@@ -150,6 +150,13 @@ def flex_fns(case: Case, q, k, v, dout):
     global _FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # Each case (shape, mask_mod) is a recompile; past dynamo's recompile limit flex_attention
+    # silently runs unfused in eager mode (and materialises S x S scores).  Start every case from
+    # a clean dynamo state so each one is compiled.
+    torch._dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
     if _FLEX is None:
         _FLEX = torch.compile(flex_attention, dynamic=False)
     if case.mask_name == "causal":

@@ -121,7 +121,7 @@ _DEFAULTS: dict[int, dict] = {
              bwd_q=TileConfig(64, 64, 4, 2), dq_atomic=True),
     64: dict(fwd=TileConfig(128, 64, 4, 3), bwd_kv=TileConfig(64, 128, 8, 3),
              bwd_q=TileConfig(128, 64, 8, 3), dq_atomic=True),
-    128: dict(fwd=TileConfig(128, 64, 8, 3), bwd_kv=TileConfig(64, 128, 8, 3),
+    128: dict(fwd=TileConfig(64, 64, 4, 3), bwd_kv=TileConfig(64, 128, 8, 3),
               bwd_q=TileConfig(128, 64, 8, 3), dq_atomic=False),
     256: dict(fwd=TileConfig(64, 64, 8, 2), bwd_kv=TileConfig(16, 64, 8, 2),
               bwd_q=TileConfig(64, 32, 4, 2), dq_atomic=False),
