@@ -8,6 +8,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -177,16 +179,25 @@ def test_load_jsonl_parquet_text(tmp_path, streaming):
     assert [d.strip() for d in para.iter_from(0)] == ["line one\nline two", "paragraph two"]
 
 
-def test_loader_offline_flags_are_scoped(tmp_path, monkeypatch):
-    import datasets
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    before = datasets.config.HF_HUB_OFFLINE
+def test_loader_offline_flags_are_scoped(tmp_path):
+    """The loader runs offline but leaves the process's own Hub setting alone, also when it is
+    where ``datasets`` is first imported (hence a fresh interpreter)."""
     jl = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
-    load_documents(DatasetConfig(jl, streaming=True))
-    assert datasets.config.HF_HUB_OFFLINE == before
-    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    code = (
+        "import os\n"
+        "from longctx.data import DatasetConfig, load_documents\n"
+        f"cfg = DatasetConfig({jl!r}, streaming=True, cache_dir={str(tmp_path)!r})\n"
+        "docs = load_documents(cfg)\n"
+        "import datasets, huggingface_hub.constants as hub\n"
+        "assert list(docs.iter_from(0)) == ['x']\n"
+        "assert datasets.config.HF_HUB_OFFLINE is False and hub.HF_HUB_OFFLINE is False\n"
+        "assert 'HF_HUB_OFFLINE' not in os.environ and 'HF_DATASETS_OFFLINE' not in os.environ\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    }
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_pre_tokenized_documents(tmp_path):
@@ -195,7 +206,9 @@ def test_pre_tokenized_documents(tmp_path):
     s = pack_documents(docs, BYTE, PackingConfig(8, shuffle=False))
     assert s[0].input_ids.tolist() == [1, 2, 3, BYTE.eos_id, 4, 5, BYTE.eos_id, BYTE.pad_id]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"ids": [1, 2, 300]}])
-    docs = load_documents(DatasetConfig(bad, text_field="ids", streaming=True))
+    docs = load_documents(
+        DatasetConfig(bad, text_field="ids", streaming=True, cache_dir=str(tmp_path / "c"))
+    )
     with pytest.raises(ValueError, match=r"token id 300, outside the tokenizer's vocab \[0, 259\)"):
         pack_documents(docs, BYTE, PackingConfig(8))
 
@@ -224,7 +237,7 @@ def test_dataset_errors(tmp_path):
             load_documents(DatasetConfig(jl, streaming=streaming, cache_dir=cache))
     bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "ok"}, {"text": 5}])
     with pytest.raises(ValueError, match=r"b\.jsonl.*(document 1 has text=5|text)"):
-        list(load_documents(DatasetConfig(bad, streaming=True)).iter_from(0))
+        list(load_documents(DatasetConfig(bad, streaming=True, cache_dir=cache)).iter_from(0))
     blank = tmp_path / "blank.txt"
     blank.write_text("\n")
     with pytest.raises(ValueError, match="no documents"):
@@ -389,7 +402,7 @@ def test_resume_equals_uninterrupted(dp_before, dp_after):
 def test_resume_streamed_source_with_shuffle_window(tmp_path):
     rows = [{"text": "doc %d " % i + "x" * (i % 37)} for i in range(120)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    docs = load_documents(DatasetConfig(path, streaming=True))
+    docs = load_documents(DatasetConfig(path, streaming=True, cache_dir=str(tmp_path / "c")))
     cfg = PackingConfig(48, seed=1, shuffle_window=16, num_epochs=3)
     full = list(PackedDataset(docs, BYTE, cfg).iter_global())
     text = "".join(BYTE.decode(s.input_ids.tolist()) for s in full)

@@ -303,42 +303,42 @@ def _has_known_suffix(path: Path) -> bool:
 def _offline_hub() -> Iterator[None]:
     """Switch the Hub offline flags on for the duration of the block, then restore them.
 
-    ``datasets`` reads ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` once at import, so the
-    environment variables only matter if this block is where it is first imported; the module
-    attributes it actually consults are patched too.  Progress bars are silenced likewise.
+    ``datasets`` / ``huggingface_hub`` read ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` once,
+    at import: they are imported first (so the process keeps its own setting afterwards), then
+    the module attributes they consult and the environment variables (for any subprocess) are
+    set, and all are restored on exit.  Progress bars are silenced likewise.
     """
+    import datasets
+    import datasets.config as ds_config
+    import datasets.utils.logging as ds_logging
+
+    modules: list[Any] = [ds_config]
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        modules.append(hub_constants)
+    except ImportError:  # pragma: no cover
+        pass
     env_keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     saved_env = {k: os.environ.get(k) for k in env_keys}
-    for k in env_keys:
-        os.environ[k] = "1"
-    patched: list[tuple[Any, str, Any]] = []
-    bars_were_on: bool | None = None
+    saved_attrs = [
+        (mod, attr, getattr(mod, attr))
+        for mod in modules
+        for attr in env_keys
+        if hasattr(mod, attr)
+    ]
+    bars_were_on = ds_logging.is_progress_bar_enabled()
     try:
-        import datasets
-        import datasets.config as ds_config
-        import datasets.utils.logging as ds_logging
-
-        modules: list[Any] = [ds_config]
-        try:
-            import huggingface_hub.constants as hub_constants
-
-            modules.append(hub_constants)
-        except ImportError:  # pragma: no cover
-            pass
-        for mod in modules:
-            for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-                if hasattr(mod, attr):
-                    patched.append((mod, attr, getattr(mod, attr)))
-                    setattr(mod, attr, True)
-        bars_were_on = ds_logging.is_progress_bar_enabled()
+        for k in env_keys:
+            os.environ[k] = "1"
+        for mod, attr, _ in saved_attrs:
+            setattr(mod, attr, True)
         datasets.disable_progress_bars()
         yield
     finally:
-        for mod, attr, value in reversed(patched):
+        for mod, attr, value in saved_attrs:
             setattr(mod, attr, value)
         if bars_were_on:
-            import datasets
-
             datasets.enable_progress_bars()
         for k, v in saved_env.items():
             if v is None:

@@ -357,7 +357,8 @@ class PackedDataset(torch.utils.data.IterableDataset):
 
     def _order(self, epoch: int, n: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, self._rng(epoch).permutation(n))
+            perm = self._rng(epoch).permutation(n)
+            self._order_cache = (epoch, perm.astype(np.int32) if n < 2**31 else perm)
         return self._order_cache[1]
 
     def _ordered(self, epoch: int, start: int) -> Iterator[tuple[int, int, Document]]:
