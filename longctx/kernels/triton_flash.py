@@ -27,16 +27,20 @@ Implements :class:`~longctx.kernels.base.AttentionKernel` exactly like
   ``lse = -inf``; no NaN is produced, forward or backward.
 - Backward takes the **global** ``out``/``lse`` (a ring step calls it per key block), computes
   ``delta = rowsum(dout * out)`` in a small pre-pass, then one program per key tile accumulates
-  ``dk``/``dv`` over the query tiles of every query head of its kv head.  ``dq`` is either
-  accumulated with float32 atomics from the same pass (default: 5 matmuls per tile) or, with
-  ``TritonFlashConfig(deterministic=True)``, computed by a separate query-major kernel (7 matmuls,
-  bitwise reproducible).
+  ``dk``/``dv`` over the query tiles of every query head of its kv head.  ``dq`` comes either
+  from a separate query-major pass (7 matmuls per tile pair, bitwise reproducible) or from float32
+  TMA reduce-adds inside the dK/dV pass (5 matmuls, more L2 traffic); the faster one per head dim
+  is the default (measured on an H200: separate at hd128, reduce-add at hd64), and
+  ``TritonFlashConfig(deterministic=True)`` always takes the separate pass.
+- Memory access: Q/K/V/dO tiles are read with TMA descriptors over ``[B, S, heads * D]`` views
+  (heads packed; other layouts are copied once), whose zero fill past the sequence end replaces
+  bounds masks on loads.
 
-Runs on CUDA GPUs, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), which
-the tests use.  The interpreter is chosen per launch, so the variable may be set at any time before
-the first call, whatever was imported earlier.
+Runs on CUDA GPUs (Hopper-tuned; TMA needs sm_90+), and on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``), which the tests use.  The interpreter is chosen per launch, so the
+variable may be set at any time before a call, whatever was imported earlier.
 
-Example::
+Example (on a GPU)::
 
     >>> import torch
     >>> from longctx.kernels.mask import Mask
@@ -821,9 +825,9 @@ class TritonFlash:
         config: tiles, warps, pipelining and the deterministic-backward switch
             (:class:`TritonFlashConfig`).
 
-    Supported: CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``) in float16, bfloat16 or
-    float32, head dims 16, 32, 64, 128, 256; masks made of causal / window / documents.  Use
-    :meth:`supports` to ask before calling.
+    Supported: CUDA tensors on Hopper or newer (or CPU tensors with ``TRITON_INTERPRET=1``) in
+    float16, bfloat16 or float32, head dims 16, 32, 64, 128, 256; masks made of causal / window /
+    documents.  :meth:`unsupported_reason` says why a call is refused, before calling.
     """
 
     name = "triton"
@@ -842,6 +846,12 @@ class TritonFlash:
                 f"q is on {q.device}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
                 "to run CPU tensors in Triton's interpreter (slow; for tests). On CPU use "
                 "kernel='reference'"
+            )
+        if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (9, 0):
+            return (
+                "the Triton kernel reads tiles with TMA descriptors and is built for Hopper "
+                f"(sm_90+); {torch.cuda.get_device_name(q.device)} is older: use kernel='sdpa' "
+                "for full/causal masks or kernel='reference'"
             )
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return (

@@ -56,13 +56,13 @@ def vendor_mask_mode(mask: Mask, q_pos: Positions, k_pos: Positions) -> str | No
     Returns ``"full"`` (no mask), ``"causal"`` (aligned causal), ``"empty"`` (no allowed pair) or
     None when the vendor kernels cannot express it.
     """
+    if len(q_pos) == 0 or len(k_pos) == 0:
+        return "empty"
     if mask.is_full:
         return "full"
     if mask.window is not None or mask.cu_seqlens is not None or mask.block_sparse is not None:
         return None
     # plain causal: key <= query
-    if len(q_pos) == 0 or len(k_pos) == 0:
-        return "empty"
     q_bounds, k_bounds = list(q_pos.bounds()), list(k_pos.bounds())
     q_lo, q_hi = min(b[0] for b in q_bounds), max(b[1] for b in q_bounds)
     k_lo, k_hi = min(b[0] for b in k_bounds), max(b[1] for b in k_bounds)
