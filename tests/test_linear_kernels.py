@@ -29,7 +29,7 @@ from longctx.kernels.linear_triton import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-TINY = LinearTritonConfig(chunk=16, block_k=16, block_v=16)
+TINY = LinearTritonConfig(chunk=16, block_k=16, block_v=16, dq_block_k=16)
 RECURRENT = LinearReferenceConfig(mode="recurrent")
 
 

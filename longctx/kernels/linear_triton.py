@@ -15,10 +15,10 @@ running state ``[Dk, Dv]``, kept in float32 registers.  Five kernels, each paral
 kernel        grid                              work
 ============ ================================= ==========================================================
 state fwd     ``(Dk/BK, Dv/BV, B*H)``           walk the chunks, store the state at each chunk start
-output fwd    ``(Dv/BV, chunks, B*H)``          ``o = scale * (q * lambda^(i+1)) @ h_c + (q k^T * M) @ v``
+output fwd    ``(chunks, Dv/BV, B*H)``          ``o = scale * (q * lambda^(i+1)) @ h_c + (q k^T * M) @ v``
 state bwd     ``(Dk/BK, Dv/BV, B*H)``           walk the chunks backwards, store dL/d(state at chunk end)
-dq, dk        ``(Dk/BK, chunks, B*H)``          intra (``do v^T * M``) + through the stored states
-dv            ``(Dv/BV, chunks, B*H)``          intra (``q k^T * M``) + through the stored state grads
+dq, dk        ``(chunks, Dk/BK, B*H)``          intra (``do v^T * M``) + through the stored states
+dv            ``(chunks, Dv/BV, B*H)``          intra (``q k^T * M``) + through the stored state grads
 ============ ================================= ==========================================================
 
 The per-chunk states are stored in the input dtype (they feed ``tl.dot`` in that dtype anyway),
@@ -99,33 +99,40 @@ class LinearTritonConfig:
         chunk: tokens per chunk ``C`` (the intra-chunk quadratic block and the state stride).
         block_k: ``Dk`` block ``BK`` of one program's state tile (clipped to the head dim).
         block_v: ``Dv`` block ``BV`` (clipped to the head dim).
+        dq_block_k: ``Dk`` block of the dq/dk kernel, which holds three ``[C, BK]`` float32
+            accumulators besides ``do v^T`` (clipped to the head dim).
         num_warps, num_stages: as in ``triton.Config``.
 
-    All blocks are powers of two >= 16 (the smallest ``tl.dot``).  Example::
+    All blocks are powers of two >= 16 (the smallest ``tl.dot``).  The defaults are the largest
+    tiles that compile without register spills for sm_90 at head dim 128 (``ptxas -v``: 4 warps
+    spill in every kernel, 8 warps with ``dq_block_k=64`` spill in the dq/dk kernel); they are not
+    yet tuned by timing (``benchmarks/bench_linear.py --sweep``).  Example::
 
-        LinearTritonConfig(chunk=64, block_k=64, block_v=64, num_warps=4)
+        LinearTritonConfig(chunk=64, block_k=64, block_v=64, num_warps=8)
     """
 
     chunk: int = 64
     block_k: int = 64
     block_v: int = 64
-    num_warps: int = 4
+    dq_block_k: int = 32
+    num_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "block_k", "block_v"):
+        for name in ("chunk", "block_k", "block_v", "dq_block_k"):
             _pow2_at_least_16(name, getattr(self, name))
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"LinearTritonConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"LinearTritonConfig.num_stages must be >= 1, got {self.num_stages}")
 
-    def blocks(self, dk: int, dv: int) -> tuple[int, int, int]:
-        """``(C, BK, BV)`` for head dims ``dk``, ``dv``: blocks never exceed the padded head dim."""
+    def blocks(self, dk: int, dv: int) -> tuple[int, int, int, int]:
+        """``(C, BK, BV, dq BK)`` for head dims ``dk``, ``dv`` (never over the padded head dim)."""
         def pad(d: int) -> int:
             return max(16, triton.next_power_of_2(d))
 
-        return self.chunk, min(self.block_k, pad(dk)), min(self.block_v, pad(dv))
+        return (self.chunk, min(self.block_k, pad(dk)), min(self.block_v, pad(dv)),
+                min(self.dq_block_k, pad(dk)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,8 +326,8 @@ if triton is not None:
                         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
                         IEEE: tl.constexpr):
-        """Grid ``(cdiv(DV, BV), NT, B*H)``: one ``[BT, BV]`` output tile."""
-        i_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """Grid ``(NT, cdiv(DV, BV), B*H)``: one ``[BT, BV]`` output tile."""
+        c, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
         t0 = c * BT
@@ -386,8 +393,8 @@ if triton is not None:
                         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
                         IEEE: tl.constexpr):
-        """Grid ``(cdiv(DK, BK), NT, B*H)``: ``[BT, BK]`` tiles of dq and of dk per query head."""
-        i_k, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """Grid ``(NT, cdiv(DK, BK), B*H)``: ``[BT, BK]`` tiles of dq and of dk per query head."""
+        c, i_k, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
         t0 = c * BT
@@ -429,8 +436,8 @@ if triton is not None:
                        DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
                        IEEE: tl.constexpr):
-        """Grid ``(cdiv(DV, BV), NT, B*H)``: ``[BT, BV]`` tiles of dv per query head."""
-        i_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """Grid ``(NT, cdiv(DV, BV), B*H)``: ``[BT, BV]`` tiles of dv per query head."""
+        c, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
         t0 = c * BT
@@ -511,7 +518,7 @@ class LinearTriton:
         return shape
 
     def _meta(self, shape: LinearShape, args: LinearArgs, dtype: torch.dtype) -> dict:
-        C, BK, BV = self.config.blocks(shape.dk, shape.dv)
+        C, BK, BV, _ = self.config.blocks(shape.dk, shape.dv)
         return dict(
             DK=shape.dk, DV=shape.dv, BT=C, BK=BK, BV=BV,
             HAS_DECAY=args.log_decay is not None, HAS_DOCS=args.cu_seqlens is not None,
@@ -555,7 +562,7 @@ class LinearTriton:
         hbuf, final = self._states(k, v, g, docs, h0, shape, meta)
         NT = hbuf.shape[1]
         _launch(
-            _out_fwd_kernel, (triton.cdiv(Dv, meta["BV"]), NT, B * H),
+            _out_fwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
             q, k, v, g, docs, hbuf, out, args.scale, S, H, shape.group, NT, **meta,
         )
         return out, final
@@ -596,12 +603,14 @@ class LinearTriton:
         dq = torch.empty(B, S, H, Dk, **f32)
         dk = torch.empty(B, S, H, Dk, **f32)  # per query head; summed over GQA groups below
         dv = torch.empty(B, S, H, Dv, **f32)
+        dq_bk = self.config.blocks(Dk, Dv)[3]
         _launch(
-            _dqk_bwd_kernel, (n_k, NT, B * H),
-            q, k, v, dout, g, docs, hbuf, dhbuf, dq, dk, args.scale, S, H, shape.group, NT, **meta,
+            _dqk_bwd_kernel, (NT, triton.cdiv(Dk, dq_bk), B * H),
+            q, k, v, dout, g, docs, hbuf, dhbuf, dq, dk, args.scale, S, H, shape.group, NT,
+            **{**meta, "BK": dq_bk},
         )
         _launch(
-            _dv_bwd_kernel, (n_v, NT, B * H),
+            _dv_bwd_kernel, (NT, n_v, B * H),
             q, k, dout, g, docs, dhbuf, dv, args.scale, S, H, shape.group, NT, **meta,
         )
         if shape.group > 1:

@@ -1,0 +1,301 @@
+"""Linear attention on the GPU, side by side in one run: longctx's Triton kernel vs
+flash-linear-attention's ``chunk_simple_gla`` (when ``fla`` is importable), linear vs dense causal
+time per token, and (``--cp``) the ``linear`` CP strategy over NCCL.
+
+Defaults follow issue 5: bf16, B=1, H=16, head dim 128, per-head decay (RetNet), S = 8k, 32k, 128k,
+forward and forward+backward, tokens/s.  Timing: CUDA events around each call, warm-up first,
+median of repeats.  Before timing, each implementation's output is compared with the float32
+torch reference at a short length (and ours with fla's at every length).
+
+Usage (rerunnable; writes ``bench_linear_<gpu>.md`` to ``--out``)::
+
+    pip install fla-core                                   # optional: the fla baseline
+    python benchmarks/bench_linear.py                      # kernel table + linear-vs-dense table
+    python benchmarks/bench_linear.py --seqs 32768 --sweep # also a few LinearTritonConfig variants
+    python benchmarks/bench_linear.py --cp --cp-tokens 32768   # + CP on all visible GPUs
+
+Tables (markdown, printed and written):
+
+1. kernels: fwd ms, fwd+bwd ms, Mtok/s fwd+bwd for longctx and fla, and the ratio (>1: ours faster).
+2. linear vs dense: fwd+bwd ns/token of the linear kernel and of causal SDPA (flash backend) per
+   length; dense grows linearly per token, linear is flat, the table shows where they cross.
+3. CP (``--cp``): one GPU at T tokens vs P GPUs at T tokens each (P*T total); efficiency =
+   t(1 GPU, T) / t(P GPUs, T per GPU), ideal 100% (one all-gather of [B, H, Dk, Dv] per call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from longctx.kernels.linear_reference import (
+    LinearReferenceConfig,
+    linear_attention_reference,
+    retnet_log_decay,
+)
+from longctx.kernels.linear_triton import LinearTritonConfig, linear_attention_triton
+
+try:
+    from fla.ops.simple_gla import chunk_simple_gla  # fla-core
+
+    _FLA_ERROR: Exception | None = None
+except Exception as exc:  # noqa: BLE001 - any import failure means "no fla baseline"
+    chunk_simple_gla = None
+    _FLA_ERROR = exc
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq: int
+    heads: int
+    dim: int
+
+
+# -- timing ----------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 30) -> float:
+    """Median milliseconds of ``fn`` (CUDA events) after a warm-up; ~``budget_s`` of repeats."""
+    fn()  # warm-up: compilation, autotuning, allocator
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def inputs(shape: Shape, seed: int = 0, requires_grad: bool = True):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, S, H, D = shape.batch, shape.seq, shape.heads, shape.dim
+
+    def randn():  # unit-norm-ish rows keep the un-normalised linear attention in bf16 range
+        x = torch.randn(B, S, H, D, device="cuda", generator=g) * D**-0.5
+        return x.to(torch.bfloat16).requires_grad_(requires_grad)
+
+    return randn(), randn(), randn()
+
+
+# -- the implementations, as fwd / fwd+bwd closures ---------------------------------------------
+def ours(q, k, v, g, config: LinearTritonConfig):
+    return linear_attention_triton(q, k, v, log_decay=g, scale=q.shape[-1] ** -0.5, config=config)
+
+
+def fla(q, k, v, g):
+    scale = q.shape[-1] ** -0.5
+    if g is None:  # no decay
+        out, _ = chunk_simple_gla(q, k, v, scale=scale)
+    elif "g_gamma" in inspect.signature(chunk_simple_gla).parameters:  # per-head constant decay
+        out, _ = chunk_simple_gla(q, k, v, g_gamma=g, scale=scale)
+    else:  # older fla: per-token gates, the same value at every token
+        gates = g.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1).contiguous()
+        out, _ = chunk_simple_gla(q, k, v, g=gates, scale=scale)
+    return out
+
+
+def dense(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        # [B, S, H, D] -> [B, H, S, D] and back
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+    return out.transpose(1, 2)
+
+
+def fwd_and_fwd_bwd(fn: Callable[[], torch.Tensor], leaves) -> tuple[float, float]:
+    def fwd():
+        with torch.no_grad():
+            fn()
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        fn().backward(grad)
+
+    grad = torch.randn_like(fn().detach())
+    return time_ms(fwd), time_ms(fwd_bwd)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def check_against_reference(heads: int, dim: int, g: torch.Tensor, config) -> list[str]:
+    """bf16 outputs vs the float32 torch reference at 4k tokens (with documents for ours)."""
+    shape = Shape(1, 4096, heads, dim)
+    q, k, v = inputs(shape, seed=1, requires_grad=False)
+    cu = torch.tensor([0, 1000, 1001, 3000, 4096], device="cuda")
+    ref = linear_attention_reference(
+        *(t.float() for t in (q, k, v)), log_decay=g, scale=dim**-0.5, cu_seqlens=cu,
+        config=LinearReferenceConfig(chunk=128),
+    )
+    got = linear_attention_triton(q, k, v, log_decay=g, scale=dim**-0.5, cu_seqlens=cu, config=config)
+    lines = [f"longctx vs float32 reference (4k tokens, documents): rel. error {rel_err(got, ref):.2e}"]
+    if chunk_simple_gla is not None:
+        ref1 = linear_attention_reference(*(t.float() for t in (q, k, v)), log_decay=g,
+                                          scale=dim**-0.5, config=LinearReferenceConfig(chunk=128))
+        lines.append(f"fla vs float32 reference (4k tokens): rel. error {rel_err(fla(q, k, v, g), ref1):.2e}")
+    return lines
+
+
+def kernel_table(seqs, batch, heads, dim, g, configs: dict[str, LinearTritonConfig]) -> list[str]:
+    rows = [
+        "| S | impl | fwd ms | fwd+bwd ms | Mtok/s fwd | Mtok/s fwd+bwd | vs fla fwd+bwd |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for S in seqs:
+        shape = Shape(batch, S, heads, dim)
+        q, k, v = inputs(shape)
+        tokens = batch * S
+        fla_fb = None
+        if chunk_simple_gla is not None:
+            with torch.no_grad():
+                err = rel_err(ours(q, k, v, g, next(iter(configs.values()))), fla(q, k, v, g))
+            fw, fb = fwd_and_fwd_bwd(partial(fla, q, k, v, g), (q, k, v))
+            fla_fb = fb
+            rows.append(f"| {S} | fla chunk_simple_gla | {fw:.2f} | {fb:.2f} | {tokens / fw / 1e3:.1f} | "
+                        f"{tokens / fb / 1e3:.1f} | 1.00x |")
+            print(f"S={S}: longctx vs fla rel. error {err:.2e}", flush=True)
+        for name, config in configs.items():
+            fw, fb = fwd_and_fwd_bwd(partial(ours, q, k, v, g, config), (q, k, v))
+            ratio = f"{fla_fb / fb:.2f}x" if fla_fb else "-"
+            rows.append(f"| {S} | longctx {name} | {fw:.2f} | {fb:.2f} | {tokens / fw / 1e3:.1f} | "
+                        f"{tokens / fb / 1e3:.1f} | {ratio} |")
+        print(rows[-1], flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def crossover_table(seqs, batch, heads, dim, g, config) -> list[str]:
+    rows = [
+        "| S | linear fwd+bwd ns/token | dense causal (SDPA flash) fwd+bwd ns/token | dense / linear |",
+        "| --- | --- | --- | --- |",
+    ]
+    for S in seqs:
+        q, k, v = inputs(Shape(batch, S, heads, dim))
+        _, lin = fwd_and_fwd_bwd(partial(ours, q, k, v, g, config), (q, k, v))
+        _, den = fwd_and_fwd_bwd(partial(dense, q, k, v), (q, k, v))
+        per = 1e6 / (batch * S)  # ms -> ns per token
+        rows.append(f"| {S} | {lin * per:.1f} | {den * per:.1f} | {den / lin:.2f} |")
+        print(rows[-1], flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int) -> float:
+    """Rank body (also called with ``group=None`` for one GPU): fwd+bwd ms of strategy 'linear'."""
+    from longctx.kernels.linear_triton import LinearTriton
+    from longctx.parallel.strategies.linear import linear_attention
+
+    rank = dist.get_rank(group) if group is not None else 0
+    q, k, v = inputs(Shape(batch, tokens, heads, dim), seed=rank)
+    g = retnet_log_decay(heads, "cuda")
+    kernel = LinearTriton(LinearTritonConfig(chunk=chunk))
+    grad = torch.randn(batch, tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        if group is not None:
+            dist.barrier(group)
+        for t in (q, k, v):
+            t.grad = None
+        linear_attention(q, k, v, group, log_decay=g, kernel=kernel).backward(grad)
+
+    return time_ms(step, max_reps=10)  # fixed-ish repeats on every rank (barrier per step)
+
+
+def cp_table(tokens: int, batch: int, heads: int, dim: int, chunk: int) -> list[str]:
+    from longctx.testing import SimulatedMesh
+
+    world = torch.cuda.device_count()
+    one = cp_time(None, tokens, batch, heads, dim, chunk)
+    with SimulatedMesh(world, backend="nccl") as mesh:
+        per_rank = mesh.run(cp_time, tokens, batch, heads, dim, chunk)
+    t_cp = max(per_rank)
+    return [
+        "| run | tokens per GPU | total tokens | fwd+bwd ms | Mtok/s total | efficiency |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| 1 GPU | {tokens} | {tokens} | {one:.2f} | {batch * tokens / one / 1e3:.1f} | 100% |",
+        (f"| linear CP x{world} | {tokens} | {tokens * world} | {t_cp:.2f} | "
+         f"{batch * tokens * world / t_cp / 1e3:.1f} | {100 * one / t_cp:.0f}% |"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--crossover-seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--no-decay", action="store_true", help="lambda = 1 (plain linear attention)")
+    parser.add_argument("--sweep", action="store_true", help="also time a few LinearTritonConfig variants")
+    parser.add_argument("--cp", action="store_true", help="CP over all visible GPUs (NCCL)")
+    parser.add_argument("--cp-tokens", type=int, default=32768, help="tokens per GPU for --cp")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_linear.py needs a CUDA GPU")
+    torch.cuda.set_device(0)
+    gpu = torch.cuda.get_device_name(0)
+    g = retnet_log_decay(args.heads, "cuda")
+    if args.no_decay:
+        g = None
+    configs = {"default": LinearTritonConfig()}
+    if args.sweep:
+        configs |= {  # spill-free alternatives on sm_90 (ptxas -v), and two that spill
+            "bv128-dq64": LinearTritonConfig(block_v=128, dq_block_k=64),
+            "dq64": LinearTritonConfig(dq_block_k=64),
+            "stages3": LinearTritonConfig(num_stages=3),
+            "w4": LinearTritonConfig(num_warps=4),
+        }
+    header = [(f"# linear attention: {gpu}, torch {torch.__version__}, bf16, B={args.batch}, "
+               f"H={args.heads}, D={args.head_dim}, decay={'none' if g is None else 'RetNet'}"), ""]
+    if chunk_simple_gla is None:
+        header.append(f"fla not importable ({_FLA_ERROR}); `pip install fla-core` for the baseline")
+    t0 = time.time()
+    g_check = g if g is not None else retnet_log_decay(args.heads, "cuda")
+    checks = check_against_reference(args.heads, args.head_dim, g_check, configs["default"])
+    print("\n".join(checks), flush=True)
+    kernels = kernel_table(args.seqs, args.batch, args.heads, args.head_dim, g, configs)
+    cross = crossover_table(args.crossover_seqs, args.batch, args.heads, args.head_dim, g, configs["default"])
+    sections = [*header, *checks, "", "## kernels", *kernels, "", "## linear vs dense causal", *cross]
+    if args.cp:
+        sections += ["", f"## CP (strategy 'linear', {torch.cuda.device_count()} GPUs, NCCL)",
+                     *cp_table(args.cp_tokens, args.batch, args.heads, args.head_dim, 64)]
+    text = "\n".join(sections) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "bench_linear_" + "".join(c if c.isalnum() else "_" for c in gpu.lower()).strip("_") + ".md"
+    (args.out / name).write_text(text)
+    print(text)
+    print(f"wrote {args.out / name}; took {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
