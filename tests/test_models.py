@@ -44,7 +44,10 @@ def test_config_derives_megatron_defaults():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(hidden_size=48, num_attention_heads=6, num_query_groups=4), r"num_query_groups in \[1, 2, 3, 6\]"),
+        (
+            dict(hidden_size=48, num_attention_heads=6, num_query_groups=4),
+            r"num_query_groups in \[1, 2, 3, 6\]",
+        ),
         (dict(hidden_size=30, num_attention_heads=4), "hidden_size=30 is not divisible"),
         (dict(num_layers=0), r"num_layers must be >= 1"),
         (dict(num_layers=2.0), r"num_layers must be an int"),
@@ -186,6 +189,22 @@ def test_single_device_forward_is_causal_and_deterministic():
     assert abs(float(big.layers[0].attention.wq.weight.detach().std()) - std) < 0.05 * std
 
 
+def test_clip_grad_norm_matches_torch_on_one_process():
+    from longctx.models.parallelize import clip_grad_norm_
+
+    ids, w_h, _ = _inputs()
+    models = [LlamaModel(CFG, seed=0, dtype=DTYPE) for _ in range(2)]
+    for m in models:
+        (m(ids, SequenceContext.single_device(CFG.seq_length)) * w_h).sum().backward()
+    for norm_type in (2.0, float("inf")):
+        ours = clip_grad_norm_(models[0], 0.5, norm_type)
+        theirs = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.5, norm_type)
+        assert abs(float(ours) - float(theirs)) < 1e-5 * float(theirs)
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            if a.grad is not None:
+                assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-12)
+
+
 def test_tied_output_uses_embedding():
     cfg = CFG.replace(untie_embeddings_and_output_weights=False)
     model = LlamaModel(cfg, seed=0, dtype=DTYPE)
@@ -201,63 +220,74 @@ def test_bad_context_length_is_refused():
 
 
 # -- parallel runs ------------------------------------------------------------------------------
-def _run_parallel(group, cfg, dims, pconfig, strategy, layout, masked):
+def _run_parallel(group, cfg, dims, pconfig, strategy, layout, masked, meta_init=False):
     """Rank body: forward/backward on this rank's shard; returns hidden and full gradients."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from longctx.models.llama import _canonical_name
-    from longctx.models.parallelize import parallelize_model, reduce_gradients
+    from longctx.models.parallelize import clip_grad_norm_, parallelize_model, reduce_gradients
     from longctx.parallel.mesh import build_mesh
 
     pmesh = build_mesh(dims, "cpu")
-    coords = pmesh.mesh.get_coordinate()  # (dp, cp, tp) of this rank
-    dp_rank, cp_rank = coords[0], coords[1]
-    model = LlamaModel(cfg, seed=0, dtype=DTYPE)
+    dp_rank, cp_rank, _ = pmesh.mesh.get_coordinate()  # (dp, cp, tp) of this rank
+    model = LlamaModel(cfg, seed=0, dtype=DTYPE, device="meta" if meta_init else None)
     if pconfig is not None:
         model = parallelize_model(model, pmesh, pconfig)
+    if meta_init:  # torchtitan's flow: parallelize on meta, allocate shards, then initialise
+        model.to_empty(device="cpu")
+        model.init_weights(seed=0)
 
     ids, w_h, w_l = _inputs(cfg)
-    rows = slice(dp_rank * BATCH // dims.dp, (dp_rank + 1) * BATCH // dims.dp)  # dp splits the batch
+    n_rows = BATCH // dims.dp  # dp splits the batch
+    rows = slice(dp_rank * n_rows, (dp_rank + 1) * n_rows)
     lay = Layout.parse(layout)
-    shard = lambda t: lay.shard(t[rows], dims.cp, cp_rank)  # noqa: E731
+    shard = lambda t: lay.shard(t[rows], dims.cp, cp_rank)
     seq = SequenceContext(
         position_ids=lay.positions(cfg.seq_length, dims.cp, cp_rank).materialize(),
         mask=_mask(masked),
-        cp_group=pmesh.group("cp") if strategy != "hybrid" else pmesh.hybrid_groups(),
+        cp_group=pmesh.hybrid_groups() if strategy == "hybrid" else pmesh.group("cp"),
         strategy=strategy,
         layout=layout,
     )
     hidden = model(shard(ids), seq)
+    # the trainer's path: the loss uses model.logits() after forward, outside FSDP's forward
     loss = (hidden * shard(w_h)).sum() + (model.logits(hidden) * shard(w_l)).sum()
     loss.backward()
-    reduce_gradients(model, pmesh)
+    reduce_gradients(model, pmesh)  # a no-op under FSDP
+    norm = clip_grad_norm_(model, max_norm=1e30)  # global norm; clips nothing
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         grads[_canonical_name(name)] = g.detach().clone()
     dist.barrier()
-    return (dp_rank, cp_rank), hidden.detach(), grads
+    return (dp_rank, cp_rank), hidden.detach(), grads, float(norm)
 
 
-def check_parallel(mesh, dims, pconfig, strategy, layout, masked, cfg=CFG):
-    results = mesh.run(_run_parallel, cfg, dims, pconfig, strategy, layout, masked)
+def check_parallel(
+    mesh, dims, pconfig, strategy, layout, masked, cfg=CFG, tol=TOL, grad_scale=1.0, **kw
+):
+    """Run on every rank; hidden states and all gradients must match one process within tol."""
+    results = mesh.run(_run_parallel, cfg, dims, pconfig, strategy, layout, masked, **kw)
     ref_hidden, ref_grads = reference(cfg, masked)
-    # hidden: unshard over cp per dp row block; tp ranks must agree
-    by_coord = {}
-    for coord, hidden, _ in results:
+    by_coord = {}  # (dp, cp) -> hidden; tp ranks must agree
+    for coord, hidden, _, _ in results:
         if coord in by_coord:
             assert torch.equal(by_coord[coord], hidden), "tp ranks disagree on the hidden states"
         by_coord[coord] = hidden
     lay = Layout.parse(layout)
     rows = [lay.unshard([by_coord[(d, c)] for c in range(dims.cp)]) for d in range(dims.dp)]
     errors = {"hidden": float((torch.cat(rows) - ref_hidden).abs().max())}
-    for _, _, grads in results:
+    ref_norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in ref_grads.values()])))
+    for _, _, grads, norm in results:
+        errors["grad norm"] = max(errors.get("grad norm", 0.0), abs(norm * grad_scale - ref_norm))
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
-            errors[name] = max(errors.get(name, 0.0), float((g - ref_grads[name]).abs().max()))
-    bad = {k: v for k, v in errors.items() if not v < TOL}
-    assert not bad, f"errors above {TOL}: {bad}"
+            err = float((g * grad_scale - ref_grads[name]).abs().max())
+            errors[name] = max(errors.get(name, 0.0), err)
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"errors above {tol}: {bad}"
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +324,78 @@ def test_cp4_equals_one_process(mesh4, strategy, layout, masked):
     from longctx.parallel.mesh import ParallelDims
 
     check_parallel(mesh4, ParallelDims(cp=4), None, strategy, layout, masked)
+
+
+# -- TP, FSDP2, activation checkpointing, compile (4 ranks) ---------------------------------------
+P4_CASES = {
+    # name: (dims, ParallelConfig, extra)
+    "tp2xcp2": (dict(cp=2, tp=2), ParallelConfig(), {}),
+    "tp2xcp2-selective-ac": (
+        dict(cp=2, tp=2), ParallelConfig(activation_checkpointing="selective"), {}
+    ),
+    "tp2xdp2-full-ac": (dict(dp=2, tp=2), ParallelConfig(activation_checkpointing="full"), {}),
+    "fsdp-dp2xcp2": (dict(dp=2, cp=2), ParallelConfig(fsdp=True), {}),
+    "fsdp-cp4-full-ac": (
+        dict(cp=4), ParallelConfig(fsdp=True, activation_checkpointing="full"), {}
+    ),
+    "fsdp-tp2xcp2-selective-ac": (
+        dict(cp=2, tp=2), ParallelConfig(fsdp=True, activation_checkpointing="selective"), {}
+    ),
+    "fsdp-tp2xcp2-tied": (
+        dict(cp=2, tp=2), ParallelConfig(fsdp=True), {"tied": True},
+    ),
+    "fsdp-tp2xcp2-meta-init": (dict(cp=2, tp=2), ParallelConfig(fsdp=True), {"meta_init": True}),
+    "tp2xcp2-meta-init": (dict(cp=2, tp=2), ParallelConfig(), {"meta_init": True}),
+    "fsdp-dp2xcp2-mean": (dict(dp=2, cp=2), ParallelConfig(fsdp=True, grad_reduction="mean"),
+                          {"grad_scale": 4.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(P4_CASES))
+def test_parallelized_model_equals_one_process(mesh4, name):
+    from longctx.parallel.mesh import ParallelDims
+
+    dims, pconfig, extra = P4_CASES[name]
+    extra = dict(extra)
+    cfg = CFG.replace(untie_embeddings_and_output_weights=not extra.pop("tied", False))
+    check_parallel(
+        mesh4, ParallelDims(**dims), pconfig, "ring", "zigzag", "documents", cfg=cfg, **extra
+    )
+
+
+def test_hybrid_ulysses_x_ring(mesh4):
+    from longctx.parallel.mesh import ParallelDims
+
+    check_parallel(mesh4, ParallelDims(cp=4, ulysses=2), None, "hybrid", "zigzag", "documents")
+
+
+def test_fsdp_mixed_precision_float32_params(mesh4):
+    """float64 master weights computed in float32: close to the float64 reference."""
+    from longctx.parallel.mesh import ParallelDims
+
+    pconfig = ParallelConfig(fsdp=True, param_dtype="float32", reduce_dtype="float64")
+    errors = check_parallel(
+        mesh4, ParallelDims(dp=2, cp=2), pconfig, "zigzag", "zigzag", "causal", tol=1e-4
+    )
+    assert errors["hidden"] > 1e-12  # the forward really ran in float32
+
+
+def test_compiled_blocks_under_tp_and_cp(mesh4):
+    from longctx.parallel.mesh import ParallelDims
+
+    pconfig = ParallelConfig(compile=True, compile_backend="aot_eager",
+                             activation_checkpointing="selective")
+    check_parallel(mesh4, ParallelDims(cp=2, tp=2), pconfig, "ring", "zigzag", "documents")
+
+
+def test_parallel_sizes_are_checked():
+    from longctx.models.parallelize import validate_parallel_dims
+    from longctx.parallel.mesh import ParallelDims
+
+    with pytest.raises(ValueError, match=r"tp=4 must divide ModelConfig.num_query_groups=2"):
+        validate_parallel_dims(CFG, ParallelDims(tp=4))
+    with pytest.raises(ValueError, match=r"tp=2 must divide ModelConfig.ffn_hidden_size=51"):
+        validate_parallel_dims(CFG.replace(ffn_hidden_size=51), ParallelDims(tp=2))
+    with pytest.raises(ValueError, match=r"Ulysses degree 4 must divide the local head count"):
+        validate_parallel_dims(CFG, ParallelDims(cp=4, tp=2, ulysses=4))
+    validate_parallel_dims(CFG, ParallelDims(dp=2, cp=4, tp=2, ulysses=2))

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -67,7 +68,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
     kv_channels: int | None = None  # head dim; None: hidden_size // num_attention_heads
-    attention_kinds: tuple[str, ...] | None = None  # per layer "softmax" | "linear"; None: all softmax
+    attention_kinds: tuple[str, ...] | None = None  # per layer "softmax"|"linear"; None: softmax
     derived_fields: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,8 +173,8 @@ class ModelConfig:
         return tuple(f.name for f in fields(cls) if f.init)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a mapping (e.g. a YAML section); unknown keys raise and list the allowed ones."""
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """Build from a mapping (e.g. a YAML section); unknown keys raise, listing allowed ones."""
         allowed = cls.allowed_keys()
         unknown = sorted(set(values) - set(allowed))
         if unknown:
@@ -189,7 +190,7 @@ class ModelConfig:
             out["attention_kinds"] = list(out["attention_kinds"])
         return out
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes``; fields that were derived are derived again."""
         given = {n: getattr(self, n) for n in self.allowed_keys() if n not in self.derived_fields}
         given.update(changes)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,10 +174,13 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``, ``[B, S, hidden]``.
 
-    ``recompute_around_attention`` (set by :func:`~longctx.models.parallelize.parallelize_model`
-    for selective activation checkpointing) recomputes everything in backward except the attention
-    core, whose inputs and outputs attention keeps anyway: the quadratic part and its CP
-    communication never run twice.
+    The forward runs in three parts: ``pre`` (norm, q/k/v projections, RoPE), the attention
+    ``core`` (:func:`longctx.attention`: kernels and CP communication) and ``post`` (``wo``,
+    residual, norm, MLP, residual). :func:`~longctx.models.parallelize.parallelize_model` uses the
+    seams: :meth:`compile_around_attention` compiles ``pre`` and ``post`` (the core stays eager),
+    and ``recompute_around_attention`` (selective activation checkpointing) recomputes ``pre`` and
+    ``post`` in backward but never the core, whose inputs and outputs attention keeps anyway: the
+    quadratic part and its communication never run twice.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):
@@ -191,14 +195,23 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_epsilon, device, dtype)
         self.feed_forward = FeedForward(config, device, dtype)
         self.recompute_around_attention = False
+        self._compiled: tuple[Any, Any] | None = None  # (pre, post) once compiled
 
     def forward(self, x_bsh: Tensor, rope: tuple[Tensor, Tensor], seq: SequenceContext) -> Tensor:
-        if not self.recompute_around_attention:
-            h = x_bsh + self.attention(self.attention_norm(x_bsh), rope, seq)
-            return h + self.feed_forward(self.ffn_norm(h))
-        q, k, v = checkpoint(self._pre_attention, x_bsh, rope, use_reentrant=False)
-        out = self.attention.core(q, k, v, seq)
-        return checkpoint(self._post_attention, x_bsh, out, use_reentrant=False)
+        pre, post = self._compiled or (self._pre_attention, self._post_attention)
+        if self.recompute_around_attention:
+            q, k, v = checkpoint(pre, x_bsh, rope, use_reentrant=False)
+            out = self.attention.core(q, k, v, seq)
+            return checkpoint(post, x_bsh, out, use_reentrant=False)
+        q, k, v = pre(x_bsh, rope)
+        return post(x_bsh, self.attention.core(q, k, v, seq))
+
+    def compile_around_attention(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` the parts before and after the attention core (kwargs passed on)."""
+        self._compiled = (
+            torch.compile(self._pre_attention, **compile_kwargs),
+            torch.compile(self._post_attention, **compile_kwargs),
+        )
 
     def _pre_attention(self, x_bsh: Tensor, rope: tuple[Tensor, Tensor]):
         return self.attention.qkv(self.attention_norm(x_bsh), rope)

@@ -17,9 +17,10 @@ torchtitan style, in this order:
    (only the block input is kept); ``"selective"`` recomputes everything except the attention
    core (its q, k, v, out, lse are kept), so the quadratic attention and its CP communication
    never run twice - the right trade at long context.
-3. **torch.compile** per block (``nn.Module.compile``, parameter names unchanged). The attention
-   core runs eagerly (a graph break: its communication is Python); the projections, norms, RoPE
-   and MLP are compiled.
+3. **torch.compile** per block, of the parts around the attention core (norms, projections, RoPE,
+   MLP, residuals: :meth:`TransformerBlock.compile_around_attention`); the core (kernels and
+   Python-driven CP communication) runs eagerly. Parameter names do not change. (Compiling the
+   whole block would graph-break at the core and, under ``checkpoint``, fall back to eager.)
 4. **FSDP2** ``fully_shard`` per block, then the root (embedding, final norm, output), over the
    flattened ``dp x cp`` mesh dimension: CP ranks hold the same weights and their gradients add
    up like data-parallel ones. Gradients are **summed** over dp x cp by default
@@ -44,23 +45,27 @@ Example (on each of 8 ranks after ``dist.init_process_group``)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..parallel.mesh import ParallelMesh
+from ..parallel.mesh import ParallelDims, ParallelMesh
+from .config import ModelConfig
 from .llama import LlamaModel, TransformerBlock
 
 __all__ = [
     "ParallelConfig",
     "build_dp_cp_tp_mesh",
+    "clip_grad_norm_",
     "parallelize_model",
     "reduce_gradients",
     "tp_plan",
+    "validate_parallel_dims",
 ]
 
 ACModes = Literal["none", "full", "selective"]
@@ -92,9 +97,12 @@ class ParallelConfig:
 
     - ``fsdp``: FSDP2 over dp x cp (also useful on one rank for mixed precision).
     - ``activation_checkpointing``: ``"none"``, ``"full"`` or ``"selective"`` (see module doc).
-    - ``compile`` / ``compile_backend``: ``torch.compile`` each block with this backend.
+    - ``compile`` / ``compile_backend``: ``torch.compile`` each block around its attention core.
     - ``param_dtype`` / ``reduce_dtype``: FSDP2 mixed precision (``"bfloat16"``, ``"float32"``,
-      ...; None keeps the parameter dtype). Needs ``fsdp``.
+      ...). ``param_dtype=None`` computes in the parameters' dtype; ``reduce_dtype=None`` reduces
+      gradients in float32 when ``param_dtype`` is 16-bit, else in ``param_dtype``. Needs ``fsdp``.
+      Blocks do not cast their inputs: the residual stream arrives in ``param_dtype`` from the
+      embedding, while the RoPE cos/sin stay in float32.
     - ``reshard_after_forward``: FSDP2's (blocks; the root never reshards after forward).
     - ``grad_reduction``: ``"sum"`` (loss normalised by the global token count) or ``"mean"``
       over the dp x cp ranks.
@@ -134,7 +142,7 @@ class ParallelConfig:
             )
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ParallelConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> ParallelConfig:
         """Build from a mapping; unknown keys raise and list the allowed ones."""
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(allowed))
@@ -173,8 +181,10 @@ def tp_plan() -> dict[str, Any]:
     }
 
 
-def _check_divisible(model: LlamaModel, pmesh: ParallelMesh) -> None:
-    cfg, tp = model.config, pmesh.dims.tp
+def validate_parallel_dims(cfg: ModelConfig, dims: ParallelDims) -> None:
+    """Raise ValueError unless the model's heads, query groups and MLP split over ``dims.tp``
+    (and the local heads over ``dims.ulysses``). Pure; call it before starting processes."""
+    tp = dims.tp
     for name, value in (
         ("num_attention_heads", cfg.num_attention_heads),
         ("num_query_groups", cfg.num_query_groups),
@@ -185,7 +195,7 @@ def _check_divisible(model: LlamaModel, pmesh: ParallelMesh) -> None:
                 f"tensor parallel size tp={tp} must divide ModelConfig.{name}={value}; choose tp "
                 f"in {[d for d in range(1, value + 1) if value % d == 0]} or change {name}"
             )
-    ulysses = pmesh.dims.ulysses
+    ulysses = dims.ulysses
     heads_local = cfg.num_attention_heads // tp
     if ulysses > 1 and heads_local % ulysses:
         raise ValueError(
@@ -208,7 +218,7 @@ def parallelize_model(
         raise TypeError(f"parallelize_model expects a LlamaModel, got {type(model).__name__}")
     if getattr(model, "_longctx_parallelized", False):
         raise ValueError("parallelize_model was already applied to this model")
-    _check_divisible(model, pmesh)
+    validate_parallel_dims(model.config, pmesh.dims)
     dims = pmesh.dims
     need_2d = dims.tp > 1 or config.fsdp
     mesh_2d = build_dp_cp_tp_mesh(pmesh) if need_2d else None
@@ -221,21 +231,28 @@ def parallelize_model(
             parallelize_module(block, mesh_2d["tp"], plan)
 
     for i, block in enumerate(model.layers):
-        block = _apply_ac(block, config.activation_checkpointing)
         if config.compile:
-            block.compile(backend=config.compile_backend)
-        model.layers[i] = block
+            block.compile_around_attention(backend=config.compile_backend)
+        model.layers[i] = _apply_ac(block, config.activation_checkpointing)
 
     if config.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype)
+        reduce_dtype = config.reduce_dtype
+        if reduce_dtype is None and config.param_dtype in (torch.bfloat16, torch.float16):
+            reduce_dtype = torch.float32
+        root_mp = MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=reduce_dtype)
+        # blocks keep their inputs' dtypes: x is already param_dtype, RoPE cos/sin stay float32
+        block_mp = MixedPrecisionPolicy(
+            param_dtype=config.param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+        )
         dp_cp = mesh_2d["dp_cp"]
         for block in model.layers:
             fully_shard(
-                block, mesh=dp_cp, mp_policy=mp, reshard_after_forward=config.reshard_after_forward
+                block, mesh=dp_cp, mp_policy=block_mp,
+                reshard_after_forward=config.reshard_after_forward,
             )
-        fully_shard(model, mesh=dp_cp, mp_policy=mp)
+        fully_shard(model, mesh=dp_cp, mp_policy=root_mp)
         if config.grad_reduction == "sum":
             from torch.distributed.fsdp import FSDPModule
 
@@ -261,7 +278,9 @@ def _apply_ac(block: TransformerBlock, mode: str) -> nn.Module:
 
 
 @torch.no_grad()
-def reduce_gradients(model: nn.Module, pmesh: ParallelMesh, op: GradReduction | None = None) -> None:
+def reduce_gradients(
+    model: nn.Module, pmesh: ParallelMesh, op: GradReduction | None = None
+) -> None:
     """Sum (or average) gradients over dp x cp when FSDP did not; a no-op for FSDP models.
 
     Call after the last backward of a step, before clipping. ``op`` defaults to the model's
@@ -296,3 +315,48 @@ def reduce_gradients(model: nn.Module, pmesh: ParallelMesh, op: GradReduction | 
         for g in same:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip gradients to a global norm over all ranks; returns the norm before clipping.
+
+    Works for every layout :func:`parallelize_model` produces: plain (replicated) gradients count
+    once, DTensor gradients (TP shards, FSDP shards, both) add their shards' contributions over
+    the mesh dimensions they are sharded on. Call after :func:`reduce_gradients`. Every rank gets
+    the same norm (a float64 scalar tensor). ``norm_type`` may be a float >= 1 or ``inf``.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0, dtype=torch.float64)
+    inf = norm_type == float("inf")
+    if not inf and norm_type < 1:
+        raise ValueError(f"norm_type must be >= 1 or inf, got {norm_type}")
+    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    groups: dict[tuple, list[torch.Tensor]] = {}  # (mesh, sharded dims) -> local grads
+    for g in grads:
+        if isinstance(g, DTensor):
+            if any(p.is_partial() for p in g.placements):
+                raise ValueError(
+                    f"a gradient has Partial placements {g.placements}; reduce gradients first"
+                )
+            # every non-replicated placement (Shard, FSDP+TP's _StridedShard) splits the tensor
+            dims = tuple(i for i, p in enumerate(g.placements) if not p.is_replicate())
+            groups.setdefault((g.device_mesh, dims), []).append(g.to_local())
+        else:
+            groups.setdefault((None, ()), []).append(g)
+    for (mesh, dims), local in groups.items():
+        norms = torch.stack([torch.linalg.vector_norm(t, norm_type).double() for t in local])
+        part = norms.max() if inf else norms.pow(norm_type).sum()
+        for d in dims:  # combine the shards held along each sharded mesh dimension
+            op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+            dist.all_reduce(part, op=op, group=mesh.get_group(d))
+        total = torch.maximum(total, part) if inf else total + part
+    norm = total if inf else total.pow(1.0 / norm_type)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
+    return norm
