@@ -23,7 +23,12 @@ from longctx.kernels.linear_reference import (
     retnet_log_decay,
 )
 from longctx.kernels.mask import Mask
-from longctx.parallel.strategies.linear import ShardDocs, carry_weights, linear_attention
+from longctx.parallel.strategies.linear import (
+    ShardDocs,
+    carry_weights,
+    linear_attention,
+    shards_passing,
+)
 from longctx.testing import MeshError, SimulatedMesh
 
 WORLD_SIZES = [1, 2, 3, 4, 8]
@@ -228,15 +233,32 @@ def test_shard_docs_and_carry_weights():
     docs = [ShardDocs.build(cu, 24, 4, r) for r in range(4)]
     assert [(d.head, d.passes) for d in docs] == [(0, False), (6, True), (4, False), (2, False)]
     assert [d.local_cu.tolist() for d in docs] == [[0, 5, 6], [0, 6], [0, 4, 6], [0, 2, 6]]
+    assert shards_passing(cu, 24, 4).tolist() == [d.passes for d in docs]
     g = torch.tensor([-0.5])
-    W = carry_weights(docs, g, heads=1)  # [P + 1, P, H]
-    lam6 = torch.exp(g * 6)
+    W = carry_weights(shards_passing(cu, 24, 4), 6, g, heads=1)  # [P + 1, P, H]
     expected = torch.zeros(5, 4, 1, dtype=torch.float64)
     expected[1, 0] = 1  # rank 1 starts where rank 0 ends
-    expected[2, 1], expected[2, 0] = 1, lam6  # rank 1 passes rank 0's state on, decayed
+    expected[2, 1], expected[2, 0] = 1, torch.exp(g * 6)  # rank 1 passes rank 0's state on, decayed
     expected[3, 2] = 1  # a document starts in rank 2: nothing older gets through
     expected[4, 3] = 1
     torch.testing.assert_close(W, expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_carry_weights_match_their_definition(seed):
+    rng = random.Random(seed)
+    P, n = rng.randint(1, 9), rng.randint(1, 5)
+    S = P * n
+    cu = torch.tensor([0, *sorted(rng.sample(range(0, S + 1), k=rng.randint(0, 4))), S])
+    passes = shards_passing(cu, S, P)
+    assert passes.tolist() == [ShardDocs.build(cu, S, P, r).passes for r in range(P)]
+    g = torch.tensor([-0.3, 0.0])
+    W = carry_weights(passes, n, g, heads=2)
+    for r in range(P + 1):
+        for j in range(P):
+            through = range(j + 1, r)  # prod_{j<i<r} A_i, A_i = lambda^n if shard i passes
+            want = torch.exp(g * n * len(through)) if j < r and all(passes[i] for i in through) else 0 * g
+            torch.testing.assert_close(W[r, j], want.double(), msg=f"W[{r}, {j}]")
 
 
 # ------------------------------------------------------------------------------------ bad inputs

@@ -15,7 +15,8 @@ enters the shard, which is a decayed sum of the earlier shards' own final states
 
 Steps 3-4 are a ``[P] x [B, H, Dk, Dv]`` weighted sum and one small matmul per rank.  The decays
 are not communicated: the per-head ``lambda`` and the document boundaries are known on every
-rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` (:func:`carry_weights`).
+rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` and the decay
+(:func:`shards_passing`, :func:`carry_weights`).
 
 The backward mirrors it with one all-gather: each rank forms ``dP_r`` (the gradient of its entering
 state, from the corrected head tokens), the ``dP`` of all ranks (and each rank's gradient of the
@@ -66,6 +67,7 @@ from ..layout import Layout
 
 __all__ = [
     "ShardDocs",
+    "shards_passing",
     "carry_weights",
     "LinearCPContext",
     "build_linear_context",
@@ -119,32 +121,52 @@ class ShardDocs:
         start = rank * n
         if cu_seqlens is None:
             return ShardDocs(start, n, None, n if rank else 0, rank > 0)
-        interior = [int(c) for c in cu_seqlens[1:-1]]
-        inside = [c - start for c in interior if start <= c < start + n]  # local doc starts
-        local_cu = torch.tensor([0, *inside, n], dtype=torch.int64)
-        head = 0 if rank == 0 else (inside[0] if inside else n)
-        return ShardDocs(start, n, local_cu, head, rank > 0 and not inside)
+        interior = cu_seqlens[1:-1].to(torch.int64)
+        inside = interior[(interior >= start) & (interior < start + n)] - start  # local doc starts
+        local_cu = torch.cat([inside.new_zeros(1), inside, inside.new_full((1,), n)])
+        head = 0 if rank == 0 else (int(inside[0]) if inside.numel() else n)
+        return ShardDocs(start, n, local_cu, head, rank > 0 and not inside.numel())
 
 
-def carry_weights(shards: list[ShardDocs], log_decay: Tensor | None, heads: int,
+def shards_passing(cu_seqlens: Tensor | None, seq_len: int, world_size: int) -> Tensor:
+    """bool ``[P]``: ``ShardDocs.build(..., rank=r).passes`` for every rank at once (vectorised)."""
+    Layout("contiguous").check(seq_len, world_size)
+    passes = torch.arange(world_size) > 0
+    if cu_seqlens is not None and cu_seqlens.numel() > 2:
+        n = seq_len // world_size
+        interior = cu_seqlens[1:-1].to(torch.int64)
+        starts = torch.arange(world_size, dtype=torch.int64) * n  # [P]
+        # number of interior boundaries in [start, start + n) of each shard
+        count = torch.searchsorted(interior, starts + n) - torch.searchsorted(interior, starts)
+        passes &= count == 0
+    return passes
+
+
+def carry_weights(passes: Tensor, tokens_per_rank: int, log_decay: Tensor | None, heads: int,
                   dtype: torch.dtype = torch.float64) -> Tensor:
     """``W [P + 1, P, H]``: the state entering rank ``r`` is ``sum_j W[r, j] s_j`` (row ``P``: the
     final state), ``s_j`` being rank ``j``'s local final state.
 
-    ``W[r, j] = prod_{j<i<r} A_i`` for ``j < r`` (else 0), ``A_i = lambda^n`` if ``shards[i].passes``
-    else 0; computed as ``exp(g * n * (r - j - 1))`` so nothing overflows.  On the CPU, in ``dtype``.
+    ``W[r, j] = prod_{j<i<r} A_i`` for ``j < r`` (else 0) with ``A_i = lambda^n`` where
+    ``passes[i]`` (:func:`shards_passing`), else 0; computed as ``exp(g * n * (r - j - 1))`` so
+    nothing overflows.  On the CPU, in ``dtype``.
+
+    Example (4 ranks of 6 tokens, a document starting inside rank 2)::
+
+        >>> W = carry_weights(torch.tensor([False, True, False, True]), 6, None, heads=1)
+        >>> W[..., 0].tolist()  # rows: entering ranks 0..3, then the final state
+        [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
     """
-    P = len(shards)
+    P = passes.numel()
     g = torch.zeros(heads, dtype=dtype) if log_decay is None else log_decay.detach().cpu().to(dtype)
-    W = torch.zeros(P + 1, P, heads, dtype=dtype)
-    for r in range(1, P + 1):
-        for j in range(r - 1, -1, -1):
-            # the state of shard j reaches the start of shard r through shards j+1 .. r-1
-            decay_tokens = sum(shards[i].length for i in range(j + 1, r))
-            W[r, j] = torch.exp(g * decay_tokens)
-            if not shards[j].passes:
-                break  # a document starts in shard j: nothing before it gets through
-    return W
+    blocked = torch.cat([torch.zeros(1, dtype=torch.int64), (~passes).to(torch.int64).cumsum(0)])
+    r = torch.arange(P + 1)[:, None]  # [P + 1, 1]
+    j = torch.arange(P)[None, :]  # [1, P]
+    # shard j's state reaches the start of shard r iff every shard in between (j, r) passes it on
+    between = blocked[r.clamp(max=P)] - blocked[(j + 1).clamp(max=P)]  # [P + 1, P]
+    reach = (j < r) & (between == 0)
+    hops = (r - j - 1).clamp(min=0).to(dtype) * tokens_per_rank  # [P + 1, P] decayed tokens
+    return torch.where(reach[..., None], torch.exp(hops[..., None] * g), 0.0)  # [P + 1, P, H]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,8 +263,7 @@ def build_linear_context(
     docs = ShardDocs.build(cu, seq_len, world, rank)
     acc = acc_dtype(q.dtype)
     weights = carry_weights(
-        [ShardDocs.build(cu, seq_len, world, r) for r in range(world)], args.log_decay,
-        shape.heads,
+        shards_passing(cu, seq_len, world), shape.seq, args.log_decay, shape.heads
     ).to(device=q.device, dtype=acc)
     t = torch.arange(1, docs.head + 1, dtype=acc, device=q.device)  # lambda^(t+1), t = 0..head-1
     g = args.log_decay if args.log_decay is not None else torch.zeros(shape.heads, dtype=acc, device=q.device)
