@@ -14,8 +14,8 @@ from .base import (
 from .mask import BlockSparse, Mask, Positions, Segment
 from .merge import merge_into, merge_partials
 from .reference import ReferenceConfig, TorchReference
-from .triton_flash import TritonFlash, TritonFlashConfig  # registers "triton"
-from .vendor import VendorSDPA  # registers "sdpa"
+from .triton_flash import TileConfig, TritonFlash, TritonFlashConfig  # registers "triton"
+from .vendor import VendorSDPA, vendor_mask_mode  # registers "sdpa"
 from .dispatch import AutoKernel, select_kernel  # registers "auto"; after the kernels it picks
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Positions",
     "ReferenceConfig",
     "Segment",
+    "TileConfig",
     "TorchReference",
     "TritonFlash",
     "TritonFlashConfig",
@@ -38,4 +39,5 @@ __all__ = [
     "merge_partials",
     "register_kernel",
     "select_kernel",
+    "vendor_mask_mode",
 ]
