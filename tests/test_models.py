@@ -205,6 +205,29 @@ def test_clip_grad_norm_matches_torch_on_one_process():
                 assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode,core_calls", [("none", 2), ("selective", 2), ("full", 4)])
+def test_selective_checkpointing_never_reruns_attention(monkeypatch, mode, core_calls):
+    """2 layers: the attention core runs once per layer, twice under full checkpointing."""
+    from longctx.models import llama
+    from longctx.models.parallelize import _apply_ac
+
+    calls = []
+    real = llama.cp_attention
+    monkeypatch.setattr(llama, "cp_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, w_h, _ = _inputs()
+    ref = LlamaModel(CFG, seed=0, dtype=DTYPE)
+    model = LlamaModel(CFG, seed=0, dtype=DTYPE)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = _apply_ac(block, mode)
+    seq = SequenceContext.single_device(CFG.seq_length)
+    (model(ids, seq) * w_h).sum().backward()
+    assert len(calls) == core_calls
+    (ref(ids, seq) * w_h).sum().backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        assert a.grad is None or torch.equal(a.grad, b.grad)
+
+
 def test_tied_output_uses_embedding():
     cfg = CFG.replace(untie_embeddings_and_output_weights=False)
     model = LlamaModel(cfg, seed=0, dtype=DTYPE)

@@ -1,5 +1,6 @@
 """Megatron-style config and a GPT/Llama decoder (single-device code) whose attention calls
-:func:`longctx.attention`; parallelism is applied in one place, :func:`parallelize_model`.
+:func:`longctx.attention`; parallelism is applied in one place, :func:`parallelize_model`
+(:mod:`longctx.models.parallelize`).
 
 Example::
 
@@ -28,19 +29,31 @@ from .llama import (
     apply_rope,
     rope_cos_sin,
 )
+from .parallelize import (
+    ParallelConfig,
+    clip_grad_norm_,
+    parallelize_model,
+    reduce_gradients,
+    validate_parallel_dims,
+)
 
 __all__ = [
     "Attention",
     "FeedForward",
     "LlamaModel",
     "ModelConfig",
+    "ParallelConfig",
     "RMSNorm",
     "SequenceContext",
     "TransformerBlock",
     "apply_rope",
     "attention_flops_per_token",
+    "clip_grad_norm_",
     "flops_per_token",
     "matmul_flops_per_token",
     "num_params",
+    "parallelize_model",
+    "reduce_gradients",
     "rope_cos_sin",
+    "validate_parallel_dims",
 ]

@@ -27,7 +27,14 @@ torchtitan style, in this order:
    (``grad_reduction="sum"``): normalise the loss by the global token count over dp x cp.
 
 Without FSDP, gradients are not reduced in backward: call :func:`reduce_gradients` after the last
-backward of a step (a no-op for FSDP models, so it can always be called).
+backward of a step (a no-op for FSDP models, so it can always be called), then
+:func:`clip_grad_norm_`, which computes the global norm for any mix of plain, TP-sharded and
+FSDP-sharded gradients.
+
+Chunked loss under FSDP: the root's parameters (embedding, final norm, output) are not resharded
+after forward, so ``model.logits(hidden_chunk)`` / ``model.output_weight`` may be used between
+forward and backward; their gradients are reduce-scattered at the end of backward (tested).
+Before the first forward they are sharded DTensors.
 
 Example (on each of 8 ranks after ``dist.init_process_group``)::
 
