@@ -148,7 +148,7 @@ def check_linear_inputs(q: Tensor, k: Tensor, v: Tensor) -> LinearShape:
 
 def check_state(state: Tensor | None, shape: LinearShape, device: torch.device,
                 name: str = "initial_state") -> None:
-    """Raise a ValueError unless ``state`` is None or a float ``[B, H, Dk, Dv]`` tensor on ``device``."""
+    """Raise unless ``state`` is None or a float ``[B, H, Dk, Dv]`` tensor on ``device``."""
     if state is None:
         return
     if not isinstance(state, Tensor):
@@ -239,7 +239,9 @@ class LinearArgs:
             scale = shape.dk ** -0.5
         scale = float(scale)
         if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be finite and > 0 (default head_dim ** -0.5), got {scale}")
+            raise ValueError(
+                f"scale must be finite and > 0 (default head_dim ** -0.5), got {scale}"
+            )
         g = None
         if log_decay is not None:
             g = _check_log_decay(log_decay, shape.heads, acc_dtype(q.dtype), q.device)
@@ -369,7 +371,8 @@ def chunked_linear_attention(q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
         intra = torch.einsum("bhij,bhjv->bhiv", scores, vc)
         inter = torch.einsum("bhik,bhkv->bhiv", qc * row[..., None], state)
         outs.append(args.scale * (intra + inter))  # [B, H, L, Dv]
-        state = state * total[:, None, None] + torch.einsum("bhjk,bhjv->bhkv", kc * col[..., None], vc)
+        arriving = torch.einsum("bhjk,bhjv->bhkv", kc * col[..., None], vc)  # [B, H, Dk, Dv]
+        state = state * total[:, None, None] + arriving
     if outs:
         out = torch.cat(outs, 2).transpose(1, 2)  # [B, H, S, Dv] -> [B, S, H, Dv]
     else:
@@ -387,7 +390,9 @@ class LinearReferenceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("chunked", "recurrent"):
-            raise ValueError(f"LinearReferenceConfig.mode must be 'chunked' or 'recurrent', got {self.mode!r}")
+            raise ValueError(
+                f"LinearReferenceConfig.mode must be 'chunked' or 'recurrent', got {self.mode!r}"
+            )
         if self.chunk < 1:
             raise ValueError(f"LinearReferenceConfig.chunk must be >= 1, got {self.chunk}")
 

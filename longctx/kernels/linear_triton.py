@@ -122,7 +122,9 @@ class LinearTritonConfig:
         for name in ("chunk", "block_k", "block_v", "dq_block_k"):
             _pow2_at_least_16(name, getattr(self, name))
         if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"LinearTritonConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+            raise ValueError(
+                f"LinearTritonConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}"
+            )
         if self.num_stages < 1:
             raise ValueError(f"LinearTritonConfig.num_stages must be >= 1, got {self.num_stages}")
 
@@ -216,7 +218,8 @@ if triton is not None:
 
     @_jit
     def _rows(X, b, offs_t, head, offs_d, S, heads, D: tl.constexpr):
-        """Pointers and mask of the ``[len(offs_t), len(offs_d)]`` tile of ``X [B, S, heads, D]``."""
+        """Pointers and mask of the ``[T, BD]`` tile (tokens ``offs_t``, columns ``offs_d``) of
+        ``X [B, S, heads, D]``."""
         row = (b.to(tl.int64) * S + offs_t) * heads + head  # [T]
         ptrs = X + row[:, None] * D + offs_d[None, :]
         mask = (offs_t < S)[:, None] & (offs_d < D)[None, :]
@@ -576,13 +579,20 @@ class LinearTriton:
         B, S, H, Hkv, Dk, Dv = shape
         out_shape = (B, S, H, Dv)
         if tuple(dout.shape) != out_shape:
-            raise ValueError(f"dout must be shaped like the output {list(out_shape)}, got {list(dout.shape)}")
+            raise ValueError(
+                f"dout must be shaped like the output {list(out_shape)}, got {list(dout.shape)}"
+            )
         if dfinal is not None and tuple(dfinal.shape) != shape.state:
-            raise ValueError(f"dfinal must be shaped like the state {list(shape.state)}, got {list(dfinal.shape)}")
+            raise ValueError(
+                f"dfinal must be shaped like the state {list(shape.state)}, got "
+                f"{list(dfinal.shape)}"
+            )
         f32 = dict(dtype=torch.float32, device=q.device)
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         if S == 0 or B * H == 0:
-            dh0 = dfinal.to(torch.float32).clone() if dfinal is not None else torch.zeros(shape.state, **f32)
+            dh0 = torch.zeros(shape.state, **f32)
+            if dfinal is not None:  # nothing in between: the final state is the initial state
+                dh0 = dfinal.to(torch.float32, copy=True)
             return (torch.zeros(q.shape, **f32), torch.zeros(k.shape, **f32),
                     torch.zeros(v.shape, **f32), dh0 if h0 is not None else None)
         q, k, v = (t.contiguous() for t in (q, k, v))

@@ -266,7 +266,9 @@ def build_linear_context(
         shards_passing(cu, seq_len, world), shape.seq, args.log_decay, shape.heads
     ).to(device=q.device, dtype=acc)
     t = torch.arange(1, docs.head + 1, dtype=acc, device=q.device)  # lambda^(t+1), t = 0..head-1
-    g = args.log_decay if args.log_decay is not None else torch.zeros(shape.heads, dtype=acc, device=q.device)
+    g = args.log_decay
+    if g is None:
+        g = torch.zeros(shape.heads, dtype=acc, device=q.device)
     head_decay = torch.exp(t[:, None] * g[None, :])[..., None]  # [head, H] -> [head, H, 1]
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
@@ -310,7 +312,8 @@ def linear_backward(
     d_prefix = torch.einsum("bthk,bthv->bhkv", q_head, dout[:, :head].to(acc)) * scale
     if cp.return_final_state:
         d_final = dfinal.to(acc) if dfinal is not None else torch.zeros_like(d_prefix)
-        got = GatherComm(cp.group).all_gather(torch.stack([d_prefix, d_final]))  # [P, 2, B, H, Dk, Dv]
+        # [2, B, H, Dk, Dv] on every rank -> [P, 2, B, H, Dk, Dv]
+        got = GatherComm(cp.group).all_gather(torch.stack([d_prefix, d_final]))
         # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final-state grad
         d_entering = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
     else:
