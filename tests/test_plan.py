@@ -53,14 +53,16 @@ def test_zigzag_causal_calls_per_step(P, c):
         for r in range(P):
             src = (r - s) % P
             calls = plan_calls(mask, pos[r], pos[src])
-            if src == r:  # diagonal: chunk r vs chunk r, second chunk vs both
-                expected = [TileCall(0, c, 0, c), TileCall(c, 2 * c, 0, 2 * c)]
-            elif src < r:  # both query chunks vs the first key chunk, one merged call
-                expected = [TileCall(0, 2 * c, 0, c)]
-            else:  # the second query chunk vs both key chunks
-                expected = [TileCall(c, 2 * c, 0, 2 * c)]
-            assert calls == expected, (P, c, s, r, src)
             work.append(_pairs(calls))
+            if P - 1 in (r, src):  # the last rank's chunks P-1 and P touch: calls may merge
+                continue
+            if src == r:  # diagonal: chunk r vs chunk r, second chunk vs both, one call per pair
+                expected = [TileCall(0, c, 0, c), TileCall(c, 2 * c, 0, c), TileCall(c, 2 * c, c, 2 * c)]
+            elif src < r:  # both query chunks vs the first key chunk
+                expected = [TileCall(0, c, 0, c), TileCall(c, 2 * c, 0, c)]
+            else:  # the second query chunk vs both key chunks
+                expected = [TileCall(c, 2 * c, 0, c), TileCall(c, 2 * c, c, 2 * c)]
+            assert calls == expected, (P, c, s, r, src)
         if s > 0:
             assert work == [2 * c * c] * P, (s, work)  # balanced across ranks
         else:
@@ -80,10 +82,23 @@ def test_zigzag_layout_positions_give_same_plan(P):
             )
 
 
-def test_all_runs_allowed_is_one_whole_call():
-    pos = zigzag(3, 4)
-    assert plan_calls(Mask(), pos[1], pos[2]) == [TileCall(0, 8, 0, 8)]
-    assert plan_calls(Mask(window=100), pos[0], pos[0]) == [TileCall(0, 8, 0, 8)]
+def test_all_runs_allowed_is_one_call_per_run_pair():
+    pos = zigzag(3, 4)  # two runs per rank: every call must see single-run positions
+    quarters = [TileCall(0, 4, 0, 4), TileCall(0, 4, 4, 8), TileCall(4, 8, 0, 4), TileCall(4, 8, 4, 8)]
+    assert plan_calls(Mask(), pos[1], pos[0]) == quarters  # ranks 0, 1: chunks never touch
+    assert plan_calls(Mask(window=100), pos[0], pos[0]) == quarters
+    one = Positions.contiguous(0, 8)
+    assert plan_calls(Mask(), one, one) == [TileCall(0, 8, 0, 8)]
+
+
+def test_calls_see_single_run_positions():
+    for P in (2, 3, 4):
+        pos = zigzag(P, 3)
+        for r in range(P):
+            for src in range(P):
+                for c in plan_calls(Mask(causal=True), pos[r], pos[src]):
+                    assert len(pos[r].slice(c.q_begin, c.q_end).segments) == 1
+                    assert len(pos[src].slice(c.k_begin, c.k_end).segments) == 1
 
 
 def test_plan_calls_empty_when_nothing_allowed():
@@ -111,37 +126,33 @@ def test_plan_calls_empty_shard_gives_no_calls(mask, side):
     assert plan_calls(mask, q, k) == []
 
 
-def test_plan_calls_merges_only_consecutive_runs_with_same_keys():
-    # query runs: 10..11, 0..1, 12..13; key runs 0..3 and 10..13, causal
+def test_plan_calls_merges_runs_that_continue_each_other():
+    # query runs 10..11, 0..1, 12..13; key runs 0..3 and 10..13, causal: one call per pair
     q = Positions((Segment(10, 2), Segment(0, 2), Segment(12, 2)))
     k = Positions((Segment(0, 4), Segment(10, 4)))
-    calls = plan_calls(Mask(causal=True), q, k)
-    assert calls == [TileCall(0, 2, 0, 8), TileCall(2, 4, 0, 4), TileCall(4, 6, 0, 8)]
-    # same keys for consecutive query runs: one call
+    assert plan_calls(Mask(causal=True), q, k) == [
+        TileCall(0, 2, 0, 4), TileCall(0, 2, 4, 8), TileCall(2, 4, 0, 4),
+        TileCall(4, 6, 0, 4), TileCall(4, 6, 4, 8),
+    ]
+    # query runs 10..11 and 12..13 continue each other locally and globally: merged
     q2 = Positions((Segment(10, 2), Segment(12, 2), Segment(0, 2)))
-    assert plan_calls(Mask(causal=True), q2, k) == [TileCall(0, 4, 0, 8), TileCall(4, 6, 0, 4)]
-    # a query run with no allowed key between two runs with the same keys is not swallowed
-    q3 = Positions((Segment(10, 2), Segment(0, 2), Segment(12, 2)))
-    k3 = Positions((Segment(5, 2),))
-    assert plan_calls(Mask(causal=True), q3, k3) == [TileCall(0, 2, 0, 2), TileCall(4, 6, 0, 2)]
+    k2 = Positions((Segment(0, 4),))
+    assert plan_calls(Mask(causal=True), q2, k2) == [TileCall(0, 4, 0, 4), TileCall(4, 6, 0, 4)]
+    # key runs 0..1 and 2..3 continue each other: one call for the query run
+    k3 = Positions((Segment(0, 2), Segment(2, 2), Segment(30, 2)))
+    assert plan_calls(Mask(causal=True), Positions.contiguous(4, 2), k3) == [TileCall(0, 2, 0, 4)]
 
 
-def test_plan_calls_key_hull_spans_gap():
-    # query run allowed against key runs 0 and 2 but not 1: one call over the hull of keys
+def test_plan_calls_skip_run_pairs_without_allowed_keys():
     q = Positions((Segment(0, 2), Segment(40, 2)))
     k = Positions((Segment(0, 2), Segment(20, 2), Segment(41, 2)))
     m = Mask(cu_seqlens=torch.tensor([0, 10, 30, 50]))
     # q run 0 (doc 0) -> k run 0; q run 1 (doc 2) -> k run 2 only
     assert plan_calls(m, q, k) == [TileCall(0, 2, 0, 2), TileCall(2, 4, 4, 6)]
-    m2 = Mask(cu_seqlens=torch.tensor([0, 50]), window=3)
-    q3 = Positions((Segment(1, 1), Segment(42, 1)))
-    k3 = Positions((Segment(0, 2), Segment(20, 2), Segment(41, 2)))
-    # q run 0 -> k run 0; q run 1 -> k run 2 -- separate calls; a single query run with keys in
-    # runs 0 and 2 would get the hull 0..6
-    assert plan_calls(m2, q3, k3) == [TileCall(0, 1, 0, 2), TileCall(1, 2, 4, 6)]
+    # a query run allowed against key runs 0 and 2 but not 1: two calls, no hull over the gap
     q4 = Positions((Segment(1, 1),))
     k4 = Positions((Segment(0, 2), Segment(20, 2), Segment(2, 2)))
-    assert plan_calls(Mask(window=3), q4, k4) == [TileCall(0, 1, 0, 6)]
+    assert plan_calls(Mask(window=3), q4, k4) == [TileCall(0, 1, 0, 2), TileCall(0, 1, 4, 6)]
 
 
 def test_plan_calls_many_runs_falls_back_to_whole():

@@ -136,17 +136,17 @@ class Positions:
         return max((hi for _, hi in self.bounds()), default=-1)
 
     def slice(self, begin: int, end: int) -> "Positions":
-        """Positions of local tokens ``begin:end`` (keeps segment form when it can)."""
+        """Positions of local tokens ``begin:end`` (segment form, continuing runs merged)."""
         if self.index is not None:
             return Positions(index=self.index[begin:end])
-        out: list[Segment] = []
+        out: list[Positions] = []
         offset = 0
         for s in self.segments:
             lo, hi = max(begin - offset, 0), min(end - offset, s.length)
             if lo < hi:
-                out.append(Segment(s.start + lo * s.stride, hi - lo, s.stride))
+                out.append(Positions((Segment(s.start + lo * s.stride, hi - lo, s.stride),)))
             offset += s.length
-        return Positions(tuple(out))
+        return Positions.cat(out)  # runs that continue one another become one
 
     def local_runs(self) -> list[tuple[int, int, "Positions"]]:
         """``(local_begin, local_end, positions)`` per segment: used to split work per run."""

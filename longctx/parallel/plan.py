@@ -27,42 +27,56 @@ class TileCall:
     k_end: int
 
 
+def _continues(pos: Positions, a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Do local ranges ``a`` then ``b`` touch, with positions forming one run?"""
+    return a[1] == b[0] and len(Positions.cat([pos.slice(*a), pos.slice(*b)]).segments) == 1
+
+
 def plan_calls(mask: Mask, q_pos: Positions, k_pos: Positions) -> list[TileCall]:
     """Kernel calls that cover every allowed pair of a (query shard, key shard) pair.
 
-    Shards made of several runs (zigzag: two chunks) are split per run, so that a run pair with
-    no allowed pair is never computed; consecutive query runs that need the same keys share a
-    call.  Returns ``[]`` when the shards have no allowed pair at all.
+    Shards made of several runs (zigzag: two chunks) get one call per (query run, key run) pair
+    that has an allowed pair, so a run pair with nothing allowed is never computed and every call
+    sees single-run positions (the kernels' fast path: tile ranges follow from the run bounds).
+    Calls whose ranges and positions continue one another are merged.  Returns ``[]`` when the
+    shards have no allowed pair at all.
 
     Example (zigzag, P=2, rank 0 holds chunks 0 and 3 of 4, causal diagonal step)::
 
         >>> from longctx.kernels.mask import Mask, Positions, Segment
         >>> pos = Positions((Segment(0, 4), Segment(12, 4)))
-        >>> plan_calls(Mask(causal=True), pos, pos)
-        [TileCall(q_begin=0, q_end=4, k_begin=0, k_end=4), TileCall(q_begin=4, q_end=8, k_begin=0, k_end=8)]
+        >>> for call in plan_calls(Mask(causal=True), pos, pos):
+        ...     print(call)
+        TileCall(q_begin=0, q_end=4, k_begin=0, k_end=4)
+        TileCall(q_begin=4, q_end=8, k_begin=0, k_end=4)
+        TileCall(q_begin=4, q_end=8, k_begin=4, k_end=8)
     """
     if len(q_pos) == 0 or len(k_pos) == 0:
         return []
     whole = TileCall(0, len(q_pos), 0, len(k_pos))
     q_runs, k_runs = q_pos.local_runs(), k_pos.local_runs()
-    if len(q_runs) * len(k_runs) > _MAX_SPLIT_RUNS:
+    if len(q_runs) * len(k_runs) > _MAX_SPLIT_RUNS or len(q_runs) * len(k_runs) == 1:
         return [whole] if mask.any_allowed(q_pos, k_pos) else []
-    ok = [[mask.any_allowed(qp, kp) for _, _, kp in k_runs] for _, _, qp in q_runs]
-    if all(all(row) for row in ok):
-        return [whole]
-    calls: list[TileCall] = []
-    for (qb, qe, _), row in zip(q_runs, ok):
-        cols = [j for j, allowed in enumerate(row) if allowed]
-        if not cols:
-            continue
-        # the hull of the allowed key runs; the kernel masks any gap inside it
-        kb, ke = k_runs[cols[0]][0], k_runs[cols[-1]][1]
-        prev = calls[-1] if calls else None
-        if prev is not None and prev.q_end == qb and (prev.k_begin, prev.k_end) == (kb, ke):
-            calls[-1] = TileCall(prev.q_begin, qe, kb, ke)
+    calls = [
+        TileCall(qb, qe, kb, ke)
+        for qb, qe, qp in q_runs
+        for kb, ke, kp in k_runs
+        if mask.any_allowed(qp, kp)
+    ]
+    merged: list[TileCall] = []
+    for c in calls:
+        prev = merged[-1] if merged else None
+        if prev is not None and (prev.q_begin, prev.q_end) == (c.q_begin, c.q_end) and _continues(
+            k_pos, (prev.k_begin, prev.k_end), (c.k_begin, c.k_end)
+        ):
+            merged[-1] = TileCall(prev.q_begin, prev.q_end, prev.k_begin, c.k_end)
+        elif prev is not None and (prev.k_begin, prev.k_end) == (c.k_begin, c.k_end) and _continues(
+            q_pos, (prev.q_begin, prev.q_end), (c.q_begin, c.q_end)
+        ):
+            merged[-1] = TileCall(prev.q_begin, c.q_end, prev.k_begin, prev.k_end)
         else:
-            calls.append(TileCall(qb, qe, kb, ke))
-    return calls
+            merged.append(c)
+    return merged
 
 
 def ring_steps(mask: Mask, positions: Sequence[Positions]) -> int:

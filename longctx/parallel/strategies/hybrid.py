@@ -20,27 +20,34 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ...kernels.mask import Positions
 from ..comm import AllToAllComm
 from ..context import CPContext, build_context, cast_grads
 from .ring import ring_backward, ring_forward
 from .ulysses import (
+    TokenOrder,
     check_head_split,
     heads_to_seq,
     kv_heads_to_seq,
     kv_seq_to_heads,
     lse_heads_to_seq,
     seq_to_heads,
+    token_order,
 )
 
 __all__ = ["hybrid_forward", "hybrid_backward", "HybridAttention", "hybrid_attention"]
 
 
+def _super_shard(cp: CPContext, ring_rank: int, U: int, device) -> TokenOrder:
+    """Ring member ``ring_rank``'s Ulysses group of U shards, sorted into global order."""
+    members = tuple(range(ring_rank * U, (ring_rank + 1) * U))
+    return token_order(cp.layout, cp.seq_len, cp.world_size, members, str(device))
+
+
 def _ring_context(cp: CPContext, comm: AllToAllComm) -> CPContext:
-    """The context of the ring across Ulysses groups: one super-shard per group."""
+    """The context of the ring across Ulysses groups: one sorted super-shard per group."""
     U = comm.world_size
     R = cp.world_size // U
-    positions = tuple(Positions.cat(cp.positions[i * U : (i + 1) * U]) for i in range(R))
+    positions = tuple(_super_shard(cp, i, U, "cpu").positions for i in range(R))
     return replace(
         cp, group=cp.hybrid.ring, world_size=R, rank=cp.rank // U, positions=positions,
         hybrid=None,
@@ -51,24 +58,27 @@ def hybrid_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse, saved."""
     comm = AllToAllComm(cp.hybrid.ulysses)
     H = q.shape[2]
-    q_h = seq_to_heads(q, comm)  # [B, U*S/P, H/U, D]
-    k_h, v_h = kv_seq_to_heads(k, H, comm), kv_seq_to_heads(v, H, comm)
+    order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q.device)
+    q_h = order.sort(seq_to_heads(q, comm))  # [B, U*S/P, H/U, D], global order
+    k_h = order.sort(kv_seq_to_heads(k, H, comm))
+    v_h = order.sort(kv_seq_to_heads(v, H, comm))
     out_h, lse_h = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm))
-    out = heads_to_seq(out_h, comm)
-    lse = lse_heads_to_seq(lse_h, comm)
+    out = heads_to_seq(order.unsort(out_h), comm)
+    lse = lse_heads_to_seq(order.unsort(lse_h, dim=2), comm)
     return out, lse, (q_h, k_h, v_h, out_h, lse_h)
 
 
 def hybrid_backward(dout: Tensor, saved: tuple[Tensor, ...], kv_heads: int, cp: CPContext):
     """Gradients of the local shards from the saved head shards, in the accumulation dtype."""
-    q_h, k_h, v_h, out_h, lse_h = saved
+    q_h, k_h, v_h, out_h, lse_h = saved  # in global token order
     comm = AllToAllComm(cp.hybrid.ulysses)
     H = q_h.shape[2] * comm.world_size
-    dout_h = seq_to_heads(dout, comm)
+    order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q_h.device)
+    dout_h = order.sort(seq_to_heads(dout, comm))
     dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, _ring_context(cp, comm))
-    dq = heads_to_seq(dq_h, comm)
-    dk = kv_heads_to_seq(dk_h, H, kv_heads, comm)
-    dv = kv_heads_to_seq(dv_h, H, kv_heads, comm)
+    dq = heads_to_seq(order.unsort(dq_h), comm)
+    dk = kv_heads_to_seq(order.unsort(dk_h), H, kv_heads, comm)
+    dv = kv_heads_to_seq(order.unsort(dv_h), H, kv_heads, comm)
     return dq, dk, dv
 
 

@@ -18,16 +18,24 @@ Example (on each rank of a process group; any layout)::
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ...kernels.base import acc_dtype
-from ...kernels.mask import Positions
+from ...kernels.mask import Positions, Segment
+from ..layout import Layout
 from ..comm import AllToAllComm
 from ..context import CPContext, build_context, cast_grads
 from .blocks import backward_block, forward_block
 
+_MAX_RUNS = 64
+
 __all__ = [
+    "TokenOrder",
+    "token_order",
     "check_head_split",
     "ulysses_forward",
     "ulysses_backward",
@@ -59,6 +67,53 @@ def _kv_head_slices(heads: int, kv_heads: int, degree: int) -> list[slice]:
     per_rank, group = heads // degree, heads // kv_heads
     count = max(1, per_rank // group)
     return [slice(j * per_rank // group, j * per_rank // group + count) for j in range(degree)]
+
+
+@dataclass(frozen=True, eq=False)
+class TokenOrder:
+    """Gathered tokens sorted into global order: their positions (few runs) and the permutations.
+
+    After the all-to-all the sequence sits in rank order, e.g. zigzag's ``2P`` chunks interleaved;
+    sorting turns it back into one run (or a few), so each kernel call takes the fast path.
+    ``perm`` is None when the tokens are already in order.
+    """
+
+    positions: Positions
+    perm: Tensor | None  # sorted = gathered[:, perm]
+    inverse: Tensor | None  # gathered = sorted[:, inverse]
+
+    def sort(self, x: Tensor, dim: int = 1) -> Tensor:
+        return x if self.perm is None else x.index_select(dim, self.perm)
+
+    def unsort(self, x: Tensor, dim: int = 1) -> Tensor:
+        return x if self.inverse is None else x.index_select(dim, self.inverse)
+
+
+def _runs(sorted_idx: Tensor) -> Positions:
+    """Sorted global positions as stride-1 runs (an index tensor when there are very many)."""
+    breaks = ((sorted_idx[1:] - sorted_idx[:-1]) != 1).nonzero().flatten() + 1
+    if breaks.numel() > _MAX_RUNS:
+        return Positions.from_index(sorted_idx)
+    bounds = [0, *breaks.tolist(), sorted_idx.numel()]
+    return Positions(
+        tuple(Segment(int(sorted_idx[a]), b - a) for a, b in zip(bounds[:-1], bounds[1:]))
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def token_order(
+    layout: Layout, seq_len: int, world_size: int, members: tuple[int, ...], device: str
+) -> TokenOrder:
+    """The sorted order of the tokens of CP ranks ``members`` gathered in that order.
+
+    A pure function of the layout, memoised: it runs once per shape, not once per layer.
+    """
+    gathered = Positions.cat([layout.positions(seq_len, world_size, r) for r in members])
+    if len(gathered.segments) == 1:
+        return TokenOrder(gathered, None, None)
+    idx = gathered.materialize()
+    perm = torch.argsort(idx)
+    return TokenOrder(_runs(idx[perm]), perm.to(device), torch.argsort(perm).to(device))
 
 
 def seq_to_heads(x: Tensor, comm: AllToAllComm) -> Tensor:
@@ -116,34 +171,40 @@ def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     """
     comm = AllToAllComm(cp.group)
     H = q.shape[2]
-    q_h = seq_to_heads(q, comm)  # [B, S, H/P, D]
-    k_h, v_h = kv_seq_to_heads(k, H, comm), kv_seq_to_heads(v, H, comm)  # [B, S, n, D]
-    pos = Positions.cat(cp.all_positions())
+    order = _order(cp, q.device)
+    q_h = order.sort(seq_to_heads(q, comm))  # [B, S, H/P, D], global order
+    k_h = order.sort(kv_seq_to_heads(k, H, comm))  # [B, S, n, D]
+    v_h = order.sort(kv_seq_to_heads(v, H, comm))
     B, S, h, D = q_h.shape
     out_h = torch.zeros(B, S, h, D, dtype=acc_dtype(q.dtype), device=q.device)
     lse_h = torch.full((B, h, S), float("-inf"), dtype=out_h.dtype, device=q.device)
-    forward_block(q_h, k_h, v_h, pos, pos, cp, out_h, lse_h)
+    forward_block(q_h, k_h, v_h, order.positions, order.positions, cp, out_h, lse_h)
     out_h = out_h.to(q.dtype)
-    out = heads_to_seq(out_h, comm)
-    lse = lse_heads_to_seq(lse_h, comm)
+    out = heads_to_seq(order.unsort(out_h), comm)
+    lse = lse_heads_to_seq(order.unsort(lse_h, dim=2), comm)
     return out, lse, (q_h, k_h, v_h, out_h, lse_h)
+
+
+def _order(cp: CPContext, device: torch.device) -> TokenOrder:
+    return token_order(cp.layout, cp.seq_len, cp.world_size, tuple(range(cp.world_size)), str(device))
 
 
 def ulysses_backward(dout: Tensor, saved: tuple[Tensor, ...], kv_heads: int, cp: CPContext):
     """Gradients of the local shards from the saved head shards, in the accumulation dtype."""
-    q_h, k_h, v_h, out_h, lse_h = saved
+    q_h, k_h, v_h, out_h, lse_h = saved  # in global token order
     comm = AllToAllComm(cp.group)
     H = q_h.shape[2] * comm.world_size
-    dout_h = seq_to_heads(dout, comm)
+    order = _order(cp, q_h.device)
+    dout_h = order.sort(seq_to_heads(dout, comm))
     acc = acc_dtype(q_h.dtype)
     dq_h = torch.zeros(q_h.shape, dtype=acc, device=q_h.device)
     dk_h = torch.zeros(k_h.shape, dtype=acc, device=k_h.device)
     dv_h = torch.zeros(v_h.shape, dtype=acc, device=v_h.device)
-    pos = Positions.cat(cp.all_positions())
+    pos = order.positions
     backward_block(dout_h, q_h, k_h, v_h, out_h, lse_h, pos, pos, cp, dq_h, dk_h, dv_h)
-    dq = heads_to_seq(dq_h, comm)
-    dk = kv_heads_to_seq(dk_h, H, kv_heads, comm)
-    dv = kv_heads_to_seq(dv_h, H, kv_heads, comm)
+    dq = heads_to_seq(order.unsort(dq_h), comm)
+    dk = kv_heads_to_seq(order.unsort(dk_h), H, kv_heads, comm)
+    dv = kv_heads_to_seq(order.unsort(dv_h), H, kv_heads, comm)
     return dq, dk, dv
 
 
