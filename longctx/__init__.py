@@ -8,8 +8,17 @@ Example::
     torch.Size([1, 32, 4, 16])
 """
 
-from .kernels import BlockSparse, Mask, Positions, available_kernels, get_kernel
-from .parallel import ContextParallelAttention, CPConfig, Layout, attention, shard, unshard
+from .kernels import BlockSparse, Mask, Positions, available_kernels, get_kernel, retnet_log_decay
+from .parallel import (
+    ContextParallelAttention,
+    CPConfig,
+    Layout,
+    Star,
+    attention,
+    shard,
+    unshard,
+)
+from .parallel.strategies import linear_attention
 
 __version__ = "0.1.0"
 
@@ -20,9 +29,12 @@ __all__ = [
     "Layout",
     "Mask",
     "Positions",
+    "Star",
     "attention",
     "available_kernels",
     "get_kernel",
+    "linear_attention",
+    "retnet_log_decay",
     "shard",
     "unshard",
 ]

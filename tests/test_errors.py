@@ -117,3 +117,15 @@ def test_rank_failure_reports_the_traceback(mesh2):
     with pytest.raises(MeshError, match=r"(?s)rank 1.*boom on purpose"):
         mesh2.run(_raise_on_rank_one)
     assert mesh2.run(dist.get_rank) == [0, 1]  # the mesh keeps serving after a failure
+
+
+def test_linear_strategy_through_the_entry():
+    q = torch.randn(1, 8, 4, 8, dtype=torch.float64)
+    k = v = torch.randn(1, 8, 2, 8, dtype=torch.float64)
+    decay = longctx.retnet_log_decay(4)
+    via_entry = longctx.attention(q, k, v, strategy="linear", log_decay=decay)
+    assert torch.equal(via_entry, longctx.linear_attention(q, k, v, log_decay=decay))
+    with pytest.raises(ValueError, match="no log-sum-exp"):
+        longctx.attention(q, k, v, strategy="linear", return_lse=True)
+    with pytest.raises(ValueError, match="log_decay is for strategy='linear'"):
+        longctx.attention(q, k, v, log_decay=decay)

@@ -11,6 +11,17 @@ from .base import (
     get_kernel,
     register_kernel,
 )
+from .linear_reference import (
+    LinearArgs,
+    LinearAttentionKernel,
+    LinearKernelFunction,
+    LinearReference,
+    LinearReferenceConfig,
+    available_linear_kernels,
+    get_linear_kernel,
+    linear_attention_reference,
+    retnet_log_decay,
+)
 from .mask import BlockSparse, Mask, Positions, Segment
 from .merge import merge_into, merge_partials
 from .reference import ReferenceConfig, TorchReference
@@ -19,6 +30,15 @@ from .vendor import VendorSDPA, vendor_mask_mode  # registers "sdpa"
 from .dispatch import AutoKernel, select_kernel  # registers "auto"; after the kernels it picks
 
 __all__ = [
+    "LinearArgs",
+    "LinearAttentionKernel",
+    "LinearKernelFunction",
+    "LinearReference",
+    "LinearReferenceConfig",
+    "available_linear_kernels",
+    "get_linear_kernel",
+    "linear_attention_reference",
+    "retnet_log_decay",
     "AttentionKernel",
     "AutoKernel",
     "BlockSparse",

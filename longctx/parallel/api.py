@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..kernels.base import AttentionKernel
 from ..kernels.mask import Mask
 from .layout import Layout
-from .strategies import STRATEGIES, Star, star_attention
+from .strategies import STRATEGIES, Star, linear_attention, star_attention
 
 __all__ = ["attention", "CPConfig", "ContextParallelAttention"]
 
@@ -27,6 +27,7 @@ def attention(
     kernel: "str | AttentionKernel" = "reference",
     scale: float | None = None,
     return_lse: bool = False,
+    log_decay: Tensor | None = None,
 ):
     """Context-parallel attention over the local shards of a sequence.
 
@@ -37,15 +38,18 @@ def attention(
             For ``strategy="hybrid"``: :class:`~longctx.parallel.context.HybridGroups` or a 2-D
             ``(ring, ulysses)`` DeviceMesh (see :mod:`longctx.parallel.mesh`).
         strategy: ``"ring"``, ``"zigzag"``, ``"striped"``, ``"allgather"``, ``"ulysses"``,
-            ``"hybrid"``, or a :class:`~longctx.parallel.strategies.star.Star` (star attention
-            with its anchor and query lengths).
+            ``"hybrid"``, ``"linear"`` (causal linear attention with per-head decay, LASP-2
+            style; ``kernel`` then names a linear kernel), or a
+            :class:`~longctx.parallel.strategies.star.Star` (star attention with its anchor and
+            query lengths).
         layout: how the sequence was sharded (``"contiguous"``, ``"zigzag"``, ``"striped"``,
             ``"striped:w"``); defaults to the strategy's own layout (contiguous for ring and
             all-gather).
         mask: a :class:`~longctx.kernels.mask.Mask` on global positions (default: full).
         kernel: local kernel name (``longctx.kernels.available_kernels()``) or instance.
         scale: score scale, default ``1/sqrt(D)``.
-        return_lse: also return the float32 log-sum-exp ``[B, H, S/P]``.
+        return_lse: also return the float32 log-sum-exp ``[B, H, S/P]`` (softmax strategies).
+        log_decay: ``strategy="linear"`` only: per-head log-decays ``[H]`` (<= 0), None = none.
 
     Returns:
         ``out [B, S/P, H, D]`` in q's dtype (and ``lse`` if asked), differentiable in q, k, v.
@@ -64,11 +68,21 @@ def attention(
             q, k, v, mesh_or_group, star=strategy, mask=mask, kernel=kernel, scale=scale,
             return_lse=return_lse, **kwargs,
         )
+    if strategy == "linear":
+        if return_lse:
+            raise ValueError("linear attention has no log-sum-exp: drop return_lse=True")
+        return linear_attention(
+            q, k, v, mesh_or_group, log_decay=log_decay, mask=mask, kernel=kernel, scale=scale,
+            **kwargs,
+        )
+    if log_decay is not None:
+        raise ValueError(f"log_decay is for strategy='linear', not {strategy!r}")
     try:
         fn = STRATEGIES[strategy]
     except KeyError:
         raise ValueError(
-            f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}"
+            f"unknown strategy {strategy!r}; choose one of {sorted([*STRATEGIES, 'linear'])} "
+            "or a Star(...)"
         ) from None
     return fn(
         q, k, v, mesh_or_group, mask=mask, kernel=kernel, scale=scale, return_lse=return_lse,
@@ -89,7 +103,8 @@ class CPConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(
-                f"CPConfig.strategy={self.strategy!r}; choose one of {sorted(STRATEGIES)}"
+                f"CPConfig.strategy={self.strategy!r}; choose one of {sorted(STRATEGIES)} "
+                "(linear attention has its own entry: longctx.linear_attention)"
             )
         if self.layout is not None:
             Layout.parse(self.layout)

@@ -35,6 +35,7 @@ STRATEGY_LAYOUTS: dict[str, tuple[str, ...] | None] = {
     "ulysses": None,
     "hybrid": None,
     "star": ("contiguous",),
+    "linear": ("contiguous",),
 }
 
 

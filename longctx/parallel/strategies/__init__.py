@@ -3,6 +3,7 @@
 
 from .allgather import allgather_attention
 from .hybrid import hybrid_attention
+from .linear import linear_attention
 from .ring import ring_attention
 from .star import Star, star_attention
 from .striped import striped_attention
@@ -24,6 +25,7 @@ __all__ = [
     "star_attention",
     "allgather_attention",
     "hybrid_attention",
+    "linear_attention",
     "ring_attention",
     "striped_attention",
     "ulysses_attention",
