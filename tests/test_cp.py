@@ -128,3 +128,27 @@ def _module_and_device_mesh(group, seq_per_rank):
 
 def test_module_over_device_mesh(mesh):
     assert max(mesh.run(_module_and_device_mesh, 6)) == 0.0
+
+
+def _auto_choice(group, heads, kv_heads, layout, causal):
+    q = torch.zeros(1, 4, heads, 8)
+    k = torch.zeros(1, 4, kv_heads, 8)
+    mask = longctx.Mask(causal=causal)
+    return longctx.parallel.api.choose_strategy(q, k, group, layout=layout, mask=mask)
+
+
+def test_auto_strategy_choice(mesh):
+    P = mesh.world_size
+    if P == 1:
+        assert mesh.run(_auto_choice, 4, 2, "zigzag", True) == ["ring"]
+        return
+    assert set(mesh.run(_auto_choice, 2 * P, P, "zigzag", True)) == {"ulysses"}
+    odd = 2 * P + 1  # heads that do not split: the layout's balanced ring
+    assert set(mesh.run(_auto_choice, odd, odd, "zigzag", True)) == {"zigzag"}
+    assert set(mesh.run(_auto_choice, odd, odd, "striped", True)) == {"striped"}
+    assert set(mesh.run(_auto_choice, odd, odd, "contiguous", True)) == {"ring"}
+
+
+def test_auto_strategy_matches_reference(mesh):
+    case = CPCase("auto", "zigzag", "documents", world_size=mesh.world_size)
+    _assert_close(check_cp_case(mesh, case), case)

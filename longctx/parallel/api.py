@@ -5,14 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..kernels.base import AttentionKernel
 from ..kernels.mask import Mask
+from .context import resolve_group
 from .layout import Layout
 from .strategies import STRATEGIES, Star, linear_attention, star_attention
+from .strategies.ulysses import check_head_split
 
-__all__ = ["attention", "CPConfig", "ContextParallelAttention"]
+__all__ = ["attention", "choose_strategy", "CPConfig", "ContextParallelAttention"]
 
 
 def attention(
@@ -37,7 +40,8 @@ def attention(
         mesh_or_group: the context-parallel ProcessGroup or a 1-D DeviceMesh; None = one process.
             For ``strategy="hybrid"``: :class:`~longctx.parallel.context.HybridGroups` or a 2-D
             ``(ring, ulysses)`` DeviceMesh (see :mod:`longctx.parallel.mesh`).
-        strategy: ``"ring"``, ``"zigzag"``, ``"striped"``, ``"allgather"``, ``"ulysses"``,
+        strategy: ``"auto"`` (see :func:`choose_strategy`), ``"ring"``, ``"zigzag"``,
+            ``"striped"``, ``"allgather"``, ``"ulysses"``,
             ``"hybrid"``, ``"linear"`` (causal linear attention with per-head decay, LASP-2
             style; ``kernel`` then names a linear kernel), or a
             :class:`~longctx.parallel.strategies.star.Star` (star attention with its anchor and
@@ -63,6 +67,8 @@ def attention(
         torch.Size([1, 16, 4, 8])
     """
     kwargs = {} if layout is None else {"layout": layout}
+    if strategy == "auto":
+        strategy = choose_strategy(q, k, mesh_or_group, layout=layout, mask=mask)
     if isinstance(strategy, Star):
         return star_attention(
             q, k, v, mesh_or_group, star=strategy, mask=mask, kernel=kernel, scale=scale,
@@ -90,6 +96,36 @@ def attention(
     )
 
 
+def choose_strategy(q: Tensor, k: Tensor, mesh_or_group=None, *, layout=None, mask=None) -> str:
+    """The strategy ``strategy="auto"`` runs, from the 4x H200 measurements in RESULTS.md.
+
+    Ulysses when the heads split over the group (it led at every length and head layout we
+    measured: one all-to-all pair instead of P ring steps, one long kernel call); otherwise the
+    ring variant that balances causal work on the inputs' layout (zigzag, striped), else the ring.
+
+    Example::
+
+        >>> import torch
+        >>> q = torch.randn(1, 8, 4, 16); k = torch.randn(1, 8, 2, 16)
+        >>> choose_strategy(q, k)        # one process: nothing to communicate
+        'ring'
+    """
+    group = resolve_group(mesh_or_group)
+    world = dist.get_world_size(group) if group is not None else 1
+    if world == 1:
+        return "ring"
+    try:
+        check_head_split(q.shape[2], k.shape[2], world)
+        return "ulysses"
+    except ValueError:
+        pass
+    kind = Layout.parse(layout).kind if layout is not None else "contiguous"
+    causal = mask is not None and mask.causal
+    if causal and kind in ("zigzag", "striped"):
+        return kind
+    return "ring"
+
+
 @dataclass(frozen=True)
 class CPConfig:
     """How :class:`ContextParallelAttention` shards and computes attention."""
@@ -101,7 +137,7 @@ class CPConfig:
     window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
+        if self.strategy not in STRATEGIES and self.strategy != "auto":
             raise ValueError(
                 f"CPConfig.strategy={self.strategy!r}; choose one of {sorted(STRATEGIES)} "
                 "(linear attention has its own entry: longctx.linear_attention)"
