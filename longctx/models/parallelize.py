@@ -160,15 +160,13 @@ class ParallelConfig:
 
 # -- meshes -------------------------------------------------------------------------------------
 def build_dp_cp_tp_mesh(pmesh: ParallelMesh) -> DeviceMesh:
-    """A 2-D DeviceMesh ``("dp_cp", "tp")`` over the same ranks as ``pmesh`` (collective).
+    """The 2-D DeviceMesh ``("dp_cp", "tp")`` over the same ranks as ``pmesh``.
 
-    ``build_mesh`` places rank ``((dp * cp_size) + cp) * tp_size + tp``, so viewing the rank grid
-    as ``[dp * cp, tp]`` flattens dp and cp with cp fastest. FSDP shards over ``"dp_cp"``; TP uses
-    ``"tp"`` of this same mesh (FSDP2 + TP need both from one root mesh).
+    ``build_mesh`` places rank ``((dp * cp_size) + cp) * tp_size + tp`` and builds this view
+    once (``pmesh.fsdp_mesh``): dp and cp flattened with cp fastest. FSDP shards over
+    ``"dp_cp"``; TP uses ``"tp"`` of this same mesh (FSDP2 + TP need both from one root mesh).
     """
-    dims = pmesh.dims
-    ranks = pmesh.mesh.mesh.reshape(dims.dp * dims.cp, dims.tp)  # [dp, cp, tp] -> [dp*cp, tp]
-    return DeviceMesh(pmesh.mesh.device_type, ranks, mesh_dim_names=("dp_cp", "tp"))
+    return pmesh.fsdp_mesh
 
 
 # -- tensor parallel ----------------------------------------------------------------------------

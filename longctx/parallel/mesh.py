@@ -65,6 +65,7 @@ class ParallelMesh:
     dims: ParallelDims
     mesh: DeviceMesh  # ("dp", "cp", "tp")
     split_mesh: DeviceMesh  # ("dp", "ring", "ulysses", "tp"), same ranks
+    fsdp_mesh: DeviceMesh  # ("dp_cp", "tp"), same ranks: FSDP shards over dp x cp, TP over tp
 
     def group(self, name: str) -> dist.ProcessGroup:
         """Process group of ``dp``, ``cp``, ``tp``, ``ring`` or ``ulysses``."""
@@ -94,4 +95,9 @@ def build_mesh(dims: ParallelDims, device_type: str = "cuda") -> ParallelMesh:
         ranks.view(dims.dp, dims.ring, dims.ulysses, dims.tp),  # cp rank = ring * U + ulysses
         mesh_dim_names=SPLIT_DIM_NAMES,
     )
-    return ParallelMesh(dims, mesh, split)
+    fsdp = DeviceMesh(
+        device_type,
+        ranks.view(dims.dp * dims.cp, dims.tp),  # [dp, cp, tp] -> [dp*cp, tp], cp fastest
+        mesh_dim_names=("dp_cp", "tp"),
+    )
+    return ParallelMesh(dims, mesh, split, fsdp)
