@@ -1,0 +1,636 @@
+"""The run config: one typed, nested dataclass loaded from YAML with ``--set key.sub=value``.
+
+``TrainConfig()`` *is* the embedded default run (``configs/tiny.yaml`` spells the same values
+out): a tiny Llama on the synthetic passkey/MQAR data, byte tokenizer, ``cp=4`` zigzag on a
+simulated CPU mesh.  A YAML file (and then every ``--set``) is merged over those defaults field by
+field, so a config names only what it changes; then every value is checked against its field's
+type, and every component checks its own values.  Errors name the bad key as a dotted path and
+say what is allowed::
+
+    unknown config key 'optim.lrr'; allowed keys in 'optim': betas, eps, lr, weight_decay
+    (did you mean 'optim.lr'?)
+
+Sections (``longctx train --print-config`` prints them all, resolved):
+
+- ``model``: :class:`~longctx.models.config.ModelConfig` (megatron-core names).
+- ``data``: :class:`~longctx.data.DataConfig`; ``data.packing.seq_length`` follows
+  ``model.seq_length`` unless set (then they must agree).
+- ``parallel``: :class:`ParallelismConfig`: mesh sizes, the CP strategy/layout/kernel, and how the
+  model is parallelized (FSDP2, activation checkpointing, compile).
+- ``optim`` (AdamW), ``schedule`` (warmup + cosine/linear/constant decay to ``min_lr``),
+  ``train`` (steps, batch, accumulation, clipping, precision, device, loss chunking, peak FLOP/s),
+  ``logging`` (TensorBoard, interval), ``checkpoint`` (DCP: interval, keep, resume).
+- top level: ``name`` (the run's folder under ``output_dir``), ``output_dir``, ``seed``.
+
+Example::
+
+    >>> from longctx.train.config import TrainConfig, load_config
+    >>> cfg = load_config(None, ["parallel.cp=2", "optim.lr=3e-4", "train.steps=10"])
+    >>> cfg.parallel.cp, cfg.optim.lr, cfg.train.steps, cfg.data.packing.seq_length
+    (2, 0.0003, 10, 1024)
+    >>> load_config(None, ["optim.lrr=1"])
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown config key 'optim.lrr'; allowed keys in 'optim': betas, eps, lr, weight_decay (did you mean 'optim.lr'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from ..data import DataConfig, check_seq_length
+from ..models.config import ModelConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "LoggingConfig",
+    "OptimConfig",
+    "ParallelismConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+Precision = Literal["auto", "bf16", "fp32", "fp64"]
+Device = Literal["auto", "cpu", "cuda"]
+Decay = Literal["cosine", "linear", "constant"]
+ACMode = Literal["none", "full", "selective"]
+
+# The tiny default model (the embedded default run); ffn_hidden_size / kv_channels are derived.
+TINY_MODEL = ModelConfig(
+    num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2, seq_length=1024,
+    vocab_size=259,  # the byte tokenizer: 256 bytes + <pad> <bos> <eos>
+)
+# The strategy's own layout when parallel.layout is unset.
+STRATEGY_LAYOUTS = {"zigzag": "zigzag", "striped": "striped"}
+
+
+# -- sections -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParallelismConfig:
+    """The ``parallel`` section: mesh sizes, context-parallel attention, model parallelization.
+
+    - ``dp`` / ``cp`` / ``tp`` / ``ulysses``: mesh sizes (``dp=None``: the ranks left over,
+      ``world_size // (cp * tp)``); ``ulysses`` divides ``cp`` (``strategy="hybrid"``: Ulysses
+      inside, ring across). Ranks: ``tp`` fastest, then cp, then dp.
+    - ``strategy``: a CP strategy (``longctx.parallel.strategies.STRATEGIES``); ``layout``: how
+      the sequence is sharded (None: the strategy's own: zigzag for zigzag, striped for striped,
+      else contiguous); ``kernel``: the local attention kernel (``auto`` picks per call).
+    - ``fsdp``, ``activation_checkpointing``, ``compile``, ``compile_backend``,
+      ``reshard_after_forward``: :class:`~longctx.models.parallelize.ParallelConfig`.
+    """
+
+    dp: int | None = None
+    cp: int = 4
+    tp: int = 1
+    ulysses: int = 1
+    strategy: str = "zigzag"
+    layout: str | None = None
+    kernel: str = "auto"
+    fsdp: bool = False
+    activation_checkpointing: ACMode = "none"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        from ..kernels import available_kernels
+        from ..parallel.layout import Layout
+        from ..parallel.strategies import STRATEGIES
+
+        for name in ("cp", "tp", "ulysses"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp is not None and self.dp < 1:
+            raise ValueError(f"parallel.dp must be >= 1 or null (the ranks left), got {self.dp}")
+        if self.cp % self.ulysses:
+            raise ValueError(
+                f"parallel.ulysses={self.ulysses} must divide parallel.cp={self.cp} "
+                "(cp = ring x ulysses)"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"parallel.strategy={self.strategy!r}; allowed values: {sorted(STRATEGIES)}"
+            )
+        if self.strategy == "hybrid" and self.ulysses == 1 and self.cp > 1:
+            raise ValueError(
+                "parallel.strategy='hybrid' needs parallel.ulysses > 1 (Ulysses inside, ring "
+                "across); set ulysses to a divisor of cp, or pick strategy 'ring'/'zigzag'"
+            )
+        if self.ulysses > 1 and self.strategy != "hybrid":
+            raise ValueError(
+                f"parallel.ulysses={self.ulysses} only applies to strategy 'hybrid' (got "
+                f"{self.strategy!r}); set ulysses=1, or strategy='hybrid'"
+            )
+        if self.layout is not None:
+            try:
+                Layout.parse(self.layout)
+            except ValueError as e:
+                raise ValueError(f"parallel.layout: {e}") from None
+        if self.kernel not in available_kernels():
+            raise ValueError(
+                f"parallel.kernel={self.kernel!r}; allowed values: {available_kernels()}"
+            )
+
+    @property
+    def resolved_layout(self) -> str:
+        """The layout the sequence is sharded with."""
+        return self.layout or STRATEGY_LAYOUTS.get(self.strategy, "contiguous")
+
+    def dims(self, world_size: int):
+        """:class:`~longctx.parallel.mesh.ParallelDims` for ``world_size`` ranks (dp inferred)."""
+        from ..parallel.mesh import ParallelDims
+
+        per_dp = self.cp * self.tp
+        dp = self.dp
+        if dp is None:
+            if world_size % per_dp:
+                raise ValueError(
+                    f"{world_size} ranks cannot be split into data-parallel groups of "
+                    f"parallel.cp x parallel.tp = {self.cp} x {self.tp} = {per_dp} ranks; launch a "
+                    f"multiple of {per_dp} processes or change cp/tp"
+                )
+            dp = world_size // per_dp
+        if dp * per_dp != world_size:
+            raise ValueError(
+                f"parallel.dp x cp x tp = {dp} x {self.cp} x {self.tp} = {dp * per_dp} but "
+                f"{world_size} processes were launched; launch {dp * per_dp} processes or set "
+                f"parallel.dp=null to use all of them"
+            )
+        return ParallelDims(dp=dp, cp=self.cp, tp=self.tp, ulysses=self.ulysses)
+
+    def world_size(self) -> int:
+        """Processes this config asks for (``dp=None`` counts as 1)."""
+        return (self.dp or 1) * self.cp * self.tp
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW: ``lr`` (peak), ``betas``, ``eps``, ``weight_decay`` (matrices only; norms and
+    other 1-D parameters are not decayed)."""
+
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError("optim.eps must be > 0 and optim.weight_decay >= 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning rate: linear warmup from 0 over ``warmup_steps``, then ``decay`` (cosine, linear,
+    constant) from ``optim.lr`` to ``min_lr`` at the last step (``train.steps``)."""
+
+    warmup_steps: int = 10
+    decay: Decay = "cosine"
+    min_lr: float = 3e-4
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.min_lr < 0:
+            raise ValueError(f"schedule.min_lr must be >= 0, got {self.min_lr}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The ``train`` section.
+
+    - ``steps``: optimizer steps; ``micro_batch_size``: packed sequences per micro-batch per
+      data-parallel rank (more than one are laid end to end, documents kept apart by the mask);
+      ``grad_accum_steps``: micro-batches per step.  Global batch per step:
+      ``dp * grad_accum_steps * micro_batch_size`` sequences.
+    - ``clip_grad_norm``: global gradient-norm clip (null: no clipping; the norm is still logged).
+    - ``precision``: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` (FSDP2 mixed precision with
+      fp32 master weights and fp32 reductions, or autocast without FSDP), ``fp32``, ``fp64``.
+    - ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda``.
+    - ``loss_chunk_size``: tokens per chunk of the cross-entropy (the ``[tokens, vocab]``
+      logits exist for one chunk at a time).
+    - ``peak_flops_per_device``: for MFU; null: 989e12 on H100/H200 (bf16 dense), 312e12 on
+      A100, and a nominal 1e11 per CPU process.
+    """
+
+    steps: int = 100
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = 1.0
+    precision: Precision = "auto"
+    device: Device = "auto"
+    loss_chunk_size: int = 2048
+    peak_flops_per_device: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "loss_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(
+                f"train.clip_grad_norm must be > 0 or null (no clipping), got {self.clip_grad_norm}"
+            )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``dir``: TensorBoard folder (null: ``<output_dir>/<name>/tensorboard``);
+    ``tensorboard``: write event files; ``log_interval``: steps between progress lines/scalars."""
+
+    dir: str | None = None
+    tensorboard: bool = True
+    log_interval: int = 10
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """torch.distributed.checkpoint (DCP) folders ``<dir>/step-<N>``.
+
+    - ``enabled``; ``dir`` (null: ``<output_dir>/<name>/checkpoints``).
+    - ``interval``: steps between saves (0: only at the end); the last step and a SIGTERM always
+      save. ``keep``: newest checkpoints kept (0: all).
+    - ``resume``: ``auto`` (the newest complete checkpoint in ``dir``, if any), ``none`` (start
+      fresh; refused when ``dir`` already holds checkpoints), or the path of a ``step-<N>`` folder.
+    """
+
+    enabled: bool = True
+    dir: str | None = None
+    interval: int = 50
+    keep: int = 2
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.keep < 0:
+            raise ValueError("checkpoint.interval and checkpoint.keep must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run; ``TrainConfig()`` is the embedded default (``configs/tiny.yaml``)."""
+
+    name: str = "tiny"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=lambda: TINY_MODEL)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelismConfig = field(default_factory=ParallelismConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        self._check_consistency()
+
+    # -- cross-section checks -------------------------------------------------------------------
+    def _check_consistency(self) -> None:
+        from ..models.parallelize import validate_parallel_dims
+        from ..parallel.mesh import ParallelDims
+
+        S = self.model.seq_length
+        if self.data.packing.seq_length != S:
+            raise ValueError(
+                f"data.packing.seq_length={self.data.packing.seq_length} differs from "
+                f"model.seq_length={S}; remove data.packing.seq_length (it follows the model) or "
+                "make them equal"
+            )
+        par = self.parallel
+        try:
+            check_seq_length(S, par.resolved_layout, par.cp)
+        except ValueError as e:
+            raise ValueError(f"model.seq_length: {e} (parallel.layout / parallel.cp)") from None
+        dims = ParallelDims(dp=1, cp=par.cp, tp=par.tp, ulysses=par.ulysses)
+        try:
+            validate_parallel_dims(self.model, dims)
+        except ValueError as e:
+            msg = str(e).replace("ModelConfig.", "model.")
+            raise ValueError(f"parallel.tp / parallel.ulysses: {msg}") from None
+        if par.strategy == "ulysses" and (self.model.num_attention_heads // par.tp) % par.cp:
+            raise ValueError(
+                f"parallel.strategy='ulysses' splits heads over cp: parallel.cp={par.cp} must "
+                f"divide num_attention_heads / tp = {self.model.num_attention_heads // par.tp}; "
+                "lower cp, or use 'hybrid' with parallel.ulysses dividing the heads"
+            )
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(
+                f"schedule.min_lr={self.schedule.min_lr} is above optim.lr={self.optim.lr}"
+            )
+        if self.checkpoint.resume not in ("auto", "none") and not self.checkpoint.resume:
+            raise ValueError("checkpoint.resume must be 'auto', 'none' or a checkpoint path")
+
+    # -- paths ----------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return Path(self.logging.dir) if self.logging.dir else self.run_dir / "tensorboard"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    # -- conversion -----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Merge ``values`` (nested dicts, e.g. parsed YAML) over the defaults and check them."""
+        values = dict(values)
+        # data.packing.seq_length follows model.seq_length unless given
+        model = values.get("model") if isinstance(values.get("model"), Mapping) else {}
+        data = values.get("data")
+        if data is None or isinstance(data, Mapping):
+            data = dict(data or {})
+            packing = data.get("packing")
+            if packing is None or isinstance(packing, Mapping):
+                packing = dict(packing or {})
+                packing.setdefault("seq_length", model.get("seq_length", TINY_MODEL.seq_length))
+                data["packing"] = packing
+                values["data"] = data
+        return _build(cls, values, "", cls())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts/lists (YAML-safe); ``from_dict(to_dict())`` round-trips."""
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- loading and overrides ------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``values`` with ``key.sub=value`` overrides applied (values parsed as YAML scalars/lists).
+
+    >>> apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=0.5", "parallel.cp=2"])
+    {'optim': {'lr': 0.5}, 'parallel': {'cp': 2}}
+    """
+    out = _deep_copy(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(
+                f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. "
+                "--set parallel.cp=2 --set optim.lr=3e-4"
+            )
+        parts = key.split(".")
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ValueError(
+                    f"--set {item!r}: {'.'.join(parts[: depth + 1])!r} is a value, not a section"
+                )
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """``TrainConfig`` from a YAML file (None: the embedded default) and ``--set`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"config file {str(p)!r} does not exist; pass --config configs/<name>.yaml "
+                "(or no --config for the embedded tiny default)"
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"config file {str(p)!r} must hold a mapping of sections (model:, data:, ...), "
+                f"got {type(loaded).__name__}"
+            )
+        values = loaded
+    return TrainConfig.from_dict(apply_overrides(values, overrides))
+
+
+# -- the typed builder ----------------------------------------------------------------------------
+def _deep_copy(values: Any) -> Any:
+    if isinstance(values, Mapping):
+        return {k: _deep_copy(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_deep_copy(v) for v in values]
+    return values
+
+
+def _dotted(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _base_values(obj: Any) -> dict[str, Any]:
+    """Init fields of a dataclass instance, leaving out ones it derived (ModelConfig)."""
+    derived = set(getattr(obj, "derived_fields", ()))
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.init and f.name not in derived}
+
+
+def _is_dataclass_type(t: Any) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _describe(t: Any) -> str:
+    origin, args = get_origin(t), get_args(t)
+    if t is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if _is_dataclass_type(t):
+        return "a section (mapping)"
+    return {int: "an int", float: "a number", bool: "true or false", str: "a string"}.get(
+        t, getattr(t, "__name__", str(t))
+    )
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(t: Any, value: Any, path: str, base: Any) -> Any:
+    """``value`` checked against (and converted to) type ``t``; raises _Mismatch / ValueError."""
+    origin, args = get_origin(t), get_args(t)
+    if t is Any:
+        return value
+    if t is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        # a section stays a section: merge into the base when it is one
+        for alt in args:
+            try:
+                return _convert(alt, value, path, base)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            items = [_convert_item(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        elif args:
+            if len(value) != len(args):
+                raise _Mismatch
+            items = [_convert_item(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            items = list(value)
+        return tuple(items) if origin is tuple else items
+    if _is_dataclass_type(t):
+        if isinstance(value, t):
+            return value
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        return _build(t, value, path, base if isinstance(base, t) else None)
+    return value
+
+
+def _convert_item(t: Any, value: Any, path: str) -> Any:
+    try:
+        return _convert(t, value, path, None)
+    except _Mismatch:
+        raise ValueError(
+            f"config key {path!r} must be {_describe(t)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _build(cls: type, values: Mapping[str, Any], path: str, base: Any | None) -> Any:
+    """Instance of dataclass ``cls``: ``values`` merged over ``base`` (or the defaults)."""
+    if not isinstance(values, Mapping):
+        raise ValueError(  # noqa: TRY004 (config errors are ValueErrors)
+            f"config key {path!r} must be a section (a mapping), got {values!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    init_fields = [f for f in fields(cls) if f.init]
+    allowed = [f.name for f in init_fields]
+    for key in values:
+        if key not in allowed:
+            where = f"in {path!r}" if path else "at the top level"
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {_dotted(path, close[0])!r}?)" if close else ""
+            raise ValueError(
+                f"unknown config key {_dotted(path, str(key))!r}; allowed keys {where}: "
+                f"{', '.join(sorted(allowed))}{hint}"
+            )
+    merged = _base_values(base) if base is not None else {}
+    kwargs: dict[str, Any] = {}
+    for f in init_fields:
+        key_path = _dotted(path, f.name)
+        if f.name in values:
+            sub_base = merged.get(f.name)
+            if sub_base is None and _is_dataclass_type(_dataclass_in(hints[f.name])):
+                sub_base = _field_default(f)
+            try:
+                kwargs[f.name] = _convert(hints[f.name], values[f.name], key_path, sub_base)
+            except _Mismatch:
+                v = values[f.name]
+                raise ValueError(
+                    f"config key {key_path!r} must be {_describe(hints[f.name])}, got {v!r} "
+                    f"({type(v).__name__})"
+                ) from None
+        elif f.name in merged:
+            kwargs[f.name] = merged[f.name]
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"config section {path or 'top level'!r}: {e}") from None
+    except ValueError as e:
+        msg = str(e)
+        if path:  # name the key as a dotted path: "ModelConfig.hidden_size" -> "model.hidden_size"
+            msg = msg.replace(f"{cls.__name__}.", f"{path}.")
+            if not msg.startswith(path.split(".")[0]) and f"{path}." not in msg:
+                msg = f"{path}: {msg}"
+        raise ValueError(msg) from None
+
+
+def _dataclass_in(t: Any) -> Any:
+    if _is_dataclass_type(t):
+        return t
+    for a in get_args(t):
+        if _is_dataclass_type(a):
+            return a
+    return None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
