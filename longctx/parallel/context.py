@@ -7,6 +7,7 @@ and never look anything up through globals.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .layout import Layout
 __all__ = [
     "CPContext",
     "HybridGroups",
+    "all_positions",
     "build_context",
     "resolve_group",
     "resolve_hybrid_groups",
@@ -73,6 +75,12 @@ class CPContext:
     def all_positions(self) -> tuple[Positions, ...]:
         """Global positions held by every rank of the group, in rank order."""
         return self.positions
+
+
+@functools.lru_cache(maxsize=128)
+def all_positions(layout: Layout, seq_len: int, world_size: int) -> tuple[Positions, ...]:
+    """Every rank's global positions; a pure function of the layout, memoised across calls."""
+    return tuple(layout.positions(seq_len, world_size, r) for r in range(world_size))
 
 
 def _is_device_mesh(obj) -> bool:
@@ -190,7 +198,7 @@ def build_context(
         scale=float(scale),
         world_size=world,
         rank=rank,
-        positions=tuple(layout.positions(seq_len, world, r) for r in range(world)),
+        positions=all_positions(layout, seq_len, world),
         hybrid=hybrid,
     )
 
