@@ -21,13 +21,21 @@ pytestmark = [
 ]
 WORLD = min(N_GPUS, 4)
 KERNELS = [k for k in ("reference", "triton") if k in available_kernels()]
-COMBOS = [("ring", "contiguous"), ("zigzag", "zigzag"), ("striped", "striped"), ("allgather", "contiguous")]
+COMBOS = [
+    ("ring", "contiguous"),
+    ("zigzag", "zigzag"),
+    ("striped", "striped"),
+    ("allgather", "contiguous"),
+    ("ulysses", "zigzag"),
+    ("hybrid", "zigzag"),
+]
 
 
 def gpu_case(strategy, layout, mask, kernel, world=WORLD) -> CPCase:
     return CPCase(
         strategy, layout, mask, world_size=world, batch=1, tokens_per_rank=512, heads=8,
         kv_heads=2, head_dim=64, dtype="bfloat16", kernel=kernel, device="cuda",
+        ulysses=2 if world % 2 == 0 else world,
     )
 
 
