@@ -51,6 +51,7 @@ def small_values(tmp: Path, syn: Path) -> dict:
                   "grad_accum_steps": 2},
         "logging": {"tensorboard": False, "log_interval": 1},
         "checkpoint": {"enabled": False},
+        "eval": {"num_samples": 0},
     }
 
 
@@ -282,6 +283,7 @@ CP_CASES = {
     "striped": ["parallel.strategy=striped"],
     "ulysses": ["parallel.strategy=ulysses"],
     "ring-zigzag-layout": ["parallel.strategy=ring", "parallel.layout=zigzag"],
+    "auto": ["parallel.strategy=auto"],
 }
 
 
@@ -309,6 +311,30 @@ def test_micro_batch_of_two_sequences_equals_accumulation(mesh4, base):
                        "train.micro_batch_size=2")
     results = mesh4.run(_rank_one_step, cfg)
     assert_same_step(results, reference_step(small_config(base)))
+
+
+def _rank_predictions(group, cfg: TrainConfig):
+    trainer = Trainer(cfg, quiet=True)
+    try:
+        samples = trainer.eval_samples()
+        ids = torch.tensor([trainer.dataset.tokenizer.encode(s.text) for s in samples[:1]])
+        report = trainer.evaluate(samples)
+        return trainer.predict_next_tokens(ids[:, :101]), report
+    finally:
+        trainer.close()
+
+
+def test_eval_predictions_under_cp_equal_one_process(mesh4, base):
+    """The held-out accuracy runs CP-sharded (padded to the layout's multiple, gathered over
+    cp): the same greedy predictions and report as one process."""
+    cfg = small_config(base, "eval.num_samples=4")
+    ref_pred, ref_report = _rank_predictions(None, cfg)
+    assert ref_pred.shape == (1, 101) and ref_report.num_answers > 0
+    for strategy in ("zigzag", "striped"):
+        cp = small_config(base, "eval.num_samples=4", "parallel.cp=4",
+                          f"parallel.strategy={strategy}")
+        for pred, report in mesh4.run(_rank_predictions, cp):
+            assert torch.equal(pred, ref_pred) and report == ref_report
 
 
 # -- TP x CP x DP on 8 processes -----------------------------------------------------------------
@@ -393,7 +419,7 @@ def _cli_overrides(base: dict, out: Path) -> list[str]:
         f"model.ffn_hidden_size={m['ffn_hidden_size']}", f"model.seq_length={m['seq_length']}",
         f"data.synthetic_path={syn}", "data.synthetic.num_samples=64",
         "data.synthetic.min_length=100", "data.synthetic.max_length=250",
-        "parallel.cp=2", "logging.log_interval=1",
+        "parallel.cp=2", "logging.log_interval=1", "eval.num_samples=2",
     ]
 
 
@@ -429,6 +455,7 @@ def test_cli_sigterm_saves_then_resumes(base, workdir):
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from {ckpts[-1]} at step {stopped_at}" in done.stdout, done.stdout
     assert f"finished at step {stopped_at + 2}/{stopped_at + 2} (2 steps this run)" in done.stdout
+    assert "held-out answers: exact match" in done.stdout
     run_dir = ckpts[-1].parent.parent
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / f"step-{stopped_at + 2:08d}").is_dir()

@@ -19,7 +19,8 @@ Sections (``longctx train --print-config`` prints them all, resolved):
   model is parallelized (FSDP2, activation checkpointing, compile).
 - ``optim`` (AdamW), ``schedule`` (warmup + cosine/linear/constant decay to ``min_lr``),
   ``train`` (steps, batch, accumulation, clipping, precision, device, loss chunking, peak FLOP/s),
-  ``logging`` (TensorBoard, interval), ``checkpoint`` (DCP: interval, keep, resume).
+  ``logging`` (TensorBoard, interval), ``checkpoint`` (DCP: interval, keep, resume),
+  ``eval`` (passkey/MQAR answer accuracy on held-out synthetic samples).
 - top level: ``name`` (the run's folder under ``output_dir``), ``output_dir``, ``seed``.
 
 Example::
@@ -53,6 +54,7 @@ from ..models.config import ModelConfig
 
 __all__ = [
     "CheckpointConfig",
+    "EvalConfig",
     "LoggingConfig",
     "OptimConfig",
     "ParallelismConfig",
@@ -74,7 +76,7 @@ TINY_MODEL = ModelConfig(
     vocab_size=259,  # the byte tokenizer: 256 bytes + <pad> <bos> <eos>
 )
 # The strategy's own layout when parallel.layout is unset.
-STRATEGY_LAYOUTS = {"zigzag": "zigzag", "striped": "striped"}
+STRATEGY_LAYOUTS = {"zigzag": "zigzag", "striped": "striped", "auto": "zigzag"}
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -85,9 +87,11 @@ class ParallelismConfig:
     - ``dp`` / ``cp`` / ``tp`` / ``ulysses``: mesh sizes (``dp=None``: the ranks left over,
       ``world_size // (cp * tp)``); ``ulysses`` divides ``cp`` (``strategy="hybrid"``: Ulysses
       inside, ring across). Ranks: ``tp`` fastest, then cp, then dp.
-    - ``strategy``: a CP strategy (``longctx.parallel.strategies.STRATEGIES``); ``layout``: how
-      the sequence is sharded (None: the strategy's own: zigzag for zigzag, striped for striped,
-      else contiguous); ``kernel``: the local attention kernel (``auto`` picks per call).
+    - ``strategy``: a CP strategy (``longctx.parallel.strategies.STRATEGIES``), or ``auto``
+      (:func:`longctx.parallel.api.choose_strategy`: Ulysses when the heads split over cp, else
+      the ring that balances the layout); ``layout``: how the sequence is sharded (None: the
+      strategy's own: zigzag for zigzag and auto, striped for striped, else contiguous);
+      ``kernel``: the local attention kernel (``auto`` picks per call).
     - ``fsdp``, ``activation_checkpointing``, ``compile``, ``compile_backend``,
       ``reshard_after_forward``: :class:`~longctx.models.parallelize.ParallelConfig`.
     """
@@ -120,10 +124,9 @@ class ParallelismConfig:
                 f"parallel.ulysses={self.ulysses} must divide parallel.cp={self.cp} "
                 "(cp = ring x ulysses)"
             )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"parallel.strategy={self.strategy!r}; allowed values: {sorted(STRATEGIES)}"
-            )
+        allowed = sorted([*STRATEGIES, "auto"])
+        if self.strategy not in allowed:
+            raise ValueError(f"parallel.strategy={self.strategy!r}; allowed values: {allowed}")
         if self.strategy == "hybrid" and self.ulysses == 1 and self.cp > 1:
             raise ValueError(
                 "parallel.strategy='hybrid' needs parallel.ulysses > 1 (Ulysses inside, ring "
@@ -285,6 +288,21 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Long-context answer accuracy (:func:`longctx.data.answer_accuracy`) on ``num_samples``
+    held-out synthetic passkey/MQAR samples (generated like ``data.synthetic`` with the next
+    seed), at the end of the run and every ``interval`` steps (0: only at the end).
+    ``num_samples: 0`` turns it off; it runs only when training on the synthetic data."""
+
+    num_samples: int = 16
+    interval: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0 or self.interval < 0:
+            raise ValueError("eval.num_samples and eval.interval must be >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole training run; ``TrainConfig()`` is the embedded default (``configs/tiny.yaml``)."""
 
@@ -299,6 +317,7 @@ class TrainConfig:
     train: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         self._check_consistency()

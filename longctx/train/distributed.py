@@ -94,10 +94,10 @@ def init_distributed(device: str = "auto") -> DistEnv:
             )
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev,
                        str(group_backend), owns_group=False)
+    kwargs = {"device_id": dev} if dev.type == "cuda" else {}  # NCCL: bind the GPU eagerly
     if launched_by_torchrun():
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, init_method="env://", **kwargs)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend,
                    owns_group=True)

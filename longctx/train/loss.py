@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..data import IGNORE_INDEX
 
-__all__ = ["chunked_cross_entropy", "cross_entropy_sum"]
+__all__ = ["chunked_argmax", "chunked_cross_entropy", "cross_entropy_sum"]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -132,3 +132,19 @@ def cross_entropy_sum(
     return F.cross_entropy(
         logits, labels.reshape(-1).to(h.device), ignore_index=ignore_index, reduction="sum"
     )
+
+
+@torch.no_grad()
+def chunked_argmax(hidden: Tensor, weight: Tensor, chunk_size: int = 2048) -> Tensor:
+    """``argmax(hidden @ weight.T, -1)`` (greedy next-token ids ``[...]``, int64), computed
+    ``chunk_size`` tokens at a time like :func:`chunked_cross_entropy`.
+
+    >>> h, w = torch.eye(3), torch.tensor([[0., 1, 0], [1, 0, 0], [0, 0, 1]])
+    >>> chunked_argmax(h[None], w, chunk_size=2).tolist()
+    [[1, 0, 2]]
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(h.shape[0], dtype=torch.int64, device=h.device)
+    for lo in range(0, h.shape[0], chunk_size):
+        out[lo : lo + chunk_size] = (h[lo : lo + chunk_size] @ weight.T).argmax(-1)
+    return out.view(hidden.shape[:-1])

@@ -57,10 +57,15 @@ import torch
 import torch.distributed as dist
 
 from ..data import (
+    IGNORE_INDEX,
+    AccuracyReport,
     CPMicroBatch,
     PackedSample,
+    SyntheticSample,
+    answer_accuracy,
     build_packed_dataset,
     concat_samples,
+    generate_samples,
     shard_sample,
     to_sequence_context,
 )
@@ -71,11 +76,12 @@ from ..models.parallelize import (
     parallelize_model,
     reduce_gradients,
 )
+from ..parallel.layout import Layout
 from ..parallel.mesh import build_mesh
 from .checkpoint import Checkpointer, ModelOptimizerState, rng_state, set_rng_state
 from .config import TrainConfig
 from .distributed import DistEnv, init_distributed
-from .loss import chunked_cross_entropy
+from .loss import chunked_argmax, chunked_cross_entropy
 from .metrics import MetricsLogger, StepMetrics, default_peak_flops, format_count, format_duration
 from .optim import build_optimizer, build_scheduler
 
@@ -138,6 +144,7 @@ class TrainSummary:
     checkpoint: Path | None  # the newest checkpoint written (or resumed from)
     stopped_by: str | None = None  # the signal that stopped the run
     data_exhausted: bool = False
+    accuracy: AccuracyReport | None = None  # held-out passkey/MQAR answers, end of the run
 
     @property
     def steps(self) -> int:
@@ -352,6 +359,61 @@ class Trainer:
             seconds=time.perf_counter() - start, stop_signal=stop_signal,
         )
 
+    # -- evaluation -----------------------------------------------------------------------------
+    def eval_samples(self) -> list[SyntheticSample]:
+        """Held-out synthetic samples (``data.synthetic`` with the next seed); [] when training
+        on files or ``eval.num_samples`` is 0."""
+        n = self.config.eval.num_samples
+        if n == 0 or self.config.data.dataset is not None:
+            return []
+        syn = self.config.data.synthetic
+        return generate_samples(dataclasses.replace(syn, seed=syn.seed + 1, num_samples=n))
+
+    @torch.no_grad()
+    def predict_next_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Greedy next-token ids ``[1, T]`` for one sequence ``[1, T]`` (every rank calls it with
+        the same ids): padded to the layout's multiple, sharded over cp like training, argmax of
+        the local logits in chunks, gathered over cp."""
+        T = input_ids.shape[1]
+        lay = Layout.parse(self.layout)
+        cp = self.dims.cp
+        multiple = lay.required_multiple(cp)
+        padded_len = -(-T // multiple) * multiple
+        ids = torch.full((padded_len,), self.dataset.tokenizer.pad_id, dtype=torch.int64)
+        ids[:T] = input_ids[0].cpu()
+        bounds = [0, T, padded_len] if padded_len > T else [0, T]
+        sample = PackedSample(ids, torch.full_like(ids, IGNORE_INDEX),
+                              torch.tensor(bounds, dtype=torch.int32))
+        mb = shard_sample(sample, lay, cp, self.cp_rank).to(self.env.device)
+        autocast = (torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else nullcontext())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with autocast:
+                hidden = self.model(mb.input_ids, self.sequence_context(mb))  # [1, S_local, h]
+            weight = self.model.output_weight
+            pred = chunked_argmax(hidden.to(weight.dtype), weight,
+                                  self.config.train.loss_chunk_size)  # [1, S_local]
+        finally:
+            self.model.train(was_training)
+        if cp > 1:
+            parts = [torch.empty_like(pred) for _ in range(cp)]
+            dist.all_gather(parts, pred.contiguous(), group=self.pmesh.group("cp"))
+            pred = lay.unshard(parts, dim=1)
+        return pred[:, :T].cpu()
+
+    def evaluate(self, samples: list[SyntheticSample] | None = None) -> AccuracyReport | None:
+        """Answer accuracy of the model on held-out passkey/MQAR samples (every rank calls it;
+        all get the same report); None when there is nothing to evaluate."""
+        samples = self.eval_samples() if samples is None else samples
+        if not samples:
+            return None
+        return answer_accuracy(
+            samples, self.predict_next_tokens, self.dataset.tokenizer,
+            add_bos=self.config.data.packing.add_bos,
+        )
+
     # -- checkpoints ----------------------------------------------------------------------------
     def _train_state(self) -> dict[str, Any]:
         return {
@@ -489,6 +551,8 @@ class Trainer:
             stream=self.stream,
         )
         losses: list[float] = []
+        eval_samples = self.eval_samples()
+        report: AccuracyReport | None = None
         stopped_by = None
         exhausted = False
         seconds = 0.0
@@ -516,6 +580,9 @@ class Trainer:
                     metrics.log(m)
                     if on_step_end is not None:
                         on_step_end(self, m)
+                    every = cfg.eval.interval
+                    if eval_samples and every and self.step % every == 0 and self.step < total:
+                        self._log_eval(self.evaluate(eval_samples), metrics)
                     interval = cfg.checkpoint.interval
                     due = self.step == total or (interval and self.step % interval == 0)
                     if self.checkpointer is not None and (due or m.stop_signal):
@@ -525,13 +592,16 @@ class Trainer:
                         break
             if exhausted and self.checkpointer is not None and self.step > start_step:
                 self.save_checkpoint()
+            if eval_samples and stopped_by is None and self.step > start_step:
+                report = self.evaluate(eval_samples)
+                self._log_eval(report, metrics, echo=False)  # the summary prints it
         finally:
             metrics.close()
         summary = TrainSummary(
             start_step=start_step, final_step=self.step, total_steps=total,
             tokens=(self.step - start_step) * self.tokens_per_step, seconds=seconds,
             losses=tuple(losses), tensorboard_dir=tb_dir, checkpoint=self.last_checkpoint,
-            stopped_by=stopped_by, data_exhausted=exhausted,
+            stopped_by=stopped_by, data_exhausted=exhausted, accuracy=report,
         )
         self._print(self.format_summary(summary))
         if stopped_by is not None:
@@ -542,6 +612,19 @@ class Trainer:
                 "again to resume", self.step, summary.checkpoint, stopped_by,
             )
         return summary
+
+    def _log_eval(self, report: AccuracyReport | None, metrics: MetricsLogger,
+                  echo: bool = True) -> None:
+        if report is None:
+            return
+        if echo:
+            metrics.print(f"eval at step {self.step}: {report}")
+        if metrics.writer is not None:
+            metrics.writer.add_scalar("eval/exact_match", report.exact_match, self.step)
+            metrics.writer.add_scalar("eval/token_accuracy", report.token_accuracy, self.step)
+            for task, value in report.by_task.items():
+                metrics.writer.add_scalar(f"eval/exact_match_{task}", value, self.step)
+            metrics.writer.flush()
 
     def format_summary(self, s: TrainSummary) -> str:
         mfu = (self.flops_per_token * s.tokens_per_s / (self.peak_flops * self.env.world_size)
@@ -562,6 +645,8 @@ class Trainer:
                 f"  loss {s.losses[0]:.4f} (first step) -> {s.losses[-1]:.4f} (last step); "
                 f"mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f}"
             )
+        if s.accuracy is not None:
+            lines.append(f"  held-out answers: {s.accuracy}")
         if s.tensorboard_dir is not None:
             lines.append(f"  tensorboard: tensorboard --logdir {s.tensorboard_dir}")
         if s.checkpoint is not None:
