@@ -185,6 +185,8 @@ BAD_CONFIGS = [
     (["parallel.kernel=fast"], r"parallel.kernel='fast'; allowed values: \["),
     (["parallel.cp=4", "parallel.ulysses=2"],
      r"parallel.ulysses=2 only applies to strategy 'hybrid'"),
+    (["train.micro_batch_size=2", "data.packing.cross_document_attention=true"],
+     r"train.micro_batch_size=2 lays sequences end to end"),
     (["optim"], r"--set 'optim': expected KEY=VALUE"),
     (["optim.lr.x=1"], r"'optim.lr' is a value, not a section"),
 ]
@@ -284,6 +286,8 @@ CP_CASES = {
     "ulysses": ["parallel.strategy=ulysses"],
     "ring-zigzag-layout": ["parallel.strategy=ring", "parallel.layout=zigzag"],
     "auto": ["parallel.strategy=auto"],
+    "hybrid-ulysses2xring2": ["parallel.strategy=hybrid", "parallel.ulysses=2",
+                              "parallel.layout=zigzag"],
 }
 
 

@@ -351,6 +351,13 @@ class TrainConfig:
                 f"divide num_attention_heads / tp = {self.model.num_attention_heads // par.tp}; "
                 "lower cp, or use 'hybrid' with parallel.ulysses dividing the heads"
             )
+        if self.train.micro_batch_size > 1 and self.data.packing.cross_document_attention:
+            raise ValueError(
+                f"train.micro_batch_size={self.train.micro_batch_size} lays sequences end to end "
+                "and keeps them apart with the document mask, which "
+                "data.packing.cross_document_attention=true turns off (the sequences would attend "
+                "to each other); use micro_batch_size=1 with train.grad_accum_steps instead"
+            )
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(
                 f"schedule.min_lr={self.schedule.min_lr} is above optim.lr={self.optim.lr}"

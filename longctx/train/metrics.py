@@ -166,7 +166,7 @@ class MetricsLogger:
             if mfu is not None:
                 w.add_scalar("perf/mfu", mfu, m.step)
             w.add_scalar("memory/peak_gib", mem, m.step)
-            w.add_scalar("data/tokens_seen", self.tokens, m.step)
+            w.add_scalar("data/tokens_seen", m.step * m.tokens, m.step)  # resumed runs too
             w.flush()
 
     def close(self) -> None:
