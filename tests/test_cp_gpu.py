@@ -41,7 +41,10 @@ def gpu_case(strategy, layout, mask, kernel, world=WORLD) -> CPCase:
 
 def single_gpu_errors(case: CPCase) -> dict[str, float]:
     """The same sequence through the same kernel on one GPU, no CP."""
-    one = replace(case, world_size=1, tokens_per_rank=case.tokens_per_rank * case.world_size)
+    one = replace(
+        case, strategy="ring", layout="contiguous", ulysses=1, world_size=1,
+        tokens_per_rank=case.tokens_per_rank * case.world_size,
+    )
     return errors_against_reference(one, [run_cp_case_on_rank(None, one)], metric="rel_l2")
 
 
