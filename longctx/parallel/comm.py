@@ -19,7 +19,16 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-class RingComm:
+class _GroupComm:
+    """Rank and size within ``group``; ``group=None`` is a single process (no communication)."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+
+class RingComm(_GroupComm):
     """Batched non-blocking point-to-point transfers by a fixed rank offset in one group.
 
     ``send_recv(tensors, offset)`` queues, for every tensor, a send to ``rank + offset`` and a
@@ -38,9 +47,7 @@ class RingComm:
     """
 
     def __init__(self, group: dist.ProcessGroup | None, tag_base: int = 0):
-        self.group = group  # None: a single process, every transfer is to oneself
-        self.world_size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        super().__init__(group)  # None: a single process, every transfer is to oneself
         self.tag_base = tag_base
         self._ops: list[dist.P2POp] = []
         self._reqs: list = []
@@ -74,13 +81,8 @@ class RingComm:
         self._reqs = []
 
 
-class GatherComm:
+class GatherComm(_GroupComm):
     """Collectives over one group: all-gather, reduce-scatter, broadcast and reduce to one rank."""
-
-    def __init__(self, group: dist.ProcessGroup | None):
-        self.group = group  # None: a single process
-        self.world_size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
 
     def all_gather(self, x: Tensor) -> Tensor:
         """``x [...]`` on every rank -> ``[world_size, ...]`` (rank order)."""
@@ -115,13 +117,8 @@ class GatherComm:
         return x
 
 
-class AllToAllComm:
+class AllToAllComm(_GroupComm):
     """Equal-split all-to-all along dim 0, for Ulysses' sequence <-> heads exchange."""
-
-    def __init__(self, group: dist.ProcessGroup | None):
-        self.group = group  # None: a single process
-        self.world_size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
 
     def all_to_all(self, x: Tensor) -> Tensor:
         """``x [P, ...]``: slot ``j`` goes to rank ``j``; slot ``j`` of the result came from rank ``j``."""

@@ -22,6 +22,7 @@ __all__ = [
     "CPContext",
     "HybridGroups",
     "all_positions",
+    "check_device",
     "build_context",
     "resolve_group",
     "resolve_hybrid_groups",
@@ -122,7 +123,8 @@ def resolve_hybrid_groups(mesh_or_groups) -> HybridGroups:
     )
 
 
-def _check_device(q: Tensor, group: dist.ProcessGroup | None) -> None:
+def check_device(q: Tensor, group: dist.ProcessGroup | None) -> None:
+    """Raise when the tensors' device does not suit the group's backend (NCCL: CUDA, gloo: CPU)."""
     if group is None:
         return
     backend = str(dist.get_backend(group)).lower()
@@ -159,12 +161,12 @@ def build_context(
         u_world, u_rank = dist.get_world_size(hybrid.ulysses), dist.get_rank(hybrid.ulysses)
         r_world, r_rank = dist.get_world_size(hybrid.ring), dist.get_rank(hybrid.ring)
         world, rank = u_world * r_world, r_rank * u_world + u_rank
-        _check_device(q, hybrid.ulysses)
+        check_device(q, hybrid.ulysses)
     else:
         group = resolve_group(group)
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
-        _check_device(q, group)
+        check_device(q, group)
     layout = Layout.parse(layout)
     allowed = STRATEGY_LAYOUTS[strategy]
     if allowed is not None and layout.kind not in allowed:

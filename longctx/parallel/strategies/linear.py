@@ -62,7 +62,7 @@ from ...kernels.linear_reference import (
 )
 from ...kernels.mask import Mask
 from ..comm import GatherComm
-from ..context import resolve_group
+from ..context import check_device, resolve_group
 from ..layout import Layout
 
 __all__ = [
@@ -193,22 +193,6 @@ class LinearCPContext:
     return_final_state: bool
 
 
-def _check_backend(q: Tensor, group: dist.ProcessGroup | None) -> None:
-    if group is None:
-        return
-    backend = str(dist.get_backend(group)).lower()
-    if q.device.type == "cuda" and "nccl" not in backend:
-        raise ValueError(
-            f"q/k/v are on {q.device} but the process group uses {backend!r}; create it with "
-            "backend='nccl' (or 'cpu:gloo,cuda:nccl') for CUDA tensors"
-        )
-    if q.device.type == "cpu" and "gloo" not in backend:
-        raise ValueError(
-            f"q/k/v are on the CPU but the process group uses {backend!r}; move them to the GPU "
-            "(.cuda()) or use a gloo group for CPU tensors"
-        )
-
-
 def _cu_from_mask(mask: Mask | None, cu_seqlens: Tensor | None) -> Tensor | None:
     """The document boundaries of a call given as ``mask=`` (for the generic entry) or directly."""
     if mask is None:
@@ -242,7 +226,7 @@ def build_linear_context(
             f"in sequence order) but got layout {str(layout)!r}: shard q/k/v with "
             "longctx.parallel.shard(x, 'contiguous', world_size, rank) and pass layout='contiguous'"
         )
-    _check_backend(q, group)
+    check_device(q, group)
     check_state(initial_state, shape, q.device)
     seq_len = shape.seq * world
     cu = _cu_from_mask(mask, cu_seqlens)
