@@ -166,14 +166,13 @@ def generate(
     logits_per_step: list[Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):
+        token = torch.empty(B, dtype=torch.int64, device=device)
         if cache.is_query_rank:
             with torch.inference_mode():
                 logits = model.logits(hidden)  # [B, vocab]
+                token.copy_(sample_next(logits, cfg.sampling, generator))
             if cfg.return_logits:
                 logits_per_step.append(logits)
-            token = sample_next(logits, cfg.sampling, generator)
-        else:
-            token = torch.empty(B, dtype=torch.int64, device=device)
         token = comm.broadcast(token, cache.query_rank)  # [B]: every rank decodes the same
         if cfg.eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, cfg.eos_token_id), token)
