@@ -41,7 +41,7 @@ class SequenceContext:
     cp_group: object = None
     strategy: str = "ring"
     layout: str = "contiguous"
-    kernel: str = "reference"
+    kernel: str = "auto"
 
     @property
     def rope_position_ids(self) -> Tensor:
@@ -55,7 +55,7 @@ class SequenceContext:
     @staticmethod
     def single_device(
         seq_len: int, cu_seqlens: Tensor | None = None, device: torch.device | str | None = None,
-        kernel: str = "reference", window: int | None = None,
+        kernel: str = "auto", window: int | None = None,
     ) -> "SequenceContext":
         """Context for a whole causal sequence on one device."""
         return SequenceContext(

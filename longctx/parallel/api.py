@@ -27,7 +27,7 @@ def attention(
     strategy: "str | Star" = "ring",
     layout: "str | Layout | None" = None,
     mask: Mask | None = None,
-    kernel: "str | AttentionKernel" = "reference",
+    kernel: "str | AttentionKernel" = "auto",
     scale: float | None = None,
     return_lse: bool = False,
     log_decay: Tensor | None = None,
@@ -50,7 +50,9 @@ def attention(
             ``"striped:w"``); defaults to the strategy's own layout (contiguous for ring and
             all-gather).
         mask: a :class:`~longctx.kernels.mask.Mask` on global positions (default: full).
-        kernel: local kernel name (``longctx.kernels.available_kernels()``) or instance.
+        kernel: local kernel name (``longctx.kernels.available_kernels()``) or instance;
+            ``"auto"`` picks per call: cuDNN/flash SDPA where they apply, else the Triton kernel
+            on GPUs, the torch reference on CPUs (``select_kernel(..., explain=True)`` says why).
         scale: score scale, default ``1/sqrt(D)``.
         return_lse: also return the float32 log-sum-exp ``[B, H, S/P]`` (softmax strategies).
         log_decay: ``strategy="linear"`` only: per-head log-decays ``[H]`` (<= 0), None = none.
@@ -77,6 +79,8 @@ def attention(
     if strategy == "linear":
         if return_lse:
             raise ValueError("linear attention has no log-sum-exp: drop return_lse=True")
+        if kernel == "auto":  # the linear kernels: Triton on GPUs, the torch reference on CPUs
+            kernel = "triton" if q.is_cuda else "reference"
         return linear_attention(
             q, k, v, mesh_or_group, log_decay=log_decay, mask=mask, kernel=kernel, scale=scale,
             **kwargs,
@@ -132,7 +136,7 @@ class CPConfig:
 
     strategy: str = "ring"
     layout: str | None = None
-    kernel: str = "reference"
+    kernel: str = "auto"
     causal: bool = True
     window: int | None = None
 

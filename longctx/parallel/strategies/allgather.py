@@ -90,7 +90,7 @@ class AllGatherAttention(torch.autograd.Function):
 
 def allgather_attention(
     q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="contiguous", mask=None,
-    kernel="reference", scale=None, return_lse: bool = False,
+    kernel="auto", scale=None, return_lse: bool = False,
 ):
     """All-gather attention on local shards; see :func:`longctx.attention` for the arguments."""
     cp = build_context(

@@ -100,7 +100,7 @@ class HybridAttention(torch.autograd.Function):
 
 def hybrid_attention(
     q: Tensor, k: Tensor, v: Tensor, groups=None, *, layout="contiguous", mask=None,
-    kernel="reference", scale=None, return_lse: bool = False,
+    kernel="auto", scale=None, return_lse: bool = False,
 ):
     """2-D attention on local shards; ``groups``: HybridGroups or a 2-D (ring, ulysses) mesh."""
     cp = build_context(

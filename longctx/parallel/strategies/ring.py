@@ -102,7 +102,7 @@ class RingAttention(torch.autograd.Function):
 
 def ring_attention(
     q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="contiguous", mask=None,
-    kernel="reference", scale=None, return_lse: bool = False,
+    kernel="auto", scale=None, return_lse: bool = False,
 ):
     """Ring attention on local shards; see :func:`longctx.attention` for the arguments."""
     cp = build_context(

@@ -211,7 +211,7 @@ class StarAttention(torch.autograd.Function):
 
 def star_attention(
     q: Tensor, k: Tensor, v: Tensor, group=None, *, star: Star, layout="contiguous",
-    mask=None, kernel="reference", scale=None, return_lse: bool = False,
+    mask=None, kernel="auto", scale=None, return_lse: bool = False,
 ):
     """Star attention on contiguous shards; ``mask`` must be plain causal (the default)."""
     mask = mask if mask is not None else Mask(causal=True)

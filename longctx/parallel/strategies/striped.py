@@ -51,7 +51,7 @@ class StripedAttention(torch.autograd.Function):
 
 def striped_attention(
     q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="striped", mask=None,
-    kernel="reference", scale=None, return_lse: bool = False,
+    kernel="auto", scale=None, return_lse: bool = False,
 ):
     """Striped ring attention on striped shards; see :func:`longctx.attention` for the arguments."""
     cp = build_context(

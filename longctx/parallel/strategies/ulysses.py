@@ -226,7 +226,7 @@ class UlyssesAttention(torch.autograd.Function):
 
 def ulysses_attention(
     q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="contiguous", mask=None,
-    kernel="reference", scale=None, return_lse: bool = False,
+    kernel="auto", scale=None, return_lse: bool = False,
 ):
     """Ulysses attention on local shards; see :func:`longctx.attention` for the arguments."""
     cp = build_context(

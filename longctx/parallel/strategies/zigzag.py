@@ -52,7 +52,7 @@ class ZigzagAttention(torch.autograd.Function):
 
 def zigzag_attention(
     q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="zigzag", mask=None,
-    kernel="reference", scale=None, return_lse: bool = False,
+    kernel="auto", scale=None, return_lse: bool = False,
 ):
     """Zigzag ring attention on zigzag shards; see :func:`longctx.attention` for the arguments."""
     cp = build_context(
