@@ -32,6 +32,7 @@ __all__ = [
     "AttentionKernel",
     "acc_dtype",
     "check_qkv",
+    "check_qkv_tensors",
     "default_positions",
     "register_kernel",
     "get_kernel",
@@ -61,8 +62,8 @@ class AttentionKernel(Protocol):
     ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """Raise a ValueError that says what to change when q/k/v break the contract."""
+def check_qkv_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """The checks every attention kernel shares: 4-D ``[B, S, H, D]``, one float dtype, one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(
@@ -82,6 +83,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device} "
             "(move them with .to(q.device))"
         )
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise a ValueError that says what to change when q/k/v break the contract."""
+    check_qkv_tensors(q, k, v)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     B, _, H, D = q.shape

@@ -62,7 +62,7 @@ from typing import Literal, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .base import acc_dtype
+from .base import SUPPORTED_DTYPES, acc_dtype, check_qkv_tensors
 
 __all__ = [
     "LinearShape",
@@ -81,8 +81,6 @@ __all__ = [
     "get_linear_kernel",
     "available_linear_kernels",
 ]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,22 +109,7 @@ class LinearShape(NamedTuple):
 
 def check_linear_inputs(q: Tensor, k: Tensor, v: Tensor) -> LinearShape:
     """Raise a ValueError that says what to change when q/k/v break the layout; return sizes."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must be [batch, seq, heads, head_dim] (4-D); got shape {tuple(t.shape)}"
-            )
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"{name} has dtype {t.dtype}; use one of float16, bfloat16, float32, float64"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype} "
-            "(cast them with .to(q.dtype))"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    check_qkv_tensors(q, k, v)
     B, S, H, Dk = q.shape
     if k.shape[:2] != (B, S) or v.shape[:2] != (B, S):
         raise ValueError(
@@ -158,7 +141,7 @@ def check_state(state: Tensor | None, shape: LinearShape, device: torch.device,
             f"{name} must have shape [batch, heads, dk, dv] = {list(shape.state)} (one state per "
             f"query head); got {list(state.shape)}"
         )
-    if state.dtype not in _FLOAT_DTYPES:
+    if state.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} has dtype {state.dtype}; use a floating dtype (float32)")
     if state.device != device:
         raise ValueError(f"{name} is on {state.device} but q is on {device}; move it with .to()")
