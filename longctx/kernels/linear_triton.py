@@ -47,8 +47,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -62,16 +60,11 @@ from .linear_reference import (
     check_state,
 )
 
-try:  # Triton is importable on CPU-only Linux machines; keep the module importable without it.
-    import triton
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except Exception as exc:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None  # type: ignore[assignment]
-    _TRITON_IMPORT_ERROR = exc
+from ._triton_runtime import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from ._triton_runtime import interpreting as _interpreting
+from ._triton_runtime import jit as _jit
+from ._triton_runtime import launch as _launch
+from ._triton_runtime import tl, triton
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -140,65 +133,6 @@ class LinearTritonConfig:
 # --------------------------------------------------------------------------------------------------
 # running the same kernels compiled (GPU) or interpreted (CPU tensors, tests)
 # --------------------------------------------------------------------------------------------------
-if triton is not None:
-
-    class _Kernel(JITFunction):
-        """A ``triton.jit`` function that can also run in Triton's interpreter.
-
-        ``fn[grid](...)`` compiles for the GPU, ``fn.interpreted[grid](...)`` runs the same source
-        on the host (inside :func:`_interpreter_calls`).  Triton picks one mode for the whole
-        process at import (from ``TRITON_INTERPRET``); keeping both lets each launch choose.
-        """
-
-        def __init__(self, fn):
-            super().__init__(fn)
-            self.interpreted = InterpretedFunction(fn)
-
-    _jit = _Kernel
-    _INTERPRETED: dict = {}
-
-    def _call_interpreted(self, *args, **kwargs):
-        """``JITFunction.__call__`` inside an interpreted kernel: run the callee interpreted."""
-        fn = _INTERPRETED.get(self.fn)
-        if fn is None:
-            fn = _INTERPRETED[self.fn] = InterpretedFunction(self.fn)
-        if self.fn.__module__ == __name__:
-            # our own helpers: the launch already patched ``tl`` for this module; skipping the
-            # per-call re-patching makes the interpreter several times faster
-            return fn.rewrite()(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _interpreter_calls():
-        """Let interpreted kernels call compiled-mode jit functions (our helpers and Triton's own
-        ``tl.cdiv``, ``tl.sum``, ...); outside a kernel such calls only raise, so nothing else
-        changes."""
-        original = JITFunction.__call__
-        JITFunction.__call__ = _call_interpreted
-        try:
-            yield
-        finally:
-            JITFunction.__call__ = original
-
-else:  # pragma: no cover
-
-    def _jit(fn):
-        return fn
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _launch(kernel, grid, *args, **meta) -> None:
-    """Compile for the GPU, or interpret when ``TRITON_INTERPRET=1`` (CPU tensors)."""
-    if _interpreting():
-        meta.pop("num_warps", None)
-        meta.pop("num_stages", None)
-        with _interpreter_calls():
-            kernel.interpreted[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,8 +55,6 @@ Example (on a GPU)::
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -66,17 +64,14 @@ from torch import Tensor
 from .base import check_qkv, default_positions, register_kernel
 from .mask import Mask, Positions
 
-try:  # Triton is importable on CPU-only Linux machines; keep the module importable without it.
-    import triton
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-    from triton.tools.tensor_descriptor import TensorDescriptor
+from ._triton_runtime import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from ._triton_runtime import interpreting as _interpreting
+from ._triton_runtime import jit as _jit
+from ._triton_runtime import launch as _launch
+from ._triton_runtime import tl, triton
 
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except Exception as exc:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None  # type: ignore[assignment]
-    _TRITON_IMPORT_ERROR = exc
+if triton is not None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["TileConfig", "TritonFlashConfig", "TritonFlash"]
 
@@ -174,47 +169,6 @@ class TritonFlashConfig:
 # --------------------------------------------------------------------------------------------------
 # kernels (one source, compiled for CUDA or run by Triton's interpreter for CPU tensors)
 # --------------------------------------------------------------------------------------------------
-if triton is not None:
-
-    class _Kernel(JITFunction):
-        """A ``triton.jit`` function that can also run in Triton's interpreter.
-
-        ``fn[grid](...)`` compiles for the GPU; ``fn.interpreted[grid](...)`` runs the same source
-        on the host (inside :func:`_interpreter_calls`).  Triton itself picks one mode for the
-        whole process when it is imported (from ``TRITON_INTERPRET``); keeping both lets the
-        interpreter be chosen per launch, whatever was imported earlier.
-        """
-
-        def __init__(self, fn):
-            super().__init__(fn)
-            self.interpreted = InterpretedFunction(fn)
-
-    _jit = _Kernel
-    _INTERPRETED: dict = {}
-
-    def _call_interpreted(self, *args, **kwargs):
-        """``JITFunction.__call__`` inside an interpreted kernel: run the callee interpreted."""
-        fn = _INTERPRETED.get(self.fn)
-        if fn is None:
-            fn = _INTERPRETED[self.fn] = InterpretedFunction(self.fn)
-        return fn(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _interpreter_calls():
-        """Let interpreted kernels call compiled-mode jit functions (ours and ``tl.max``,
-        ``tl.cdiv``, ... which Triton built in compiled mode when TRITON_INTERPRET was unset at
-        its import).  Outside a kernel such a call only raises, so nothing else changes."""
-        original = JITFunction.__call__
-        JITFunction.__call__ = _call_interpreted
-        try:
-            yield
-        finally:
-            JITFunction.__call__ = original
-
-else:  # pragma: no cover
-
-    def _jit(fn):
-        return fn
 
 
 if triton is not None:
@@ -779,10 +733,6 @@ class _Plan(NamedTuple):
         )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _tma_ready(t: Tensor) -> Tensor:
     """``t [B, S, heads, D]`` with heads packed (stride D, unit last stride), 16-byte aligned:
     what a TMA descriptor over the ``[B, S, heads * D]`` view needs; copies only if not."""
@@ -918,14 +868,6 @@ class TritonFlash:
             has_window=mask.window is not None, has_docs=docs,
         )
 
-    @staticmethod
-    def _launch(kernel, grid, *args, **meta):
-        """Compile for the GPU, or interpret when TRITON_INTERPRET=1 (CPU tensors)."""
-        if _interpreting():
-            with _interpreter_calls():
-                return kernel.interpreted[grid](*args, **meta)
-        return kernel[grid](*args, **meta)
-
     # -- forward ----------------------------------------------------------------------------------
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Mask = Mask(),
@@ -949,7 +891,7 @@ class TritonFlash:
         if plan.pos_index:
             qtb = _tile_bounds(plan.q.pos, plan.q.docs, tile.block_m)
             ktb = _tile_bounds(plan.k.pos, plan.k.docs, tile.block_n)
-        self._launch(
+        _launch(
             _fwd_kernel, (triton.cdiv(Sq, tile.block_m), B * H),
             _rows_desc(q, tile.block_m), _rows_desc(k, tile.block_n), _rows_desc(v, tile.block_n),
             _rows_desc(out, tile.block_m), lse,
@@ -996,7 +938,7 @@ class TritonFlash:
 
         delta = torch.empty(B, H, Sq, **f32)  # rowsum(dout * out) with the global out
         pre_block = 64 if D <= 128 else 32
-        self._launch(
+        _launch(
             _bwd_delta_kernel, (triton.cdiv(Sq, pre_block), B * H),
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2), Sq, H,
@@ -1008,7 +950,7 @@ class TritonFlash:
         if plan.pos_index:
             qtb = _tile_bounds(plan.q.pos, plan.q.docs, kv.block_m)
             ktb = _tile_bounds(plan.k.pos, plan.k.docs, kv.block_n)
-        self._launch(
+        _launch(
             _bwd_kv_kernel, (triton.cdiv(Sk, kv.block_n), B * Hkv),
             _rows_desc(q, kv.block_m), _rows_desc(k, kv.block_n), _rows_desc(v, kv.block_n),
             _rows_desc(dout, kv.block_m), _rows_desc(dq, kv.block_m),
@@ -1025,7 +967,7 @@ class TritonFlash:
             if plan.pos_index:
                 qtb = _tile_bounds(plan.q.pos, plan.q.docs, qt.block_m)
                 ktb = _tile_bounds(plan.k.pos, plan.k.docs, qt.block_n)
-            self._launch(
+            _launch(
                 _bwd_q_kernel, (triton.cdiv(Sq, qt.block_m), B * H),
                 _rows_desc(q, qt.block_m), _rows_desc(k, qt.block_n), _rows_desc(v, qt.block_n),
                 _rows_desc(dout, qt.block_m), _rows_desc(dq, qt.block_m), lse, delta,
