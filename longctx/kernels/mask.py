@@ -23,6 +23,8 @@ Example::
 
 from __future__ import annotations
 
+import bisect
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -274,6 +276,11 @@ class Mask:
                     f"covers fewer than the {need} blocks a {seq_len}-token sequence needs"
                 )
 
+    @functools.cached_property
+    def _boundaries(self) -> tuple[int, ...]:
+        """``cu_seqlens`` as Python ints, for block-level tests on the host."""
+        return tuple(self.cu_seqlens.tolist())
+
     def document_ids(self, pos: Tensor) -> Tensor:
         """Document index of each global position (needs ``cu_seqlens``)."""
         assert self.cu_seqlens is not None
@@ -310,8 +317,11 @@ class Mask:
             if gap >= self.window:
                 return False
         if self.cu_seqlens is not None:
-            cu = self.cu_seqlens
-            doc = lambda p: int(torch.searchsorted(cu, torch.tensor(p), right=True)) - 1  # noqa: E731
+            cu = self._boundaries
+
+            def doc(p: int) -> int:  # = document_ids, on one position, without a tensor
+                return bisect.bisect_right(cu, p) - 1
+
             if doc(q_hi) < doc(k_lo) or doc(k_hi) < doc(q_lo):
                 return False
         if self.block_sparse is not None:
