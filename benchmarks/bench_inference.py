@@ -7,8 +7,8 @@ this project (``--checkpoint``: a ``longctx train`` checkpoint; otherwise random
 1. **prefill time** of a ``B x S`` context (``--contexts``, default 256k and 1M tokens) split
    contiguously over the GPUs: ring (exact) and star (each block sees the anchor and itself), the
    slowest rank's wall time, the star speed-up over ring and the peak memory per GPU;
-2. **decode tokens/s** after each prefill: ``--new-tokens`` greedy steps over the sharded KV
-   cache (phase 2: q broadcast, partial attention per GPU, LSE merge on the last GPU);
+2. **decode tokens/s** after each prefill: ``--new-tokens`` greedy steps (after two untimed
+   ones) over the sharded KV cache (phase 2: q broadcast, partial attention per GPU, LSE merge on the last GPU);
 3. **star vs full attention** on held-out text (``--text``, else held-out synthetic passkey /
    MQAR documents): the context (``--accuracy-contexts``) is prefilled both ways, then
    ``--accuracy-tokens`` continuation tokens are read teacher-forced as phase 2; reported: the
@@ -19,6 +19,9 @@ this project (``--checkpoint``: a ``longctx train`` checkpoint; otherwise random
     python benchmarks/bench_inference.py --checkpoint runs/llama_1b_128k/checkpoints \\
         --accuracy-contexts 32768 131072 --text heldout.jsonl
     python benchmarks/bench_inference.py --smoke       # tiny model, 2 CPU processes (gloo)
+    python benchmarks/bench_inference.py --cpu --world-size 4 --checkpoint runs/tiny/checkpoints \
+        --contexts 960 --accuracy-contexts 960 --accuracy-tokens 64 --anchors block 16
+                                                       # star's accuracy on the trained tiny model
 
 Prints markdown tables and writes them to ``benchmarks/results/bench_inference.md`` (``--out``).
 """
@@ -45,6 +48,7 @@ from longctx.testing import SimulatedMesh
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+DECODE_WARMUP = 2  # untimed decode steps after each prefill
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -66,6 +70,7 @@ class BenchOptions:
     new_tokens: int
     accuracy_contexts: tuple[int, ...]
     accuracy_tokens: int
+    accuracy_samples: int
     warmup_tokens_per_rank: int
     seed: int
 
@@ -201,10 +206,12 @@ def run_on_rank(group, opts: BenchOptions) -> dict:
                 state = None
                 _free(device)
                 seconds, state = timed_prefill(
-                    model, ids, group, comm, cfg, opts.new_tokens, device
+                    model, ids, group, comm, cfg, opts.new_tokens + DECODE_WARMUP, device
                 )
                 times.append(seconds)
             mem = _peak_gib(device)
+            # untimed steps first: kernels specialised on this cache length compile here
+            greedy_decode(model, state, group, comm, DECODE_WARMUP, opts.kernel)
             if group is not None:
                 dist.barrier(group)
             _sync(device)
@@ -223,18 +230,19 @@ def run_on_rank(group, opts: BenchOptions) -> dict:
     accuracy = []
     T = opts.accuracy_tokens
     for S in opts.accuracy_contexts:
-        ids = heldout_ids(opts, S + T)  # [1, S + T]
+        N = opts.accuracy_samples
+        ids = heldout_ids(opts, N * (S + T)).view(N, S + T)  # N held-out windows, one batch
         context, cont = ids[:, :S], ids[:, S:].to(device)
         logits = {}
         for name, cfg in configs:
             _free(device)
             _, state = timed_prefill(model, context, group, comm, cfg, T, device)
-            hidden = extend(model, state.cache, cont, group, kernel=opts.kernel)  # [1, T, h]
+            hidden = extend(model, state.cache, cont, group, kernel=opts.kernel)  # [N, T, h]
             if state.cache.is_query_rank:
                 with torch.inference_mode():
                     # the last context token predicts cont[0]; cont[i] predicts cont[i + 1]
                     h = torch.cat([state.last_hidden[:, None], hidden[:, :-1]], dim=1)
-                    logits[name] = model.logits(h).float().cpu()  # [1, T, vocab]
+                    logits[name] = model.logits(h).float().cpu()  # [N, T, vocab]
             del state, hidden
         if comm.rank == P - 1:
             truth = cont.cpu()
@@ -244,7 +252,7 @@ def run_on_rank(group, opts: BenchOptions) -> dict:
                     continue
                 diff = (got - full).abs()
                 accuracy.append(dict(
-                    context=S, tokens=T, prefill=name,
+                    context=S, tokens=T, samples=N, prefill=name,
                     max_err=float(diff.max()), mean_err=float(diff.mean()),
                     rel_l2=float((got - full).norm() / full.norm()),
                     agree=float((got.argmax(-1) == full.argmax(-1)).float().mean()),
@@ -296,7 +304,8 @@ def report(opts: BenchOptions, per_rank: list[dict], device_name: str, seconds: 
         lines += [
             "",
             f"Star vs full attention (ring prefill) on {text}: logits of {opts.accuracy_tokens} "
-            "continuation tokens read teacher-forced after the context.",
+            f"continuation tokens read teacher-forced after the context, {opts.accuracy_samples} "
+            "held-out windows (one batch).",
             "",
             "| context | prefill | max abs logit err | mean abs logit err | rel L2 | next-token "
             "agreement | next-token acc (full) | next-token acc (star) |",
@@ -352,10 +361,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--accuracy-contexts", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--accuracy-tokens", type=int, default=512)
+    parser.add_argument("--accuracy-samples", type=int, default=4,
+                        help="held-out windows per accuracy context (one batch)")
     parser.add_argument("--kernel", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--world-size", type=int, default=None, help="default: every GPU")
     parser.add_argument("--out", default=str(RESULTS / "bench_inference.md"))
+    parser.add_argument("--cpu", action="store_true",
+                        help="CPU processes over gloo (reference kernel): for small trained models")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model on 2 CPU processes (gloo): checks the script, no timing")
     args = parser.parse_args()
@@ -366,15 +379,20 @@ def main() -> None:
         device="cuda", dtype=args.dtype, kernel=args.kernel, batch=args.batch,
         contexts=tuple(args.contexts), anchors=tuple(args.anchors), repeats=args.repeats,
         new_tokens=args.new_tokens, accuracy_contexts=tuple(args.accuracy_contexts),
-        accuracy_tokens=args.accuracy_tokens, warmup_tokens_per_rank=2048, seed=0,
+        accuracy_tokens=args.accuracy_tokens, accuracy_samples=args.accuracy_samples,
+        warmup_tokens_per_rank=2048, seed=0,
     )
+    if args.cpu:
+        opts = replace(opts, device="cpu", dtype="fp32", kernel="reference",
+                       warmup_tokens_per_rank=16)
     if args.smoke:
         tiny = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                     vocab_size=259, seq_length=4096)
         opts = replace(
             opts, model=tiny if args.checkpoint is None else opts.model, device="cpu",
             dtype="fp32", kernel="reference", contexts=(480, 960), new_tokens=4,
-            accuracy_contexts=(960,), accuracy_tokens=64, warmup_tokens_per_rank=16,
+            accuracy_contexts=(960,), accuracy_tokens=64, accuracy_samples=2,
+            warmup_tokens_per_rank=16,
         )
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run on GPUs, or pass --smoke for a CPU check")

@@ -12,6 +12,7 @@ Usage (rerunnable; writes ``bench_linear_<gpu>.md`` to ``--out``)::
     pip install fla-core                                   # optional: the fla baseline
     python benchmarks/bench_linear.py                      # kernel table + linear-vs-dense table
     python benchmarks/bench_linear.py --seqs 32768 --sweep # also a few LinearTritonConfig variants
+    python benchmarks/bench_linear.py --profile 32768      # + CUDA time per kernel, ours and fla
     python benchmarks/bench_linear.py --cp --cp-tokens 32768   # + CP on all visible GPUs
 
 Tables (markdown, printed and written):
@@ -192,6 +193,38 @@ def kernel_table(seqs, batch, heads, dim, g, configs: dict[str, LinearTritonConf
     return rows
 
 
+def profile_table(seq, batch, heads, dim, g, config) -> list[str]:
+    """CUDA time per kernel of one fwd+bwd at ``seq`` tokens, ours and fla's (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = inputs(Shape(batch, seq, heads, dim))
+    impls = {"longctx": partial(ours, q, k, v, g, config)}
+    if chunk_simple_gla is not None:
+        impls["fla"] = partial(fla, q, k, v, g)
+    rows = ["| impl | kernel | calls | CUDA ms per fwd+bwd |", "| --- | --- | --- | --- |"]
+    for name, fn in impls.items():
+        grad = torch.randn_like(fn().detach())
+        fn().backward(grad)  # warm-up outside the trace
+        torch.cuda.synchronize()
+        reps = 5
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                for t in (q, k, v):
+                    t.grad = None
+                fn().backward(grad)
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        total = sum(e.device_time_total for e in events) / reps / 1e3
+        for e in events[:12]:
+            rows.append(f"| {name} | `{e.key[:60]}` | {e.count // reps} | "
+                        f"{e.device_time_total / reps / 1e3:.3f} |")
+        rows.append(f"| {name} | **all kernels** | | **{total:.3f}** |")
+        print("\n".join(rows[-3:]), flush=True)
+    del q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
 def crossover_table(seqs, batch, heads, dim, g, config) -> list[str]:
     rows = [
         "| S | linear fwd+bwd ns/token | dense causal (SDPA flash) fwd+bwd ns/token | dense / linear |",
@@ -256,6 +289,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-decay", action="store_true", help="lambda = 1 (plain linear attention)")
     parser.add_argument("--sweep", action="store_true", help="also time a few LinearTritonConfig variants")
+    parser.add_argument("--profile", type=int, nargs="*", default=[],
+                        help="per-kernel CUDA times of ours and fla at these lengths")
+    parser.add_argument("--no-crossover", action="store_true", help="skip the linear-vs-dense table")
     parser.add_argument("--cp", action="store_true", help="CP over all visible GPUs (NCCL)")
     parser.add_argument("--cp-tokens", type=int, default=32768, help="tokens per GPU for --cp")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -269,10 +305,15 @@ def main() -> None:
         g = None
     configs = {"default": LinearTritonConfig()}
     if args.sweep:
-        configs |= {  # spill-free alternatives on sm_90 (ptxas -v), and two that spill
-            "bv128-dq64": LinearTritonConfig(block_v=128, dq_block_k=64),
-            "dq64": LinearTritonConfig(dq_block_k=64),
-            "stages3": LinearTritonConfig(num_stages=3),
+        configs |= {  # stages and warps of the sequential state kernels and of the parallel ones
+            "state-stages3": LinearTritonConfig(state_num_stages=3),
+            "state-stages5": LinearTritonConfig(state_num_stages=5),
+            "state64-w4": LinearTritonConfig(state_block_k=64, state_block_v=64),
+            "state64-w8": LinearTritonConfig(state_block_k=64, state_block_v=64, state_num_warps=8),
+            "state32-w8": LinearTritonConfig(state_num_warps=8),
+            "state32x64": LinearTritonConfig(state_block_v=64),
+            "dq32": LinearTritonConfig(dq_block_k=32),
+            "stages4": LinearTritonConfig(num_stages=4),
             "w4": LinearTritonConfig(num_warps=4),
         }
     header = [(f"# linear attention: {gpu}, torch {torch.__version__}, bf16, B={args.batch}, "
@@ -284,8 +325,14 @@ def main() -> None:
     checks = check_against_reference(args.heads, args.head_dim, g_check, configs["default"])
     print("\n".join(checks), flush=True)
     kernels = kernel_table(args.seqs, args.batch, args.heads, args.head_dim, g, configs)
-    cross = crossover_table(args.crossover_seqs, args.batch, args.heads, args.head_dim, g, configs["default"])
-    sections = [*header, *checks, "", "## kernels", *kernels, "", "## linear vs dense causal", *cross]
+    sections = [*header, *checks, "", "## kernels", *kernels]
+    for seq in args.profile:
+        sections += ["", f"## CUDA time per kernel, fwd+bwd at S={seq}",
+                     *profile_table(seq, args.batch, args.heads, args.head_dim, g, configs["default"])]
+    if not args.no_crossover:
+        sections += ["", "## linear vs dense causal",
+                     *crossover_table(args.crossover_seqs, args.batch, args.heads, args.head_dim, g,
+                                      configs["default"])]
     if args.cp:
         sections += ["", f"## CP (strategy 'linear', {torch.cuda.device_count()} GPUs, NCCL)",
                      *cp_table(args.cp_tokens, args.batch, args.heads, args.head_dim, 64)]

@@ -29,7 +29,8 @@ from longctx.kernels.linear_triton import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-TINY = LinearTritonConfig(chunk=16, block_k=16, block_v=16, dq_block_k=16)
+TINY = LinearTritonConfig(chunk=16, block_k=16, block_v=16, dq_block_k=16, state_block_k=16,
+                          state_block_v=16)
 RECURRENT = LinearReferenceConfig(mode="recurrent")
 
 
@@ -182,6 +183,23 @@ def test_triton_float16_interpreted(interpret):
     _assert_close(got, want, 5e-2)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("Hkv", [2, 1], ids=["mha", "gqa"])
+def test_backward_grad_dtype(interpret, impl, Hkv):
+    """``grad_dtype`` gives dq/dk/dv in that dtype: the float32 grads rounded once (within one
+    bfloat16 ulp: the interpreter may truncate where the GPU rounds to nearest)."""
+    q, k, v, h0, dout, dfinal = _inputs(1, 24, 2, Hkv, 16, 16, torch.float32, seed=6)
+    kernel = LinearTriton(TINY) if impl == "triton" else get_linear_kernel("reference")
+    args = LinearArgs.build(q, k, v, log_decay=_decay(2, True))
+    want = kernel.backward(dout, dfinal, q, k, v, args, h0)
+    got = kernel.backward(dout, dfinal, q, k, v, args, h0, grad_dtype=torch.bfloat16)
+    for g, w in zip(got[:3], want[:3]):
+        assert w.dtype == torch.float32 and g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w.to(torch.bfloat16), atol=1e-6, rtol=2**-7)
+    assert got[3].dtype == torch.float32
+    torch.testing.assert_close(got[3], want[3])
+
+
 # ------------------------------------------------------------------------------- state chaining
 def _chained(fn, q, k, v, h0, cut, cu, log_decay, **kw):
     """Two calls on ``[:cut]`` and ``[cut:]`` with the state passed (documents split at ``cut``)."""
@@ -297,6 +315,12 @@ def test_triton_refuses_cpu_without_interpreter_and_float64(monkeypatch):
 def test_config_and_kernel_name_errors():
     with pytest.raises(ValueError, match=r"chunk must be a power of two >= 16, got 24"):
         LinearTritonConfig(chunk=24)
+    with pytest.raises(ValueError, match=r"state_block_v must be a power of two >= 16, got 8"):
+        LinearTritonConfig(state_block_v=8)
+    with pytest.raises(ValueError, match=r"state_num_warps must be 1, 2, 4, 8 or 16, got 3"):
+        LinearTritonConfig(state_num_warps=3)
+    with pytest.raises(ValueError, match=r"state_num_stages must be >= 1, got 0"):
+        LinearTritonConfig(state_num_stages=0)
     with pytest.raises(ValueError, match=r"mode must be 'chunked' or 'recurrent'"):
         LinearReferenceConfig(mode="parallel")
     with pytest.raises(ValueError, match=r"unknown linear attention kernel 'fast'; available"):

@@ -321,9 +321,10 @@ def test_gpu_matches_reference_bf16(monkeypatch, case, config):
         (1024, 1024, Mask(causal=True), ("c", 0, 1024), ("c", 1024, 1024)),  # empty ring block
     ],
 )
-def test_gpu_vendor_matches_reference(backend, Sq, Sk, mask, q_spec, k_spec):
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa"])
+def test_gpu_vendor_matches_reference(backend, Sq, Sk, mask, q_spec, k_spec, kv_heads):
     q_pos, k_pos = _pos(q_spec), _pos(k_spec)
-    q, k, v, dout = _inputs(1, Sq, Sk, 8, 8, 128, torch.bfloat16, device="cuda", seed=2)
+    q, k, v, dout = _inputs(1, Sq, Sk, 8, kv_heads, 128, torch.bfloat16, device="cuda", seed=2)
     pos = dict(mask=mask, q_pos=q_pos, k_pos=k_pos)
     kern = VendorSDPA(backend)
     out, lse = kern.forward(q, k, v, scale=0.1, **pos)
@@ -351,7 +352,7 @@ def test_gpu_dispatch_explains_choice():
     kernel, why = select_kernel(q, Mask(causal=True, window=64), explain=True)
     assert kernel.name == "triton" and "vendor" in why
     kernel, why = select_kernel(q, Mask(causal=True), kv_heads=2, explain=True)
-    assert kernel.name == "triton" and "GQA" in why
+    assert kernel.name == "sdpa", why  # GQA through expanded K/V
     bs = BlockSparse(128, torch.ones(2, 2, dtype=torch.bool))
     kernel, why = select_kernel(q, Mask(block_sparse=bs), explain=True)
     assert kernel.name == "reference" and "block-sparse" in why

@@ -3,9 +3,10 @@
 Order of preference (measured on an H200, bf16; see ``benchmarks/RESULTS.md``, issue 3):
 
 1. ``sdpa`` (cuDNN, else FlashAttention-2) when the mask on these global positions is full or
-   aligned causal, heads are not grouped, and the dtype is float16/bfloat16;
+   aligned causal and the dtype is float16/bfloat16 (GQA with K/V expanded: still faster than
+   the Triton kernel reading groups in place, issue 6);
 2. ``triton`` for everything else it covers on a GPU (windows, documents, offset/striped
-   positions, GQA, float32, ...);
+   positions, float32, ...);
 3. ``reference`` (torch) otherwise: CPU tensors, float64, block-sparse masks, unusual head dims.
 
 ``select_kernel`` only looks at shapes, dtypes, devices, the mask and the position *descriptions*

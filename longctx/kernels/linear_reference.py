@@ -257,7 +257,8 @@ class LinearAttentionKernel(Protocol):
                 initial_state: Tensor | None) -> tuple[Tensor, Tensor]: ...
 
     def backward(self, dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-                 args: LinearArgs, initial_state: Tensor | None
+                 args: LinearArgs, initial_state: Tensor | None,
+                 grad_dtype: torch.dtype | None = None,
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
 
 
@@ -405,10 +406,12 @@ class LinearReference:
             return self._run(q, k, v, args, initial_state)
 
     def backward(self, dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-                 args: LinearArgs, initial_state: Tensor | None = None
+                 args: LinearArgs, initial_state: Tensor | None = None,
+                 grad_dtype: torch.dtype | None = None,
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Gradients in the accumulation dtype: ``dq``, ``dk``, ``dv`` (shaped like q, k, v) and
-        ``dinitial [B, H, Dk, Dv]`` (None when ``initial_state`` is None)."""
+        """``dq``, ``dk``, ``dv`` (shaped like q, k, v; in ``grad_dtype``, default the
+        accumulation dtype) and ``dinitial [B, H, Dk, Dv]`` in the accumulation dtype (None when
+        ``initial_state`` is None)."""
         shape = check_linear_inputs(q, k, v)
         check_state(initial_state, shape, q.device)
         acc = acc_dtype(q.dtype)
@@ -423,7 +426,8 @@ class LinearReference:
                 grads.append(dfinal.to(final.dtype))
             got = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
         got = [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
-        return got[0], got[1], got[2], (got[3] if initial_state is not None else None)
+        dq, dk, dv = (g.to(grad_dtype or acc) for g in got[:3])
+        return dq, dk, dv, (got[3] if initial_state is not None else None)
 
 
 class LinearKernelFunction(torch.autograd.Function):
@@ -446,9 +450,10 @@ class LinearKernelFunction(torch.autograd.Function):
         q, k, v, h0 = ctx.saved_tensors
         if dout is None:  # only the final state was used
             dout = q.new_zeros(*q.shape[:3], v.shape[-1])
-        dq, dk, dv, dh0 = ctx.kernel.backward(dout, dfinal, q, k, v, ctx.args, h0)
+        dq, dk, dv, dh0 = ctx.kernel.backward(dout, dfinal, q, k, v, ctx.args, h0,
+                                              grad_dtype=q.dtype)
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dh0, None, None
 
 
 def linear_attention_reference(

@@ -4,7 +4,8 @@ Implements :class:`~longctx.kernels.linear_reference.LinearAttentionKernel` (sam
 decay, states and documents as :mod:`longctx.kernels.linear_reference`)::
 
     forward(q, k, v, args, initial_state) -> out [B, S, H, Dv] (q.dtype), final_state [B, H, Dk, Dv] f32
-    backward(dout, dfinal, q, k, v, args, initial_state) -> dq, dk, dv, dinitial   (float32)
+    backward(dout, dfinal, q, k, v, args, initial_state, grad_dtype) -> dq, dk, dv, dinitial
+                                 (grads in grad_dtype, default float32; dinitial float32)
 
 The sequence is cut into chunks of ``C`` tokens.  Inside a chunk the output is the quadratic form
 with the decay mask ``lambda^(i-j)`` (zero across documents); across chunks it goes through the
@@ -48,6 +49,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -69,6 +71,7 @@ from ._triton_runtime import tl, triton
 __all__ = [
     "MAX_HEAD_DIM",
     "LinearTritonConfig",
+    "LinearBlocks",
     "LinearTriton",
     "linear_attention_triton",
 ]
@@ -94,40 +97,66 @@ class LinearTritonConfig:
         block_v: ``Dv`` block ``BV`` (clipped to the head dim).
         dq_block_k: ``Dk`` block of the dq/dk kernel, which holds three ``[C, BK]`` float32
             accumulators besides ``do v^T`` (clipped to the head dim).
-        num_warps, num_stages: as in ``triton.Config``.
+        state_block_k, state_block_v: the state tile of the two sequential kernels (state
+            forward and backward), which walk every chunk of a ``(batch, head)`` one after the
+            other.  Their grid has only ``B * H * (Dk / BK) * (Dv / BV)`` programs, so smaller
+            tiles put more of the GPU to work on short-batch, few-head shapes.
+        num_warps, num_stages: as in ``triton.Config``; ``state_num_warps`` and
+            ``state_num_stages`` for the two sequential kernels.
 
-    All blocks are powers of two >= 16 (the smallest ``tl.dot``).  The defaults are the largest
-    tiles that compile without register spills for sm_90 at head dim 128 (``ptxas -v``: 4 warps
-    spill in every kernel, 8 warps with ``dq_block_k=64`` spill in the dq/dk kernel); they are not
-    yet tuned by timing (``benchmarks/bench_linear.py --sweep``).  Example::
+    All blocks are powers of two >= 16 (the smallest ``tl.dot``).  The defaults come from timing
+    on an H200 at head dim 128 (``benchmarks/bench_linear.py --sweep``, ``benchmarks/RESULTS.md``);
+    ``dq_block_k=64`` spills a few registers in the dq/dk kernel (``ptxas -v``) and is still
+    faster than 32, which recomputes ``do v^T`` for twice as many Dk blocks.  Example::
 
-        LinearTritonConfig(chunk=64, block_k=64, block_v=64, num_warps=8)
+        LinearTritonConfig(chunk=64, block_k=64, block_v=64, state_block_k=32, num_warps=8)
     """
 
     chunk: int = 64
     block_k: int = 64
     block_v: int = 64
-    dq_block_k: int = 32
+    dq_block_k: int = 64
+    state_block_k: int = 32
+    state_block_v: int = 32
     num_warps: int = 8
-    num_stages: int = 2
+    state_num_warps: int = 8
+    num_stages: int = 3
+    state_num_stages: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "block_k", "block_v", "dq_block_k"):
+        for name in ("chunk", "block_k", "block_v", "dq_block_k", "state_block_k",
+                     "state_block_v"):
             _pow2_at_least_16(name, getattr(self, name))
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(
-                f"LinearTritonConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}"
-            )
-        if self.num_stages < 1:
-            raise ValueError(f"LinearTritonConfig.num_stages must be >= 1, got {self.num_stages}")
+        for name in ("num_warps", "state_num_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(
+                    f"LinearTritonConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)}"
+                )
+        for name in ("num_stages", "state_num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LinearTritonConfig.{name} must be >= 1, got {getattr(self, name)}")
 
-    def blocks(self, dk: int, dv: int) -> tuple[int, int, int, int]:
-        """``(C, BK, BV, dq BK)`` for head dims ``dk``, ``dv`` (never over the padded head dim)."""
+    def blocks(self, dk: int, dv: int) -> LinearBlocks:
+        """The tiles for head dims ``dk``, ``dv`` (never over the padded head dim)."""
         def pad(d: int) -> int:
             return max(16, triton.next_power_of_2(d))
 
-        return (self.chunk, min(self.block_k, pad(dk)), min(self.block_v, pad(dv)),
-                min(self.dq_block_k, pad(dk)))
+        return LinearBlocks(
+            chunk=self.chunk, k=min(self.block_k, pad(dk)), v=min(self.block_v, pad(dv)),
+            dq_k=min(self.dq_block_k, pad(dk)), state_k=min(self.state_block_k, pad(dk)),
+            state_v=min(self.state_block_v, pad(dv)),
+        )
+
+
+class LinearBlocks(NamedTuple):
+    """Tile sizes of one call (:meth:`LinearTritonConfig.blocks`)."""
+
+    chunk: int
+    k: int
+    v: int
+    dq_k: int
+    state_k: int
+    state_v: int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,9 +393,9 @@ if triton is not None:
         dk = _dot(tl.trans(ds).to(q.dtype), q, tl.zeros([BT, BK], dtype=tl.float32), IEEE)
         dk = dk * scale + v_dh * col[:, None]
         dq_ptrs, dq_mask = _rows(DQ, b, offs_t, h, offs_k, S, H, DK)
-        tl.store(dq_ptrs, dq, mask=dq_mask)
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)
         dk_ptrs, dk_mask = _rows(DKH, b, offs_t, h, offs_k, S, H, DK)
-        tl.store(dk_ptrs, dk, mask=dk_mask)
+        tl.store(dk_ptrs, dk.to(DKH.dtype.element_ty), mask=dk_mask)
 
     @_jit
     def _dv_bwd_kernel(Q, K, DO, G, DOC, DHBUF, DVH, scale, S, H, GQ, NT,
@@ -401,7 +430,7 @@ if triton is not None:
         dv = _dot(tl.trans(s).to(do.dtype), do, tl.zeros([BT, BV], dtype=tl.float32), IEEE)
         dv = dv * scale + k_dh * col[:, None]
         dv_ptrs, dv_mask = _rows(DVH, b, offs_t, h, offs_v, S, H, DV)
-        tl.store(dv_ptrs, dv, mask=dv_mask)
+        tl.store(dv_ptrs, dv.to(DVH.dtype.element_ty), mask=dv_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,13 +484,23 @@ class LinearTriton:
         return shape
 
     def _meta(self, shape: LinearShape, args: LinearArgs, dtype: torch.dtype) -> dict:
-        C, BK, BV, _ = self.config.blocks(shape.dk, shape.dv)
+        """Launch arguments shared by the five kernels (the parallel kernels' tiles)."""
+        blocks = self.config.blocks(shape.dk, shape.dv)
         return dict(
-            DK=shape.dk, DV=shape.dv, BT=C, BK=BK, BV=BV,
+            DK=shape.dk, DV=shape.dv, BT=blocks.chunk, BK=blocks.k, BV=blocks.v,
             HAS_DECAY=args.log_decay is not None, HAS_DOCS=args.cu_seqlens is not None,
             IEEE=dtype == torch.float32,
             num_warps=self.config.num_warps, num_stages=self.config.num_stages,
         )
+
+    def _state_meta(self, shape: LinearShape, meta: dict) -> tuple[tuple[int, int, int], dict]:
+        """Grid and launch arguments of the two sequential state kernels."""
+        blocks = self.config.blocks(shape.dk, shape.dv)
+        grid = (triton.cdiv(shape.dk, blocks.state_k), triton.cdiv(shape.dv, blocks.state_v),
+                shape.batch * shape.heads)
+        return grid, {**meta, "BK": blocks.state_k, "BV": blocks.state_v,
+                      "num_warps": self.config.state_num_warps,
+                      "num_stages": self.config.state_num_stages}
 
     def _decay_and_docs(self, args: LinearArgs, shape: LinearShape, dummy: Tensor):
         g = args.log_decay.to(torch.float32).contiguous() if args.log_decay is not None else dummy
@@ -476,10 +515,10 @@ class LinearTriton:
         NT = triton.cdiv(S, meta["BT"])
         hbuf = torch.empty(B * H, NT, Dk, Dv, dtype=k.dtype, device=k.device)
         final = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device)
-        grid = (triton.cdiv(Dk, meta["BK"]), triton.cdiv(Dv, meta["BV"]), B * H)
+        grid, state_meta = self._state_meta(shape, meta)
         _launch(
             _state_fwd_kernel, grid, k, v, g, docs, h0 if h0 is not None else final, hbuf, final,
-            S, H, shape.group, NT, HAS_H0=h0 is not None, **meta,
+            S, H, shape.group, NT, HAS_H0=h0 is not None, **state_meta,
         )
         return hbuf, final
 
@@ -505,10 +544,14 @@ class LinearTriton:
         return out, final
 
     def backward(self, dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-                 args: LinearArgs, initial_state: Tensor | None = None
+                 args: LinearArgs, initial_state: Tensor | None = None,
+                 grad_dtype: torch.dtype | None = None,
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """float32 ``dq [B, S, H, Dk]``, ``dk [B, S, H_kv, Dk]``, ``dv [B, S, H_kv, Dv]`` and
-        ``dinitial [B, H, Dk, Dv]`` (None when ``initial_state`` is None)."""
+        """``dq [B, S, H, Dk]``, ``dk [B, S, H_kv, Dk]``, ``dv [B, S, H_kv, Dv]`` in
+        ``grad_dtype`` (default float32; written by the kernels in that dtype, so a 16-bit
+        ``grad_dtype`` saves the casts) and float32 ``dinitial [B, H, Dk, Dv]`` (None when
+        ``initial_state`` is None)."""
+        grad_dtype = grad_dtype or torch.float32
         shape = self._check(q, k, v, initial_state)
         B, S, H, Hkv, Dk, Dv = shape
         out_shape = (B, S, H, Dv)
@@ -527,8 +570,8 @@ class LinearTriton:
             dh0 = torch.zeros(shape.state, **f32)
             if dfinal is not None:  # nothing in between: the final state is the initial state
                 dh0 = dfinal.to(torch.float32, copy=True)
-            return (torch.zeros(q.shape, **f32), torch.zeros(k.shape, **f32),
-                    torch.zeros(v.shape, **f32), dh0 if h0 is not None else None)
+            grads = (torch.zeros(t.shape, dtype=grad_dtype, device=q.device) for t in (q, k, v))
+            return (*grads, dh0 if h0 is not None else None)
         q, k, v = (t.contiguous() for t in (q, k, v))
         dout = dout.to(q.dtype).contiguous()
         meta = self._meta(shape, args, q.dtype)
@@ -538,28 +581,29 @@ class LinearTriton:
         dhbuf = torch.empty_like(hbuf)
         dh0 = torch.empty(shape.state, **f32)
         dht = dfinal.to(torch.float32).contiguous() if dfinal is not None else dh0
-        n_k, n_v = triton.cdiv(Dk, meta["BK"]), triton.cdiv(Dv, meta["BV"])
+        grid, state_meta = self._state_meta(shape, meta)
         _launch(
-            _state_bwd_kernel, (n_k, n_v, B * H),
-            q, dout, g, docs, dht, dhbuf, dh0, args.scale, S, H, NT,
-            HAS_DHT=dfinal is not None, **meta,
+            _state_bwd_kernel, grid, q, dout, g, docs, dht, dhbuf, dh0, args.scale, S, H, NT,
+            HAS_DHT=dfinal is not None, **state_meta,
         )
-        dq = torch.empty(B, S, H, Dk, **f32)
-        dk = torch.empty(B, S, H, Dk, **f32)  # per query head; summed over GQA groups below
-        dv = torch.empty(B, S, H, Dv, **f32)
-        dq_bk = self.config.blocks(Dk, Dv)[3]
+        # dk/dv per query head, summed over GQA groups below (in float32 when there are groups)
+        per_head = grad_dtype if shape.group == 1 else torch.float32
+        dq = torch.empty(B, S, H, Dk, dtype=grad_dtype, device=q.device)
+        dk = torch.empty(B, S, H, Dk, dtype=per_head, device=q.device)
+        dv = torch.empty(B, S, H, Dv, dtype=per_head, device=q.device)
+        dq_bk = self.config.blocks(Dk, Dv).dq_k
         _launch(
             _dqk_bwd_kernel, (NT, triton.cdiv(Dk, dq_bk), B * H),
             q, k, v, dout, g, docs, hbuf, dhbuf, dq, dk, args.scale, S, H, shape.group, NT,
             **{**meta, "BK": dq_bk},
         )
         _launch(
-            _dv_bwd_kernel, (NT, n_v, B * H),
+            _dv_bwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
             q, k, dout, g, docs, dhbuf, dv, args.scale, S, H, shape.group, NT, **meta,
         )
         if shape.group > 1:
-            dk = dk.view(B, S, Hkv, shape.group, Dk).sum(3)  # [B, S, H, Dk] -> [B, S, Hkv, Dk]
-            dv = dv.view(B, S, Hkv, shape.group, Dv).sum(3)
+            dk = dk.view(B, S, Hkv, shape.group, Dk).sum(3).to(grad_dtype)  # -> [B, S, Hkv, Dk]
+            dv = dv.view(B, S, Hkv, shape.group, Dv).sum(3).to(grad_dtype)
         return dq, dk, dv, (dh0 if h0 is not None else None)
 
 

@@ -10,10 +10,11 @@ enters the shard, which is a decayed sum of the earlier shards' own final states
       2. s = all_gather(s_r)                                  # [P, B, H, Dk, Dv], the ONE collective
       3. P_r = sum_{j<r} W[r, j] s_j                          # the state entering rank r
          W[r, j] = prod_{j<i<r} A_i,  A_i = lambda^n if no document starts in shard i, else 0
-      4. out_r[t] += scale * (q_r[t] * lambda^(t+1)) P_r      # for the first ``head`` tokens
+      4. out_r[t] += scale * lambda^(t+1) * (q_r[t] P_r)      # for the first ``head`` tokens
       final_state = sum_j W[P, j] s_j                          # the state after the last token
 
-Steps 3-4 are a ``[P] x [B, H, Dk, Dv]`` weighted sum and one small matmul per rank.  The decays
+Steps 3-4 are a ``[P] x [B, H, Dk, Dv]`` weighted sum and one batched matmul per rank (in the
+input dtype, accumulated in float32 by the GEMM; float16 goes through float32).  The decays
 are not communicated: the per-head ``lambda`` and the document boundaries are known on every
 rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` and the decay
 (:func:`shards_passing`, :func:`carry_weights`).
@@ -149,7 +150,8 @@ def carry_weights(passes: Tensor, tokens_per_rank: int, log_decay: Tensor | None
 
     ``W[r, j] = prod_{j<i<r} A_i`` for ``j < r`` (else 0) with ``A_i = lambda^n`` where
     ``passes[i]`` (:func:`shards_passing`), else 0; computed as ``exp(g * n * (r - j - 1))`` so
-    nothing overflows.  On the CPU, in ``dtype``.
+    nothing overflows.  In ``dtype``, on ``log_decay``'s device (the CPU without decay), so a
+    decay on the GPU needs no copy to the host.
 
     Example (4 ranks of 6 tokens, a document starting inside rank 2)::
 
@@ -158,10 +160,13 @@ def carry_weights(passes: Tensor, tokens_per_rank: int, log_decay: Tensor | None
         [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
     """
     P = passes.numel()
-    g = torch.zeros(heads, dtype=dtype) if log_decay is None else log_decay.detach().cpu().to(dtype)
-    blocked = torch.cat([torch.zeros(1, dtype=torch.int64), (~passes).to(torch.int64).cumsum(0)])
-    r = torch.arange(P + 1)[:, None]  # [P + 1, 1]
-    j = torch.arange(P)[None, :]  # [1, P]
+    g = torch.zeros(heads, dtype=dtype) if log_decay is None else log_decay.detach().to(dtype)
+    device = g.device
+    passes = passes.to(device)
+    blocked = torch.cat([passes.new_zeros(1, dtype=torch.int64),
+                         (~passes).to(torch.int64).cumsum(0)])
+    r = torch.arange(P + 1, device=device)[:, None]  # [P + 1, 1]
+    j = torch.arange(P, device=device)[None, :]  # [1, P]
     # shard j's state reaches the start of shard r iff every shard in between (j, r) passes it on
     between = blocked[r.clamp(max=P)] - blocked[(j + 1).clamp(max=P)]  # [P + 1, P]
     reach = (j < r) & (between == 0)
@@ -177,8 +182,8 @@ class LinearCPContext:
     """Everything a linear CP call needs besides q, k, v and the state; built and checked per call.
 
     ``args`` are the *local* kernel arguments (this shard's boundaries); ``weights [P + 1, P, H]``
-    come from :func:`carry_weights` (accumulation dtype, on q's device); ``head_decay
-    [head, H, 1]`` is ``lambda^(t+1)`` for the shard's head tokens.
+    come from :func:`carry_weights` (accumulation dtype, on q's device); ``head_weight
+    [head, H, 1]`` is ``scale * lambda^(t+1)`` for the shard's head tokens.
     """
 
     group: dist.ProcessGroup | None
@@ -189,7 +194,7 @@ class LinearCPContext:
     args: LinearArgs
     docs: ShardDocs
     weights: Tensor
-    head_decay: Tensor
+    head_weight: Tensor
     return_final_state: bool
 
 
@@ -249,15 +254,16 @@ def build_linear_context(
     weights = carry_weights(
         shards_passing(cu, seq_len, world), shape.seq, args.log_decay, shape.heads
     ).to(device=q.device, dtype=acc)
-    t = torch.arange(1, docs.head + 1, dtype=acc, device=q.device)  # lambda^(t+1), t = 0..head-1
+    t = torch.arange(1, docs.head + 1, dtype=acc, device=q.device)  # t + 1 for t = 0..head-1
     g = args.log_decay
     if g is None:
         g = torch.zeros(shape.heads, dtype=acc, device=q.device)
-    head_decay = torch.exp(t[:, None] * g[None, :])[..., None]  # [head, H] -> [head, H, 1]
+    # scale * lambda^(t+1): [head, H] -> [head, H, 1]
+    head_weight = (torch.exp(t[:, None] * g[None, :]) * args.scale)[..., None]
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
         args=LinearArgs(args.scale, args.log_decay, docs.local_cu), docs=docs, weights=weights,
-        head_decay=head_decay, return_final_state=return_final_state,
+        head_weight=head_weight, return_final_state=return_final_state,
     )
 
 
@@ -278,22 +284,37 @@ def linear_forward(
     final = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.world_size], states)
     head = cp.docs.head
     if head:
-        q_head = q[:, :head].to(acc) * cp.head_decay  # [B, head, H, Dk] * lambda^(t+1)
-        carry = torch.einsum("bthk,bhkv->bthv", q_head, prefix) * cp.args.scale
-        out[:, :head] = (out[:, :head].to(acc) + carry).to(out.dtype)
+        mm = _matmul_dtype(q.dtype)
+        q_bhtk = q[:, :head].transpose(1, 2).to(mm)  # [B, head, H, Dk] -> [B, H, head, Dk]
+        carry_bhtv = torch.matmul(q_bhtk, prefix.to(mm))  # [B, H, head, Dv]
+        out[:, :head] += carry_bhtv.transpose(1, 2) * cp.head_weight  # scale * lambda^(t+1)
     return out, final, prefix
+
+
+def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the entering-state matmuls: the input's (cuBLAS accumulates in float32), except
+    float16, whose range is too small for a sum over a shard's tokens."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def linear_backward(
     dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
     initial_state: Tensor | None, prefix: Tensor, cp: LinearCPContext,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients of the local shards and of ``initial_state`` (rank 0; zeros elsewhere), in the
-    accumulation dtype.  ``dfinal`` is this rank's gradient of the replicated final state."""
+    """Gradients of the local shards (in q's dtype) and of ``initial_state`` (rank 0, zeros
+    elsewhere; accumulation dtype).  ``dfinal`` is this rank's gradient of the replicated final
+    state."""
     acc = acc_dtype(q.dtype)
-    head, scale = cp.docs.head, cp.args.scale
-    q_head = q[:, :head].to(acc) * cp.head_decay  # [B, head, H, Dk]
-    d_prefix = torch.einsum("bthk,bthv->bhkv", q_head, dout[:, :head].to(acc)) * scale
+    head = cp.docs.head
+    if head:
+        mm = _matmul_dtype(q.dtype)
+        dout_w_bhtv = (dout[:, :head] * cp.head_weight).to(mm).transpose(1, 2)  # [B, H, head, Dv]
+        q_bhkt = q[:, :head].permute(0, 2, 3, 1).to(mm)  # [B, head, H, Dk] -> [B, H, Dk, head]
+        d_prefix = torch.matmul(q_bhkt, dout_w_bhtv).to(acc)  # [B, H, Dk, Dv]
+        dq_carry_bhtk = torch.matmul(dout_w_bhtv, prefix.transpose(-1, -2).to(mm))
+    else:
+        d_prefix = torch.zeros(*q.shape[:1], q.shape[2], q.shape[3], dout.shape[3], dtype=acc,
+                               device=q.device)
     if cp.return_final_state:
         d_final = dfinal.to(acc) if dfinal is not None else torch.zeros_like(d_prefix)
         # [2, B, H, Dk, Dv] on every rank -> [P, 2, B, H, Dk, Dv]
@@ -306,15 +327,13 @@ def linear_backward(
     # this rank's local final state feeds the entering state of every later rank (and the final)
     d_local_final = torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering)
     own_initial = initial_state if cp.rank == 0 else None
-    dq, dk, dv, dh0 = cp.kernel.backward(dout, d_local_final, q, k, v, cp.args, own_initial)
-    dq = dq.to(acc)
+    dq, dk, dv, dh0 = cp.kernel.backward(dout, d_local_final, q, k, v, cp.args, own_initial,
+                                         grad_dtype=q.dtype)
     if head:
-        dq[:, :head] += torch.einsum("bthv,bhkv->bthk", dout[:, :head].to(acc), prefix) * (
-            cp.head_decay * scale
-        )
+        dq[:, :head] += dq_carry_bhtk.transpose(1, 2)  # [B, H, head, Dk] -> [B, head, H, Dk]
     if initial_state is not None and dh0 is None:
         dh0 = torch.zeros(initial_state.shape, dtype=acc, device=q.device)
-    return dq, dk.to(acc), dv.to(acc), dh0
+    return dq, dk, dv, dh0
 
 
 class LinearCPAttention(torch.autograd.Function):
