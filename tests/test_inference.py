@@ -311,6 +311,15 @@ def test_bad_input_says_what_to_change(make_call, match):
         make_call(make_model(), prompt(0)[0])
 
 
+def test_hybrid_linear_models_are_refused_not_mis_served():
+    model = make_model()
+    model.config = model.config.replace(
+        attention_kinds=("linear",) + ("softmax",) * (model.config.num_layers - 1)
+    )
+    with pytest.raises(NotImplementedError, match=r"layers \[0\] are linear attention"):
+        generate(model, prompt(0)[0])
+
+
 def test_bad_input_on_a_mesh(mesh):
     P = mesh.world_size
     if P == 1:

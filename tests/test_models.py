@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from longctx.kernels.mask import Mask
 from longctx.models import LlamaModel, ModelConfig, SequenceContext, apply_rope, rope_cos_sin
@@ -70,12 +71,30 @@ def test_from_dict_rejects_unknown_keys():
     assert cfg.attention_kinds == ("softmax", "softmax")
 
 
-def test_linear_attention_layers_name_issue_5():
-    cfg = ModelConfig(num_layers=2, attention_kinds=("softmax", "linear"))
-    with pytest.raises(NotImplementedError, match="issue 5"):
-        LlamaModel(cfg)
-    with pytest.raises(NotImplementedError, match="issue 5"):
-        flops_per_token(cfg)
+def test_linear_layers_flops_and_core_match_the_reference():
+    """A linear layer: SiLU features, RetNet decays, documents reset the state; FLOPs count the
+    recurrent form (4 H D^2 per token), softmax layers 2 S H D (causal)."""
+    from longctx.kernels.linear_reference import linear_attention_reference, retnet_log_decay
+    from longctx.models.config import attention_flops_per_token
+    from longctx.models.llama import LinearAttention
+
+    cfg = CFG.replace(attention_kinds=("linear", "softmax"))
+    H, D, S = cfg.num_attention_heads, cfg.kv_channels, cfg.seq_length
+    assert attention_flops_per_token(cfg, S) == 4 * H * D * D + 2 * S * H * D
+    model = LlamaModel(cfg, seed=0, dtype=DTYPE)
+    layer = model.layers[0].attention
+    assert isinstance(layer, LinearAttention) and model.layers[0].kind == "linear"
+    assert type(model.layers[1].attention).__name__ == "Attention"
+    x = torch.randn(2, S, cfg.hidden_size, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    seq = SequenceContext.single_device(S, cu_seqlens=CU_SEQLENS)
+    q, k, v = layer.qkv(x, rope=None)
+    want = linear_attention_reference(
+        F.silu(layer.wq(x)).view_as(q), F.silu(layer.wk(x)).view_as(k), layer.wv(x).view_as(v),
+        log_decay=retnet_log_decay(H), cu_seqlens=CU_SEQLENS,
+    )
+    torch.testing.assert_close(layer.core(q, k, v, seq), want, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="linear attention layers are causal"):
+        layer.core(q, k, v, SequenceContext.single_device(S, window=4))
 
 
 def test_param_and_flop_counts():
@@ -384,6 +403,38 @@ def test_parallelized_model_equals_one_process(mesh4, name):
     check_parallel(
         mesh4, ParallelDims(**dims), pconfig, "ring", "zigzag", "documents", cfg=cfg, **extra
     )
+
+
+# -- hybrid linear/softmax models ------------------------------------------------------------------
+HYBRID = CFG.replace(attention_kinds=("linear", "softmax"))
+HYBRID_CASES = [
+    ("ulysses", "contiguous", "documents"),
+    ("ring", "contiguous", "causal"),
+    ("allgather", "contiguous", "documents"),
+]
+
+
+@pytest.mark.parametrize("strategy,layout,masked", HYBRID_CASES,
+                         ids=["-".join(c) for c in HYBRID_CASES])
+def test_hybrid_linear_softmax_cp4_equals_one_process(mesh4, strategy, layout, masked):
+    from longctx.parallel.mesh import ParallelDims
+
+    check_parallel(mesh4, ParallelDims(cp=4), None, strategy, layout, masked, cfg=HYBRID)
+
+
+def test_hybrid_linear_softmax_cp2_equals_one_process(mesh2):
+    from longctx.parallel.mesh import ParallelDims
+
+    check_parallel(mesh2, ParallelDims(cp=2), None, "ulysses", "contiguous", "documents",
+                   cfg=HYBRID)
+
+
+def test_hybrid_linear_softmax_under_tp_and_fsdp(mesh4):
+    """TP splits the linear layers' heads: each rank must use its heads' decays."""
+    from longctx.parallel.mesh import ParallelDims
+
+    check_parallel(mesh4, ParallelDims(cp=2, tp=2), ParallelConfig(fsdp=True), "ring",
+                   "contiguous", "documents", cfg=HYBRID)
 
 
 def test_hybrid_ulysses_x_ring(mesh4):

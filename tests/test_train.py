@@ -187,6 +187,9 @@ BAD_CONFIGS = [
      r"parallel.ulysses=2 only applies to strategy 'hybrid'"),
     (["train.micro_batch_size=2", "data.packing.cross_document_attention=true"],
      r"train.micro_batch_size=2 lays sequences end to end"),
+    (["model.attention_kinds=[linear,softmax,linear,softmax]"],
+     r"linear layers.*sequence must be sharded contiguously; got parallel.strategy='zigzag' "
+     r"with layout 'zigzag'. Set parallel.layout=contiguous"),
     (["optim"], r"--set 'optim': expected KEY=VALUE"),
     (["optim.lr.x=1"], r"'optim.lr' is a value, not a section"),
 ]

@@ -43,7 +43,7 @@ from ..models.llama import LlamaModel
 from ..parallel.comm import GatherComm
 from ..parallel.context import resolve_group
 from .cache import LayerKV, ShardedKVCache
-from .layers import block_forward, rope_for
+from .layers import block_forward, check_softmax_model, rope_for
 
 __all__ = ["cache_partial", "extend", "phase2_attention"]
 
@@ -130,6 +130,7 @@ def extend(
         ``hidden [B, T, hidden]`` (final norm applied; :meth:`LlamaModel.logits` gives the logits)
         on the query rank, None on the others.
     """
+    check_softmax_model(model)
     comm = GatherComm(resolve_group(group))
     if comm.world_size != cache.world_size or comm.rank != cache.rank:
         raise ValueError(

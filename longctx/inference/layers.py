@@ -34,11 +34,22 @@ from torch import Tensor
 
 from ..models.llama import LlamaModel, TransformerBlock, rope_cos_sin
 
-__all__ = ["AttendFn", "block_forward", "rope_for"]
+__all__ = ["AttendFn", "block_forward", "check_softmax_model", "rope_for"]
 
 # attend(q [B, S, H, D], k [B, S, H_kv, D], v [B, S, H_kv, D]) -> out [B, S, H, D]; q and k are
 # already rotated by RoPE at their global positions.
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def check_softmax_model(model: LlamaModel) -> None:
+    """Raise unless every layer is softmax attention (the KV cache of this package)."""
+    linear = [i for i, kind in enumerate(model.config.layer_kinds) if kind != "softmax"]
+    if linear:
+        raise NotImplementedError(
+            f"layers {linear} are linear attention; CP inference here keeps a softmax KV cache "
+            "(star/ring prefill, sharded decode). A linear layer would need its state carried "
+            "instead; serve hybrid models with the training forward (longctx.models) for now"
+        )
 
 
 def rope_for(model: LlamaModel, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -45,7 +45,7 @@ from ..parallel.api import attention as cp_attention
 from ..parallel.comm import GatherComm
 from ..parallel.context import resolve_group
 from .cache import LayerKV, ShardedKVCache
-from .layers import block_forward, rope_for
+from .layers import block_forward, check_softmax_model, rope_for
 
 __all__ = ["PrefillConfig", "PrefillState", "prefill", "star_context_attention"]
 
@@ -152,6 +152,7 @@ def prefill(
     Returns:
         A :class:`PrefillState` (this rank's cache and last hidden state).
     """
+    check_softmax_model(model)
     comm = GatherComm(resolve_group(group))
     if local_ids.dim() != 2 or local_ids.dtype.is_floating_point:
         raise ValueError(

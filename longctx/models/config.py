@@ -37,10 +37,6 @@ __all__ = [
 ]
 
 ATTENTION_KINDS = ("softmax", "linear")
-LINEAR_ATTENTION_ISSUE = (
-    "linear attention layers are not implemented yet (issue 5: linear attention kernels and the "
-    "LASP-2 CP strategy); use attention_kinds=None or only 'softmax' for now"
-)
 
 
 def _swiglu_ffn_size(hidden_size: int, multiple_of: int = 64) -> int:
@@ -68,7 +64,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
     kv_channels: int | None = None  # head dim; None: hidden_size // num_attention_heads
-    attention_kinds: tuple[str, ...] | None = None  # per layer "softmax"|"linear"; None: softmax
+    # per layer "softmax" (Attention) or "linear" (LinearAttention: decayed linear attention,
+    # LASP-2 CP on the contiguous layout); None: all softmax. MiniMax-01: 7 linear, 1 softmax.
+    attention_kinds: tuple[str, ...] | None = None
     derived_fields: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -249,14 +247,16 @@ def matmul_flops_per_token(config: ModelConfig) -> float:
 def attention_flops_per_token(config: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Forward FLOPs per token of the attention scores and the weighted sum, all layers.
 
-    A query attends to ``seq_len`` keys: ``Q K^T`` costs ``2 S H D`` and ``P V`` another
-    ``2 S H D``, so ``4 S H D`` per token per layer; causal attention does half (``2 S H D``).
+    Softmax layers: a query attends to ``seq_len`` keys: ``Q K^T`` costs ``2 S H D`` and ``P V``
+    another ``2 S H D``, so ``4 S H D`` per token per layer; causal attention does half
+    (``2 S H D``).  Linear layers (always causal) count their recurrent form, independent of
+    ``S``: the state update ``k^T v`` and the read-out ``q S``, ``2 H D^2`` each, so ``4 H D^2``
+    (the chunked kernel's intra-chunk products are an implementation cost, not counted).
     """
-    kinds = config.layer_kinds
-    if "linear" in kinds:
-        raise NotImplementedError(LINEAR_ATTENTION_ISSUE)
-    per_layer = 4 * seq_len * config.num_attention_heads * config.kv_channels
-    return float(len(kinds) * per_layer * (0.5 if causal else 1.0))
+    H, D = config.num_attention_heads, config.kv_channels
+    softmax = 4 * seq_len * H * D * (0.5 if causal else 1.0)
+    linear = 4 * H * D * D
+    return float(sum(linear if kind == "linear" else softmax for kind in config.layer_kinds))
 
 
 def flops_per_token(

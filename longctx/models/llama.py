@@ -15,6 +15,9 @@ The same code runs with and without parallelism:
   (``view(B, S, -1, head_dim)``), so after ``wq``/``wk``/``wv`` are sharded column-wise the module
   sees ``heads / tp`` heads.  Parallelism is applied in :mod:`longctx.models.parallelize`.
 - **GQA**: ``wk``/``wv`` produce ``num_query_groups`` heads; they are never expanded.
+- **Hybrid linear/softmax** (``ModelConfig.attention_kinds``): a ``"linear"`` layer is a
+  :class:`LinearAttention` (Lightning-Attention-2 kernel, LASP-2 CP) with the same projection
+  names, so TP, FSDP, checkpointing and init treat both kinds alike.
 
 Weight names (``wq wk wv wo``, ``w1`` gate, ``w3`` up, ``w2`` down) match torchtitan's, so the
 TP plan is a table of names.
@@ -43,12 +46,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.linear_reference import available_linear_kernels, retnet_log_decay
+from ..kernels.mask import Mask
 from ..parallel.api import attention as cp_attention
-from .config import LINEAR_ATTENTION_ISSUE, ModelConfig
+from .config import ModelConfig
 from .context import SequenceContext
 
 __all__ = [
     "Attention",
+    "LinearAttention",
     "FeedForward",
     "LlamaModel",
     "RMSNorm",
@@ -156,6 +162,78 @@ class Attention(nn.Module):
         return self.project_out(self.core(q, k, v, seq))
 
 
+class LinearAttention(nn.Module):
+    """Causal linear attention with per-head decay (TransNormerLLM's NormAttention, as in the
+    Lightning-Attention layers of MiniMax-01), the same interface as :class:`Attention`.
+
+    ``q = silu(wq x)``, ``k = silu(wk x)``, ``v = wv x`` (GQA heads as in :class:`Attention`; no
+    RoPE: the decay carries position), ``o = sum_{j<=i} lambda_h^(i-j) (q_i . k_j) v_j`` scaled by
+    ``head_dim ** -0.5`` with RetNet's fixed decays ``lambda_h = 1 - 2^(-5-h)``
+    (:func:`~longctx.kernels.linear_reference.retnet_log_decay`), then an RMS normalisation of each
+    head's output (what keeps un-normalised linear attention stable; no gain: ``wo`` absorbs any
+    per-channel scale, and a gain shared by the heads would need an all-reduce under TP) and
+    ``wo``.  The core is :func:`longctx.attention` with ``strategy="linear"`` (LASP-2: one
+    all-gather of states per call), which needs the **contiguous** layout under CP; documents in
+    ``seq.mask`` reset the state.
+
+    Under tensor parallelism the decays follow the global head index: ``parallelize_model`` sets
+    :attr:`head_offset` to this rank's first head.
+    """
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        h, D = config.hidden_size, config.kv_channels
+        H, G = config.num_attention_heads, config.num_query_groups
+        self.head_dim = D
+        self.num_heads = H  # global; the decays are indexed by global head
+        self.head_offset = 0  # first global head of this rank (tensor parallel)
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.wq = nn.Linear(h, H * D, **kw)
+        self.wk = nn.Linear(h, G * D, **kw)
+        self.wv = nn.Linear(h, G * D, **kw)
+        self.wo = nn.Linear(H * D, h, **kw)
+        self.norm_epsilon = config.norm_epsilon
+
+    def qkv(self, x_bsh: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Projections with the SiLU feature map: q ``[B, S, H_local, D]``, k/v ``[B, S, G_local,
+        D]`` (``rope`` is unused: linear layers take position from the decay)."""
+        B, S, _ = x_bsh.shape
+        D = self.head_dim
+        q = F.silu(self.wq(x_bsh)).view(B, S, -1, D)  # [B, S, H_local * D] -> [B, S, H_local, D]
+        k = F.silu(self.wk(x_bsh)).view(B, S, -1, D)  # [B, S, G_local * D] -> [B, S, G_local, D]
+        v = self.wv(x_bsh).view(B, S, -1, D)
+        return q, k, v
+
+    def log_decay(self, local_heads: int, device: torch.device) -> Tensor:
+        """``[local_heads]`` float32 log-decays of this rank's heads."""
+        g = retnet_log_decay(self.num_heads, device)
+        return g[self.head_offset:self.head_offset + local_heads]
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceContext) -> Tensor:
+        """Context-parallel linear attention on local shards: ``[B, S, H_local, D]``."""
+        if not seq.mask.causal or seq.mask.window is not None or seq.mask.block_sparse is not None:
+            raise ValueError(
+                f"linear attention layers are causal with optional documents; the sequence's "
+                f"mask is {seq.mask}. Drop the window / block-sparse / non-causal mask, or make "
+                "every layer softmax (model.attention_kinds)"
+            )
+        kernel = seq.kernel if seq.kernel in available_linear_kernels() else "auto"
+        return cp_attention(
+            q, k, v, seq.cp_group, strategy="linear", layout=seq.layout,
+            mask=Mask(causal=True, cu_seqlens=seq.mask.cu_seqlens), kernel=kernel,
+            log_decay=self.log_decay(q.shape[2], q.device),
+        )
+
+    def project_out(self, out_bshd: Tensor) -> Tensor:
+        """Per-head RMS normalisation, then ``[B, S, H_local, D]`` -> ``[B, S, hidden]``."""
+        normed = F.rms_norm(out_bshd, (out_bshd.shape[-1],), None, self.norm_epsilon)
+        return self.wo(normed.flatten(2))  # [B, S, H_local * D]
+
+    def forward(self, x_bsh: Tensor, rope: tuple[Tensor, Tensor], seq: SequenceContext) -> Tensor:
+        q, k, v = self.qkv(x_bsh, rope)
+        return self.project_out(self.core(q, k, v, seq))
+
+
 class FeedForward(nn.Module):
     """SwiGLU: ``w2(silu(w1 x) * w3 x)`` with ``w1`` the gate, ``w3`` up, ``w2`` down."""
 
@@ -172,7 +250,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``, ``[B, S, hidden]``.
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``, ``[B, S, hidden]``;
+    ``attn`` is :class:`Attention` or :class:`LinearAttention` (``config.layer_kinds``).
 
     The forward runs in three parts: ``pre`` (norm, q/k/v projections, RoPE), the attention
     ``core`` (:func:`longctx.attention`: kernels and CP communication) and ``post`` (``wo``,
@@ -185,13 +264,11 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
-        kind = config.layer_kinds[layer_idx]
-        if kind != "softmax":
-            raise NotImplementedError(f"layer {layer_idx} has attention kind {kind!r}: "
-                                      f"{LINEAR_ATTENTION_ISSUE}")
         self.layer_idx = layer_idx
+        self.kind = config.layer_kinds[layer_idx]
         self.attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon, device, dtype)
-        self.attention = Attention(config, device, dtype)
+        layer = LinearAttention if self.kind == "linear" else Attention
+        self.attention: Attention | LinearAttention = layer(config, device, dtype)
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_epsilon, device, dtype)
         self.feed_forward = FeedForward(config, device, dtype)
         self.recompute_around_attention = False

@@ -63,7 +63,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..parallel.mesh import ParallelDims, ParallelMesh
 from .config import ModelConfig
-from .llama import LlamaModel, TransformerBlock
+from .llama import LinearAttention, LlamaModel, TransformerBlock
 
 __all__ = [
     "ParallelConfig",
@@ -232,8 +232,11 @@ def parallelize_model(
         from torch.distributed.tensor.parallel import parallelize_module
 
         plan = tp_plan()
+        tp_rank = mesh_2d["tp"].get_local_rank()
         for block in model.layers:
             parallelize_module(block, mesh_2d["tp"], plan)
+            if isinstance(block.attention, LinearAttention):  # decays follow the global head
+                block.attention.head_offset = tp_rank * (block.attention.num_heads // dims.tp)
 
     for i, block in enumerate(model.layers):
         if config.compile:

@@ -351,6 +351,16 @@ class TrainConfig:
                 f"divide num_attention_heads / tp = {self.model.num_attention_heads // par.tp}; "
                 "lower cp, or use 'hybrid' with parallel.ulysses dividing the heads"
             )
+        if "linear" in self.model.layer_kinds and par.cp > 1:
+            if par.resolved_layout != "contiguous" or par.strategy in ("zigzag", "striped",
+                                                                       "hybrid"):
+                raise ValueError(
+                    f"model.attention_kinds has linear layers, whose CP (LASP-2) passes the state "
+                    f"through the shards in sequence order, so the sequence must be sharded "
+                    f"contiguously; got parallel.strategy={par.strategy!r} with layout "
+                    f"{par.resolved_layout!r}. Set parallel.layout=contiguous and "
+                    "parallel.strategy to ulysses, ring or allgather (for the softmax layers)"
+                )
         if self.train.micro_batch_size > 1 and self.data.packing.cross_document_attention:
             raise ValueError(
                 f"train.micro_batch_size={self.train.micro_batch_size} lays sequences end to end "

@@ -250,10 +250,7 @@ class Trainer:
             self.dims.dp * cfg.train.grad_accum_steps * cfg.train.micro_batch_size
             * cfg.model.seq_length
         )
-        try:
-            self.flops_per_token: float | None = flops_per_token(cfg.model, cfg.model.seq_length)
-        except NotImplementedError:  # linear attention layers: no FLOP count yet
-            self.flops_per_token = None
+        self.flops_per_token = flops_per_token(cfg.model, cfg.model.seq_length)
         if cfg.train.peak_flops_per_device is not None:
             self.peak_flops, self.peak_flops_source = cfg.train.peak_flops_per_device, "config"
         else:
