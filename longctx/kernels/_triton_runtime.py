@@ -22,12 +22,28 @@ except Exception as exc:  # pragma: no cover - exercised only where triton is mi
     triton = tl = None  # type: ignore[assignment]
     TRITON_IMPORT_ERROR = exc
 
-__all__ = ["TRITON_IMPORT_ERROR", "interpreting", "jit", "launch", "tl", "triton"]
+__all__ = [
+    "TRITON_IMPORT_ERROR", "interpreting", "jit", "launch", "tl", "triton", "unavailable_reason",
+]
 
 
 def interpreting() -> bool:
     """Whether launches run in Triton's interpreter now (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(q) -> str | None:
+    """Why no Triton kernel can run on ``q``'s device now (None when one can): triton missing, or
+    a CPU tensor outside the interpreter."""
+    if TRITON_IMPORT_ERROR is not None:
+        return f"triton is not importable ({TRITON_IMPORT_ERROR}); install triton>=3.6"
+    if q.device.type != "cuda" and not interpreting():
+        return (
+            f"q is on {q.device}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
+            "to run CPU tensors in Triton's interpreter (slow; for tests). On CPU use "
+            "kernel='reference'"
+        )
+    return None
 
 
 if triton is not None:

@@ -34,6 +34,8 @@ __all__ = [
     "check_qkv",
     "check_qkv_tensors",
     "default_positions",
+    "expand_kv_heads",
+    "sum_kv_groups",
     "register_kernel",
     "get_kernel",
     "available_kernels",
@@ -45,6 +47,22 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for LSE, merged partial outputs and gradient accumulators."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv_heads(x_bshd: Tensor, heads: int) -> Tensor:
+    """GQA in memory: ``[B, S, Hkv, D]`` -> ``[B, S, heads, D]``, query head ``h`` reading kv head
+    ``h // (heads / Hkv)`` (a copy; ``x`` itself when not grouped)."""
+    group = heads // x_bshd.shape[2]
+    return x_bshd if group == 1 else x_bshd.repeat_interleave(group, dim=2)
+
+
+def sum_kv_groups(g_bshd: Tensor, kv_heads: int) -> Tensor:
+    """Gradient of :func:`expand_kv_heads`: ``[B, S, H, D]`` -> ``[B, S, kv_heads, D]``, the sum
+    over each kv head's group of query heads (``g`` itself when not grouped)."""
+    B, S, H, D = g_bshd.shape
+    if H == kv_heads:
+        return g_bshd
+    return g_bshd.view(B, S, kv_heads, H // kv_heads, D).sum(3)  # [B, S, Hkv, g, D] -> sum g
 
 
 @runtime_checkable

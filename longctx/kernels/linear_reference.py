@@ -62,7 +62,7 @@ from typing import Literal, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .base import SUPPORTED_DTYPES, acc_dtype, check_qkv_tensors
+from .base import SUPPORTED_DTYPES, acc_dtype, check_qkv_tensors, expand_kv_heads
 
 __all__ = [
     "LinearShape",
@@ -269,9 +269,7 @@ def _heads_first(q: Tensor, k: Tensor, v: Tensor, shape: LinearShape):
     """``[B, S, h, D]`` -> ``[B, H, S, D]`` in the accumulation dtype, k/v repeated per query head
     (the reference may expand GQA in memory)."""
     acc = acc_dtype(q.dtype)
-    G = shape.group
-    k = k.repeat_interleave(G, dim=2) if G > 1 else k  # [B, S, Hkv, Dk] -> [B, S, H, Dk]
-    v = v.repeat_interleave(G, dim=2) if G > 1 else v
+    k, v = expand_kv_heads(k, shape.heads), expand_kv_heads(v, shape.heads)  # -> [B, S, H, D]
     return tuple(t.to(acc).transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] -> [B, H, S, D]
 
 

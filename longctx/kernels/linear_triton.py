@@ -54,6 +54,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .base import sum_kv_groups
 from .linear_reference import (
     LinearArgs,
     LinearKernelFunction,
@@ -62,8 +63,7 @@ from .linear_reference import (
     check_state,
 )
 
-from ._triton_runtime import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
-from ._triton_runtime import interpreting as _interpreting
+from ._triton_runtime import unavailable_reason as _unavailable_reason
 from ._triton_runtime import jit as _jit
 from ._triton_runtime import launch as _launch
 from ._triton_runtime import tl, triton
@@ -134,7 +134,9 @@ class LinearTritonConfig:
                 )
         for name in ("num_stages", "state_num_stages"):
             if getattr(self, name) < 1:
-                raise ValueError(f"LinearTritonConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"LinearTritonConfig.{name} must be >= 1, got {getattr(self, name)}"
+                )
 
     def blocks(self, dk: int, dv: int) -> LinearBlocks:
         """The tiles for head dims ``dk``, ``dv`` (never over the padded head dim)."""
@@ -454,14 +456,8 @@ class LinearTriton:
     @staticmethod
     def unsupported_reason(q: Tensor, v: Tensor) -> str | None:
         """Why this kernel cannot run ``q``/``v`` (None when it can)."""
-        if _TRITON_IMPORT_ERROR is not None:
-            return f"triton is not importable ({_TRITON_IMPORT_ERROR}); install triton>=3.6"
-        if q.device.type != "cuda" and not _interpreting():
-            return (
-                f"q is on {q.device}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
-                "to run CPU tensors in Triton's interpreter (slow; for tests). On CPU use "
-                "kernel='reference'"
-            )
+        if (reason := _unavailable_reason(q)) is not None:
+            return reason
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return (
                 f"dtype {q.dtype} is not supported by the Triton kernel (float16, bfloat16, "
@@ -601,9 +597,7 @@ class LinearTriton:
             _dv_bwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
             q, k, dout, g, docs, dhbuf, dv, args.scale, S, H, shape.group, NT, **meta,
         )
-        if shape.group > 1:
-            dk = dk.view(B, S, Hkv, shape.group, Dk).sum(3).to(grad_dtype)  # -> [B, S, Hkv, Dk]
-            dv = dv.view(B, S, Hkv, shape.group, Dv).sum(3).to(grad_dtype)
+        dk, dv = (sum_kv_groups(g, Hkv).to(grad_dtype) for g in (dk, dv))  # -> [B, S, Hkv, D]
         return dq, dk, dv, (dh0 if h0 is not None else None)
 
 

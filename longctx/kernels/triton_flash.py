@@ -64,8 +64,8 @@ from torch import Tensor
 from .base import check_qkv, default_positions, register_kernel
 from .mask import Mask, Positions
 
-from ._triton_runtime import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton_runtime import interpreting as _interpreting
+from ._triton_runtime import unavailable_reason as _unavailable_reason
 from ._triton_runtime import jit as _jit
 from ._triton_runtime import launch as _launch
 from ._triton_runtime import tl, triton
@@ -789,14 +789,8 @@ class TritonFlash:
     @staticmethod
     def unsupported_reason(q: Tensor, mask: Mask) -> str | None:
         """Why this kernel cannot run ``q`` under ``mask`` (None when it can)."""
-        if _TRITON_IMPORT_ERROR is not None:
-            return f"triton is not importable ({_TRITON_IMPORT_ERROR}); install triton>=3.6"
-        if q.device.type != "cuda" and not _interpreting():
-            return (
-                f"q is on {q.device}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
-                "to run CPU tensors in Triton's interpreter (slow; for tests). On CPU use "
-                "kernel='reference'"
-            )
+        if (reason := _unavailable_reason(q)) is not None:
+            return reason
         if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (9, 0):
             return (
                 "the Triton kernel reads tiles with TMA descriptors and is built for Hopper "

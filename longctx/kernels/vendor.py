@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import check_qkv, default_positions, register_kernel
+from .base import check_qkv, default_positions, expand_kv_heads, register_kernel, sum_kv_groups
 from .mask import Mask, Positions
 
 __all__ = ["VendorSDPA", "vendor_mask_mode"]
@@ -166,7 +166,7 @@ class VendorSDPA:
         if mode == "empty":
             out = torch.zeros_like(q)
             return out, torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
-        k, v = _expand_kv(k, H), _expand_kv(v, H)
+        k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)
         # the ops take [B, H, S, D]: transposed views of [B, S, H, D], no copy
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         causal = mode == "causal"
@@ -197,7 +197,7 @@ class VendorSDPA:
             z = lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device)  # noqa: E731
             return z(q), z(k), z(v)
         kv_heads = k.shape[2]
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, _expand_kv(k, H), _expand_kv(v, H)))
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, expand_kv_heads(k, H), expand_kv_heads(v, H)))
         dot, ot = dout.to(q.dtype).transpose(1, 2), out.to(q.dtype).transpose(1, 2)
         causal = mode == "causal"
         lse = lse.to(torch.float32)
@@ -220,22 +220,7 @@ class VendorSDPA:
             )
         # [B, H, S, D] -> [B, S, H, D], float32 for accumulation over ring steps
         dq, dk, dv = (g.transpose(1, 2).to(torch.float32) for g in grads[:3])
-        return dq, _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads)
-
-
-def _expand_kv(x_bshd: Tensor, heads: int) -> Tensor:
-    """``[B, S, Hkv, D]`` -> ``[B, S, heads, D]``, query head ``h`` reading kv head
-    ``h // (heads / Hkv)`` (a copy; ``x`` itself when not grouped)."""
-    group = heads // x_bshd.shape[2]
-    return x_bshd if group == 1 else x_bshd.repeat_interleave(group, dim=2)
-
-
-def _sum_groups(g_bshd: Tensor, kv_heads: int) -> Tensor:
-    """Gradient of :func:`_expand_kv`: ``[B, S, H, D]`` -> ``[B, S, kv_heads, D]``."""
-    B, S, H, D = g_bshd.shape
-    if H == kv_heads:
-        return g_bshd
-    return g_bshd.view(B, S, kv_heads, H // kv_heads, D).sum(3)  # [B, S, Hkv, g, D] -> sum g
+        return dq, sum_kv_groups(dk, kv_heads), sum_kv_groups(dv, kv_heads)
 
 
 register_kernel("sdpa", VendorSDPA)
