@@ -313,8 +313,7 @@ def linear_backward(
         d_prefix = torch.matmul(q_bhkt, dout_w_bhtv).to(acc)  # [B, H, Dk, Dv]
         dq_carry_bhtk = torch.matmul(dout_w_bhtv, prefix.transpose(-1, -2).to(mm))
     else:
-        d_prefix = torch.zeros(*q.shape[:1], q.shape[2], q.shape[3], dout.shape[3], dtype=acc,
-                               device=q.device)
+        d_prefix = torch.zeros_like(prefix)  # [B, H, Dk, Dv], accumulation dtype
     if cp.return_final_state:
         d_final = dfinal.to(acc) if dfinal is not None else torch.zeros_like(d_prefix)
         # [2, B, H, Dk, Dv] on every rank -> [P, 2, B, H, Dk, Dv]
