@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,31 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longctx.kernels.mask import Mask  # noqa: E402
 from longctx.kernels.triton_flash import TritonFlash, TritonFlashConfig  # noqa: E402
+from timing import time_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 H = 16
 WINDOW = 4096
-
-
-# -- timing --------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20) -> float:
-    """Median milliseconds of ``fn`` (CUDA events) after a warm-up; ~``budget_s`` of repeats."""
-    fn()  # warm-up: compilation, allocator, caches
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    first = start.elapsed_time(end)
-    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(first, 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 # -- masks and FLOPs -----------------------------------------------------------------------------

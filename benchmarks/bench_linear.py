@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from longctx.kernels.linear_reference import (
     retnet_log_decay,
 )
 from longctx.kernels.linear_triton import LinearTritonConfig, linear_attention_triton
+from timing import time_ms  # benchmarks/timing.py, beside this script
 
 try:
     from fla.ops.simple_gla import chunk_simple_gla  # fla-core
@@ -64,27 +64,6 @@ class Shape:
     seq: int
     heads: int
     dim: int
-
-
-# -- timing ----------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 30) -> float:
-    """Median milliseconds of ``fn`` (CUDA events) after a warm-up; ~``budget_s`` of repeats."""
-    fn()  # warm-up: compilation, autotuning, allocator
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def inputs(shape: Shape, seed: int = 0, requires_grad: bool = True):
@@ -137,7 +116,7 @@ def fwd_and_fwd_bwd(fn: Callable[[], torch.Tensor], leaves) -> tuple[float, floa
         fn().backward(grad)
 
     grad = torch.randn_like(fn().detach())
-    return time_ms(fwd), time_ms(fwd_bwd)
+    return time_ms(fwd, max_reps=30), time_ms(fwd_bwd, max_reps=30)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

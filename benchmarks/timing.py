@@ -1,0 +1,32 @@
+"""CUDA-event timing shared by the single-GPU benchmarks (``bench_kernels``, ``bench_linear``)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20) -> float:
+    """Median milliseconds of ``fn`` (CUDA events) after a warm-up; ~``budget_s`` of repeats
+    (at least 3, at most ``max_reps``).  The count follows the first timing: when ``fn`` holds a
+    collective, keep ``max_reps`` below what the budget allows so that every rank repeats it the
+    same number of times."""
+    fn()  # warm-up: compilation, allocator, caches
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(first, 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
