@@ -21,7 +21,9 @@ Tables (markdown, printed and written):
 2. linear vs dense: fwd+bwd ns/token of the linear kernel and of causal SDPA (flash backend) per
    length; dense grows linearly per token, linear is flat, the table shows where they cross.
 3. CP (``--cp``): one GPU at T tokens vs P GPUs at T tokens each (P*T total); efficiency =
-   t(1 GPU, T) / t(P GPUs, T per GPU), ideal 100% (one all-gather of [B, H, Dk, Dv] per call).
+   t(1 GPU, T) / t(P GPUs, T per GPU), ideal 100% (one all-gather of [B, H, Dk, Dv] per call);
+   timed per step with a barrier ("synced") and back to back ("stream"), plus CUDA time per
+   kernel of one step on one GPU and on the first and last CP rank.
 """
 
 from __future__ import annotations
@@ -221,8 +223,15 @@ def crossover_table(seqs, batch, heads, dim, g, config) -> list[str]:
     return rows
 
 
-def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int) -> float:
-    """Rank body (also called with ``group=None`` for one GPU): fwd+bwd ms of strategy 'linear'."""
+def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
+            profile: bool = False) -> dict:
+    """Rank body (also called with ``group=None`` for one GPU): fwd+bwd ms of strategy 'linear'.
+
+    Two timings with the same repeat count on every rank: ``synced``, a barrier and a host sync
+    around every step (the GPU starts each step idle, so host-side launch time shows), and
+    ``stream``, 20 steps queued back to back after one barrier (as in training, where the host
+    runs ahead of the GPU). ``profile``: the CUDA time per kernel of 5 back-to-back steps.
+    """
     from longctx.kernels.linear_triton import LinearTriton
     from longctx.parallel.strategies.linear import linear_attention
 
@@ -233,30 +242,66 @@ def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int) ->
     grad = torch.randn(batch, tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        if group is not None:
-            dist.barrier(group)
         for t in (q, k, v):
             t.grad = None
         linear_attention(q, k, v, group, log_decay=g, kernel=kernel).backward(grad)
 
-    return time_ms(step, max_reps=10)  # fixed-ish repeats on every rank (barrier per step)
+    def synced_step():
+        if group is not None:
+            dist.barrier(group)
+        step()
+
+    synced = time_ms(synced_step, max_reps=10)  # 10 on every rank (a step is > 0.1 ms)
+    reps = 20
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    if group is not None:
+        dist.barrier(group)
+    start.record()
+    for _ in range(reps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    result = {"synced": synced, "stream": start.elapsed_time(end) / reps, "kernels": []}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        result["kernels"] = [(e.key[:70], e.count // 5, e.device_time_total / 5 / 1e3)
+                             for e in events[:14]]
+    return result
 
 
 def cp_table(tokens: int, batch: int, heads: int, dim: int, chunk: int) -> list[str]:
     from longctx.testing import SimulatedMesh
 
     world = torch.cuda.device_count()
-    one = cp_time(None, tokens, batch, heads, dim, chunk)
+    one = cp_time(None, tokens, batch, heads, dim, chunk, profile=True)
     with SimulatedMesh(world, backend="nccl") as mesh:
-        per_rank = mesh.run(cp_time, tokens, batch, heads, dim, chunk)
-    t_cp = max(per_rank)
-    return [
-        "| run | tokens per GPU | total tokens | fwd+bwd ms | Mtok/s total | efficiency |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| 1 GPU | {tokens} | {tokens} | {one:.2f} | {batch * tokens / one / 1e3:.1f} | 100% |",
-        (f"| linear CP x{world} | {tokens} | {tokens * world} | {t_cp:.2f} | "
-         f"{batch * tokens * world / t_cp / 1e3:.1f} | {100 * one / t_cp:.0f}% |"),
+        per_rank = mesh.run(cp_time, tokens, batch, heads, dim, chunk, True)
+    rows = [
+        "| run | tokens per GPU | total tokens | timing | fwd+bwd ms (slowest rank) | Mtok/s total | efficiency |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    for timing in ("synced", "stream"):
+        t_one = one[timing]
+        t_cp = max(r[timing] for r in per_rank)
+        rows += [
+            f"| 1 GPU | {tokens} | {tokens} | {timing} | {t_one:.2f} | "
+            f"{batch * tokens / t_one / 1e3:.1f} | 100% |",
+            (f"| linear CP x{world} | {tokens} | {tokens * world} | {timing} | {t_cp:.2f} | "
+             f"{batch * tokens * world / t_cp / 1e3:.1f} | {100 * t_one / t_cp:.0f}% |"),
+        ]
+    rows += ["", "CUDA time per kernel, one fwd+bwd (5 back-to-back steps profiled):", "",
+             "| run | kernel | calls | CUDA ms |", "| --- | --- | --- | --- |"]
+    for name, res in [("1 GPU", one), *((f"CP rank {r}", per_rank[r]) for r in (0, world - 1))]:
+        rows += [f"| {name} | `{key}` | {calls} | {ms:.3f} |" for key, calls, ms in res["kernels"]]
+    return rows
 
 
 def main() -> None:

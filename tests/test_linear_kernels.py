@@ -353,3 +353,85 @@ def test_gpu_matches_reference_bf16(monkeypatch, cu, decay, H, Hkv, D):
     assert got["out"].dtype == torch.bfloat16
     for name in want:
         assert _rel(got[name], want[name]) < 2e-2, (name, _rel(got[name], want[name]))
+
+
+# -------------------------------------------- the entering state applied after the fact (CP)
+def _state_case(B, n, H, Dk, Dv, T, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+
+    x, dout = randn(B, n, H, Dk).to(dtype), randn(B, n, H, Dv).to(dtype)
+    state = randn(B, H, Dk, Dv)
+    weight = torch.rand(T, H, generator=g, device=device) * 0.5  # float32 [T, H]
+    return x, dout, state, weight
+
+
+def _state_ops_definition(x, dout, state, weight):
+    """The three results in float64 from the definition (per token, per head)."""
+    x, dout, state, weight = (t.double() for t in (x, dout, state, weight))
+    T = weight.shape[0]
+    w = weight[None, :, :, None]  # [1, T, H, 1]
+    out_add = torch.einsum("bthk,bhkv->bthv", x[:, :T], state) * w
+    dq_add = torch.einsum("bthv,bhkv->bthk", dout[:, :T], state) * w
+    d_state = torch.einsum("bthk,bthv->bhkv", x[:, :T] * w, dout[:, :T])
+    return out_add, dq_add, d_state
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "B,n,H,Dk,Dv,T",
+    [(1, 40, 2, 16, 16, 40), (2, 70, 3, 16, 32, 37), (1, 20, 2, 32, 16, 0)],
+    ids=["all-tokens", "head-of-shard", "no-head"],
+)
+def test_apply_state_and_state_grad_match_definition(interpret, impl, B, n, H, Dk, Dv, T):
+    """``apply_state`` (both directions) and ``state_grad``, float32, against float64 einsums;
+    tokens past ``T`` are left untouched."""
+    kern = get_linear_kernel(impl)
+    x, dout, state, weight = _state_case(B, n, H, Dk, Dv, T, torch.float32, "cpu")
+    out_add, dq_add, d_state = _state_ops_definition(x, dout, state, weight)
+    out0, dq0 = torch.randn(B, n, H, Dv), torch.randn(B, n, H, Dk)
+    out, dq = out0.clone(), dq0.clone()
+    assert kern.apply_state(out, x, state, weight) is out
+    kern.apply_state(dq, dout, state, weight, transpose=True)
+    got_state = kern.state_grad(x, dout, weight)
+    torch.testing.assert_close(out[:, :T].double(), out0[:, :T].double() + out_add,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq[:, :T].double(), dq0[:, :T].double() + dq_add,
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, T:], out0[:, T:]) and torch.equal(dq[:, T:], dq0[:, T:])
+    assert got_state.shape == (B, H, Dk, Dv) and got_state.dtype == torch.float32
+    torch.testing.assert_close(got_state.double(), d_state, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_apply_state_refuses_bad_shapes(interpret):
+    kern = LinearTriton()
+    x, dout, state, weight = _state_case(1, 8, 2, 16, 16, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="contiguous"):
+        kern.apply_state(torch.zeros(1, 2, 8, 16).transpose(1, 2), x, state, weight)
+    with pytest.raises(ValueError, match=r"weight \[T <= 8, 2\]"):
+        kern.apply_state(torch.zeros(1, 8, 2, 16), x, state, torch.zeros(9, 2))
+    with pytest.raises(ValueError, match="state must be"):
+        kern.apply_state(torch.zeros(1, 8, 2, 16), x, state[:, :1], weight)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_state_ops_match_reference(monkeypatch, dtype):
+    """The fused ops at a CP shard's size against the float64 definition (and so against the
+    torch versions, which the CPU tests pin to the same definition)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kern = LinearTriton()
+    x, dout, state, weight = _state_case(2, 4096, 4, 128, 128, 3000, dtype, "cuda", seed=3)
+    state = state / 64  # a shard's state: sums of many k^T v, here scaled to the bf16 range
+    out_add, dq_add, d_state = _state_ops_definition(x, dout, state, weight)
+    out, dq = torch.zeros_like(dout), torch.zeros_like(x)
+    kern.apply_state(out, x, state, weight)
+    kern.apply_state(dq, dout, state, weight, transpose=True)
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    assert _rel(out[:, :3000], out_add) < tol
+    assert _rel(dq[:, :3000], dq_add) < tol
+    assert _rel(kern.state_grad(x, dout, weight), d_state) < tol
+    assert out[:, 3000:].abs().max() == 0 and dq[:, 3000:].abs().max() == 0

@@ -77,6 +77,9 @@ __all__ = [
     "recurrent_linear_attention",
     "chunked_linear_attention",
     "linear_attention_reference",
+    "apply_state_reference",
+    "state_grad_reference",
+    "state_matmul_dtype",
     "retnet_log_decay",
     "get_linear_kernel",
     "available_linear_kernels",
@@ -249,7 +252,13 @@ class LinearArgs:
 # --------------------------------------------------------------------------------------------------
 @runtime_checkable
 class LinearAttentionKernel(Protocol):
-    """Local causal linear attention on one device (see the module docstring)."""
+    """Local causal linear attention on one device (see the module docstring).
+
+    A kernel may also provide ``apply_state(y, x, state, weight, transpose=False)`` and
+    ``state_grad(q, dout, weight)`` with the semantics of :func:`apply_state_reference` /
+    :func:`state_grad_reference` (context parallelism adds the entering state with them);
+    without them the torch versions are used.
+    """
 
     name: str
 
@@ -260,6 +269,46 @@ class LinearAttentionKernel(Protocol):
                  args: LinearArgs, initial_state: Tensor | None,
                  grad_dtype: torch.dtype | None = None,
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# an entering state applied after the fact (context parallelism: the state arrives later)
+# --------------------------------------------------------------------------------------------------
+def state_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the entering-state products: the input's (GEMMs accumulate in float32), except
+    float16, whose range is too small for a sum over a shard's tokens."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def apply_state_reference(y: Tensor, x: Tensor, state: Tensor, weight: Tensor,
+                          transpose: bool = False) -> Tensor:
+    """``y[:, t, h] += weight[t, h] * (x[:, t, h] @ state[:, h])`` for ``t < T``, in place.
+
+    With ``x = q`` and ``y = out`` this is what a state entering before token 0 adds to the
+    output of a call made from a zero state, ``weight[t, h] = scale * lambda_h^(t+1)`` (zero
+    where a document has started); with ``transpose=True`` (``state^T``), ``x = dout`` and
+    ``y = dq`` it is that term's share of ``dq``. Shapes: ``x [B, n, H, Di]``, ``y [B, n, H, Do]``,
+    ``state [B, H, Dk, Dv]`` (``Di, Do = Dk, Dv``, swapped when transposed), ``weight [T, H]``
+    float32, ``T <= n`` (only the first ``T`` tokens change). Returns ``y``.
+    """
+    T = weight.shape[0]
+    mm = state_matmul_dtype(x.dtype)
+    s = state.transpose(-1, -2) if transpose else state  # [B, H, Di, Do]
+    x_bhti = x[:, :T].transpose(1, 2).to(mm)  # [B, T, H, Di] -> [B, H, T, Di]
+    carry_bhto = torch.matmul(x_bhti, s.to(mm)).to(acc_dtype(x.dtype))  # [B, H, T, Do]
+    y[:, :T] += (carry_bhto.transpose(1, 2) * weight[..., None]).to(y.dtype)
+    return y
+
+
+def state_grad_reference(q: Tensor, dout: Tensor, weight: Tensor) -> Tensor:
+    """Gradient of the entering state of :func:`apply_state_reference` (``x = q``):
+    ``d_state [B, H, Dk, Dv] = sum_{t < T} weight[t, h] q[:, t, h]^T dout[:, t, h]`` (float32, or
+    float64 for float64 inputs)."""
+    T = weight.shape[0]
+    mm = state_matmul_dtype(q.dtype)
+    dout_w_bhtv = (dout[:, :T] * weight[..., None]).to(mm).transpose(1, 2)  # [B, H, T, Dv]
+    q_bhkt = q[:, :T].permute(0, 2, 3, 1).to(mm)  # [B, T, H, Dk] -> [B, H, Dk, T]
+    return torch.matmul(q_bhkt, dout_w_bhtv).to(acc_dtype(q.dtype))  # [B, H, Dk, Dv]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,6 +475,9 @@ class LinearReference:
         got = [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
         dq, dk, dv = (g.to(grad_dtype or acc) for g in got[:3])
         return dq, dk, dv, (got[3] if initial_state is not None else None)
+
+    apply_state = staticmethod(apply_state_reference)
+    state_grad = staticmethod(state_grad_reference)
 
 
 class LinearKernelFunction(torch.autograd.Function):

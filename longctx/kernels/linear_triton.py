@@ -434,6 +434,67 @@ if triton is not None:
         dv_ptrs, dv_mask = _rows(DVH, b, offs_t, h, offs_v, S, H, DV)
         tl.store(dv_ptrs, dv.to(DVH.dtype.element_ty), mask=dv_mask)
 
+    # ------------------------------------------------------------- an entering state (CP only)
+    @_jit
+    def _state_apply_kernel(X, ST, W, Y, T, N, H, stride_si, stride_sj,
+                            DI: tl.constexpr, DO: tl.constexpr, BT: tl.constexpr,
+                            BI: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr):
+        """Grid ``(cdiv(T, BT), cdiv(DO, BO), B*H)``, in place for tokens ``t < T``:
+        ``Y[b, t, h] += W[t, h] * X[b, t, h] @ ST[bh]`` with ``X [B, N, H, DI]``,
+        ``Y [B, N, H, DO]``, ``W [T, H]`` float32 and the float32 ``[DI, DO]`` matrix of head
+        ``bh`` at ``ST + bh * DI * DO + i * stride_si + j * stride_sj`` (strides give the
+        transpose for dq)."""
+        c, i_o, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // H, bh % H
+        offs_t = c * BT + tl.arange(0, BT)
+        offs_i = tl.arange(0, BI)
+        offs_o = i_o * BO + tl.arange(0, BO)
+        x_ptrs, x_mask = _rows(X, b, offs_t, h, offs_i, N, H, DI)
+        x = tl.load(x_ptrs, mask=x_mask & (offs_t < T)[:, None], other=0.0)
+        s_ptrs = (ST + bh.to(tl.int64) * DI * DO + offs_i[:, None] * stride_si
+                  + offs_o[None, :] * stride_sj)
+        st = tl.load(s_ptrs, mask=(offs_i < DI)[:, None] & (offs_o < DO)[None, :], other=0.0)
+        if IEEE:  # float32 / float16 inputs: the product in float32
+            x = x.to(tl.float32)
+        else:
+            st = st.to(x.dtype)
+        acc = _dot(x, st, tl.zeros([BT, BO], dtype=tl.float32), IEEE)
+        w = tl.load(W + offs_t * H + h, mask=offs_t < T, other=0.0)
+        y_ptrs, y_mask = _rows(Y, b, offs_t, h, offs_o, N, H, DO)
+        y_mask = y_mask & (offs_t < T)[:, None]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + acc * w[:, None]).to(Y.dtype.element_ty), mask=y_mask)
+
+    @_jit
+    def _state_grad_kernel(Q, DOUT, W, PART, T, N, H, TPS,
+                           DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+        """Grid ``(splits, cdiv(DV, BV), B*H)``: ``PART[split, bh] = sum_t (W[t, h] q_t)^T do_t``
+        (``[DK, DV]`` float32) over the split's tokens ``[split * TPS, (split + 1) * TPS)``,
+        ``t < T``; the host sums the splits (deterministic, no atomics)."""
+        sp, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // H, bh % H
+        offs_k = tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for t0 in range(sp * TPS, tl.minimum((sp + 1) * TPS, T), BT):
+            offs_t = t0 + tl.arange(0, BT)
+            valid = (offs_t < T)[:, None]
+            q_ptrs, q_mask = _rows(Q, b, offs_t, h, offs_k, N, H, DK)
+            do_ptrs, do_mask = _rows(DOUT, b, offs_t, h, offs_v, N, H, DV)
+            q = tl.load(q_ptrs, mask=q_mask & valid, other=0.0)
+            do = tl.load(do_ptrs, mask=do_mask & valid, other=0.0)
+            w = tl.load(W + offs_t * H + h, mask=offs_t < T, other=0.0)
+            qw = q.to(tl.float32) * w[:, None]  # [BT, BK]
+            if IEEE:
+                do = do.to(tl.float32)
+            else:
+                qw = qw.to(do.dtype)
+            acc = _dot(tl.trans(qw), do, acc, IEEE)
+        p_ptrs, p_mask = _state_ptrs(PART, (sp * tl.num_programs(2) + bh).to(tl.int64) * DK * DV,
+                                     offs_k, offs_v, DK, DV)
+        tl.store(p_ptrs, acc, mask=p_mask)
+
 
 # --------------------------------------------------------------------------------------------------
 # host side
@@ -599,6 +660,89 @@ class LinearTriton:
         )
         dk, dv = (sum_kv_groups(g, Hkv).to(grad_dtype) for g in (dk, dv))  # -> [B, S, Hkv, D]
         return dq, dk, dv, (dh0 if h0 is not None else None)
+
+    # -- an entering state applied after the fact (context parallelism) -----------------------
+    _STATE_BT = 64
+
+    def apply_state(self, y: Tensor, x: Tensor, state: Tensor, weight: Tensor,
+                    transpose: bool = False) -> Tensor:
+        """In place, fused: :func:`~longctx.kernels.linear_reference.apply_state_reference`
+        (``y [B, n, H, Do]`` contiguous, ``x [B, n, H, Di]``, ``state [B, H, Dk, Dv]``,
+        ``weight [T, H]``)."""
+        self._check_state_call(y, x, state, weight, transpose)
+        if weight.shape[0] == 0 or y.numel() == 0:
+            return y
+        d_in, d_out = x.shape[-1], y.shape[-1]
+        # element (i, j) of the [Di, Do] matrix: state[i, j], or state[j, i] when transposed
+        strides = (1, d_in) if transpose else (d_out, 1)
+        self._launch_state_apply(x.contiguous(), state, weight, y, d_in, d_out, *strides)
+        return y
+
+    def state_grad(self, q: Tensor, dout: Tensor, weight: Tensor) -> Tensor:
+        """Fused :func:`~longctx.kernels.linear_reference.state_grad_reference`:
+        ``d_state [B, H, Dk, Dv]`` float32."""
+        B, n, H, Dk = q.shape
+        Dv = dout.shape[-1]
+        T = weight.shape[0]
+        self._check_state_call(dout, q, q.new_empty(B, H, Dk, Dv), weight, False)
+        d_state = torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
+        if T == 0 or q.numel() == 0:
+            return d_state
+        q, dout = q.contiguous(), dout.to(q.dtype).contiguous()
+        BT, BK, BV = self._STATE_BT, _pow2(Dk), min(64, _pow2(Dv))
+        n_v = triton.cdiv(Dv, BV)
+        sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
+               if q.device.type == "cuda" else 4)
+        chunks = triton.cdiv(T, BT)
+        splits = max(1, min(chunks, triton.cdiv(2 * sms, n_v * B * H)))
+        tps = triton.cdiv(chunks, splits) * BT  # tokens per split, a multiple of BT
+        splits = triton.cdiv(T, tps)
+        part = torch.empty(splits, B * H, Dk, Dv, dtype=torch.float32, device=q.device)
+        _launch(
+            _state_grad_kernel, (splits, n_v, B * H), q, dout,
+            weight.to(torch.float32).contiguous(), part, T, n, H, tps,
+            DK=Dk, DV=Dv, BT=BT, BK=BK, BV=BV, IEEE=q.dtype != torch.bfloat16, num_warps=8,
+        )
+        return torch.sum(part, 0, out=d_state.view(B * H, Dk, Dv)).view(B, H, Dk, Dv)
+
+    def _launch_state_apply(self, x: Tensor, state: Tensor, weight: Tensor, y: Tensor,
+                            d_in: int, d_out: int, stride_i: int, stride_j: int) -> None:
+        B, n, H, _ = x.shape
+        T = weight.shape[0]
+        BT, BO = self._STATE_BT, min(64, _pow2(d_out))
+        _launch(
+            _state_apply_kernel, (triton.cdiv(T, BT), triton.cdiv(d_out, BO), B * H),
+            x, state.to(torch.float32).contiguous(), weight.to(torch.float32).contiguous(), y,
+            T, n, H, stride_i, stride_j, DI=d_in, DO=d_out, BT=BT, BI=_pow2(d_in), BO=BO,
+            IEEE=x.dtype != torch.bfloat16, num_warps=4,
+        )
+
+    def _check_state_call(self, y: Tensor, x: Tensor, state: Tensor, weight: Tensor,
+                          transpose: bool) -> None:
+        reason = self.unsupported_reason(x, y)
+        if reason is not None:
+            raise ValueError(reason)
+        B, n, H, d_in = x.shape
+        if not y.is_contiguous() or y.shape[:3] != x.shape[:3]:
+            raise ValueError(
+                f"the tensor updated in place must be contiguous and [B, n, H, D] with the "
+                f"leading sizes of {list(x.shape)}, got {list(y.shape)} (contiguous: "
+                f"{y.is_contiguous()})"
+            )
+        d_out = y.shape[-1]
+        want = (B, H, d_out, d_in) if transpose else (B, H, d_in, d_out)
+        if tuple(state.shape) != want or weight.dim() != 2 or (
+            weight.shape[0] > n or weight.shape[1] != H
+        ):
+            raise ValueError(
+                f"state must be [B, H, Dk, Dv] = {list(want)} and weight [T <= {n}, {H}]; got "
+                f"state {list(state.shape)}, weight {list(weight.shape)}"
+            )
+
+
+def _pow2(d: int) -> int:
+    """Block size covering ``d`` columns (a power of two, at least 16 for ``tl.dot``)."""
+    return max(16, triton.next_power_of_2(d))
 
 
 def linear_attention_triton(

@@ -13,8 +13,9 @@ enters the shard, which is a decayed sum of the earlier shards' own final states
       4. out_r[t] += scale * lambda^(t+1) * (q_r[t] P_r)      # for the first ``head`` tokens
       final_state = sum_j W[P, j] s_j                          # the state after the last token
 
-Steps 3-4 are a ``[P] x [B, H, Dk, Dv]`` weighted sum and one batched matmul per rank (in the
-input dtype, accumulated in float32 by the GEMM; float16 goes through float32).  The decays
+Steps 3-4 are a ``[P] x [B, H, Dk, Dv]`` weighted sum and the kernel's ``apply_state`` (the
+Triton kernel fuses the product, the decay weight and the add into one pass over q and out; the
+torch fallback is one batched matmul in the input dtype, float16 through float32).  The decays
 are not communicated: the per-head ``lambda`` and the document boundaries are known on every
 rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` and the decay
 (:func:`shards_passing`, :func:`carry_weights`).
@@ -56,10 +57,12 @@ from ...kernels.base import acc_dtype
 from ...kernels.linear_reference import (
     LinearArgs,
     LinearAttentionKernel,
+    apply_state_reference,
     check_cu_seqlens,
     check_linear_inputs,
     check_state,
     get_linear_kernel,
+    state_grad_reference,
 )
 from ...kernels.mask import Mask
 from ..comm import GatherComm
@@ -183,7 +186,7 @@ class LinearCPContext:
 
     ``args`` are the *local* kernel arguments (this shard's boundaries); ``weights [P + 1, P, H]``
     come from :func:`carry_weights` (accumulation dtype, on q's device); ``head_weight
-    [head, H, 1]`` is ``scale * lambda^(t+1)`` for the shard's head tokens.
+    [head, H]`` is ``scale * lambda^(t+1)`` for the shard's head tokens.
     """
 
     group: dist.ProcessGroup | None
@@ -258,8 +261,7 @@ def build_linear_context(
     g = args.log_decay
     if g is None:
         g = torch.zeros(shape.heads, dtype=acc, device=q.device)
-    # scale * lambda^(t+1): [head, H] -> [head, H, 1]
-    head_weight = (torch.exp(t[:, None] * g[None, :]) * args.scale)[..., None]
+    head_weight = torch.exp(t[:, None] * g[None, :]) * args.scale  # [head, H]: scale * lambda^(t+1)
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
         args=LinearArgs(args.scale, args.log_decay, docs.local_cu), docs=docs, weights=weights,
@@ -282,19 +284,19 @@ def linear_forward(
     states = GatherComm(cp.group).all_gather(local_final.to(acc))  # [P, B, H, Dk, Dv]
     prefix = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.rank], states)
     final = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.world_size], states)
-    head = cp.docs.head
-    if head:
-        mm = _matmul_dtype(q.dtype)
-        q_bhtk = q[:, :head].transpose(1, 2).to(mm)  # [B, head, H, Dk] -> [B, H, head, Dk]
-        carry_bhtv = torch.matmul(q_bhtk, prefix.to(mm))  # [B, H, head, Dv]
-        out[:, :head] += carry_bhtv.transpose(1, 2) * cp.head_weight  # scale * lambda^(t+1)
+    if cp.docs.head:  # out[:, t] += scale * lambda^(t+1) * q[:, t] @ prefix for the head tokens
+        _apply_state(cp.kernel)(out, q, prefix, cp.head_weight)
     return out, final, prefix
 
 
-def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the entering-state matmuls: the input's (cuBLAS accumulates in float32), except
-    float16, whose range is too small for a sum over a shard's tokens."""
-    return torch.float32 if dtype == torch.float16 else dtype
+def _apply_state(kernel: LinearAttentionKernel):
+    """The kernel's fused ``apply_state``, else the torch version."""
+    return getattr(kernel, "apply_state", apply_state_reference)
+
+
+def _state_grad(kernel: LinearAttentionKernel):
+    """The kernel's fused ``state_grad``, else the torch version."""
+    return getattr(kernel, "state_grad", state_grad_reference)
 
 
 def linear_backward(
@@ -306,12 +308,8 @@ def linear_backward(
     state."""
     acc = acc_dtype(q.dtype)
     head = cp.docs.head
-    if head:
-        mm = _matmul_dtype(q.dtype)
-        dout_w_bhtv = (dout[:, :head] * cp.head_weight).to(mm).transpose(1, 2)  # [B, H, head, Dv]
-        q_bhkt = q[:, :head].permute(0, 2, 3, 1).to(mm)  # [B, head, H, Dk] -> [B, H, Dk, head]
-        d_prefix = torch.matmul(q_bhkt, dout_w_bhtv).to(acc)  # [B, H, Dk, Dv]
-        dq_carry_bhtk = torch.matmul(dout_w_bhtv, prefix.transpose(-1, -2).to(mm))
+    if head:  # only the head tokens saw the entering state
+        d_prefix = _state_grad(cp.kernel)(q, dout, cp.head_weight).to(acc)  # [B, H, Dk, Dv]
     else:
         d_prefix = torch.zeros_like(prefix)  # [B, H, Dk, Dv], accumulation dtype
     if cp.return_final_state:
@@ -329,7 +327,8 @@ def linear_backward(
     dq, dk, dv, dh0 = cp.kernel.backward(dout, d_local_final, q, k, v, cp.args, own_initial,
                                          grad_dtype=q.dtype)
     if head:
-        dq[:, :head] += dq_carry_bhtk.transpose(1, 2)  # [B, H, head, Dk] -> [B, head, H, Dk]
+        # dq[:, t] += scale * lambda^(t+1) * dout[:, t] @ prefix^T
+        _apply_state(cp.kernel)(dq, dout, prefix, cp.head_weight, transpose=True)
     if initial_state is not None and dh0 is None:
         dh0 = torch.zeros(initial_state.shape, dtype=acc, device=q.device)
     return dq, dk, dv, dh0
