@@ -17,18 +17,8 @@ set -euo pipefail
 : "${MASTER_ADDR:?set MASTER_ADDR (the host of the rendezvous, e.g. node 0)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 PYTHON="${PYTHON:-python3}"
-gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-if [[ -n "${NPROC_PER_NODE:-}" ]]; then
-    nproc="$NPROC_PER_NODE"
-elif (( gpus > 0 )); then
-    nproc="$gpus"
-else
-    nproc=1
-fi
-if (( gpus == 0 )) && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-    cores="$(nproc 2>/dev/null || echo 1)"
-    export OMP_NUM_THREADS=$(( cores / nproc > 0 ? cores / nproc : 1 ))
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/nproc.sh"
+longctx_nproc "${NPROC_PER_NODE:-}" 1
 echo "train_multi_node: node ${NODE_RANK}/${NNODES}, ${nproc} process(es), rendezvous ${MASTER_ADDR}:${MASTER_PORT}" >&2
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$nproc" \

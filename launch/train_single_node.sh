@@ -10,18 +10,8 @@
 # as they are.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
-gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-if [[ -n "${NPROC:-}" ]]; then
-    nproc="$NPROC"
-elif (( gpus > 0 )); then
-    nproc="$gpus"
-else
-    nproc=4
-fi
-if (( gpus == 0 )) && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-    cores="$(nproc 2>/dev/null || echo 1)"
-    export OMP_NUM_THREADS=$(( cores / nproc > 0 ? cores / nproc : 1 ))
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/nproc.sh"
+longctx_nproc "${NPROC:-}" 4
 echo "train_single_node: torchrun --standalone, ${nproc} process(es) ($( (( gpus > 0 )) && echo "GPUs, NCCL" || echo "CPU, gloo"))" >&2
 exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$nproc" \
     -m longctx.train "$@"
