@@ -405,9 +405,23 @@ def test_apply_state_and_state_grad_match_definition(interpret, impl, B, n, H, D
     torch.testing.assert_close(got_state.double(), d_state, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_state_ops_take_a_non_contiguous_dout(interpret, impl):
+    """``out.sum().backward()`` hands CP an expanded (stride-0) dout: read, never refused."""
+    kern = get_linear_kernel(impl)
+    x, _, state, weight = _state_case(1, 24, 2, 16, 16, 20, torch.float32, "cpu")
+    dout = torch.ones(1, 1, 1, 1).expand(1, 24, 2, 16)
+    _, dq_add, d_state = _state_ops_definition(x, dout, state, weight)
+    dq = torch.zeros(1, 24, 2, 16)
+    kern.apply_state(dq, dout, state, weight, transpose=True)
+    torch.testing.assert_close(kern.state_grad(x, dout, weight).double(), d_state,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq[:, :20].double(), dq_add, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_apply_state_refuses_bad_shapes(interpret):
     kern = LinearTriton()
-    x, dout, state, weight = _state_case(1, 8, 2, 16, 16, 8, torch.float32, "cpu")
+    x, _, state, weight = _state_case(1, 8, 2, 16, 16, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="contiguous"):
         kern.apply_state(torch.zeros(1, 2, 8, 16).transpose(1, 2), x, state, weight)
     with pytest.raises(ValueError, match=r"weight \[T <= 8, 2\]"):

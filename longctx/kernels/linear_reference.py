@@ -79,7 +79,6 @@ __all__ = [
     "linear_attention_reference",
     "apply_state_reference",
     "state_grad_reference",
-    "state_matmul_dtype",
     "retnet_log_decay",
     "get_linear_kernel",
     "available_linear_kernels",
@@ -274,7 +273,7 @@ class LinearAttentionKernel(Protocol):
 # --------------------------------------------------------------------------------------------------
 # an entering state applied after the fact (context parallelism: the state arrives later)
 # --------------------------------------------------------------------------------------------------
-def state_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+def _state_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the entering-state products: the input's (GEMMs accumulate in float32), except
     float16, whose range is too small for a sum over a shard's tokens."""
     return torch.float32 if dtype == torch.float16 else dtype
@@ -292,7 +291,7 @@ def apply_state_reference(y: Tensor, x: Tensor, state: Tensor, weight: Tensor,
     float32, ``T <= n`` (only the first ``T`` tokens change). Returns ``y``.
     """
     T = weight.shape[0]
-    mm = state_matmul_dtype(x.dtype)
+    mm = _state_matmul_dtype(x.dtype)
     s = state.transpose(-1, -2) if transpose else state  # [B, H, Di, Do]
     x_bhti = x[:, :T].transpose(1, 2).to(mm)  # [B, T, H, Di] -> [B, H, T, Di]
     carry_bhto = torch.matmul(x_bhti, s.to(mm)).to(acc_dtype(x.dtype))  # [B, H, T, Do]
@@ -305,7 +304,7 @@ def state_grad_reference(q: Tensor, dout: Tensor, weight: Tensor) -> Tensor:
     ``d_state [B, H, Dk, Dv] = sum_{t < T} weight[t, h] q[:, t, h]^T dout[:, t, h]`` (float32, or
     float64 for float64 inputs)."""
     T = weight.shape[0]
-    mm = state_matmul_dtype(q.dtype)
+    mm = _state_matmul_dtype(q.dtype)
     dout_w_bhtv = (dout[:, :T] * weight[..., None]).to(mm).transpose(1, 2)  # [B, H, T, Dv]
     q_bhkt = q[:, :T].permute(0, 2, 3, 1).to(mm)  # [B, T, H, Dk] -> [B, H, Dk, T]
     return torch.matmul(q_bhkt, dout_w_bhtv).to(acc_dtype(q.dtype))  # [B, H, Dk, Dv]

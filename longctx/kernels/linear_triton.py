@@ -669,10 +669,14 @@ class LinearTriton:
         """In place, fused: :func:`~longctx.kernels.linear_reference.apply_state_reference`
         (``y [B, n, H, Do]`` contiguous, ``x [B, n, H, Di]``, ``state [B, H, Dk, Dv]``,
         ``weight [T, H]``)."""
-        self._check_state_call(y, x, state, weight, transpose)
+        d_in, d_out = x.shape[-1], y.shape[-1]
+        self._check_state_call(x, y, weight, in_place=True)
+        want = (x.shape[0], x.shape[2], *((d_out, d_in) if transpose else (d_in, d_out)))
+        if tuple(state.shape) != want:
+            raise ValueError(f"state must be [B, H, Dk, Dv] = {list(want)}, got "
+                             f"{list(state.shape)}")
         if weight.shape[0] == 0 or y.numel() == 0:
             return y
-        d_in, d_out = x.shape[-1], y.shape[-1]
         # element (i, j) of the [Di, Do] matrix: state[i, j], or state[j, i] when transposed
         strides = (1, d_in) if transpose else (d_out, 1)
         self._launch_state_apply(x.contiguous(), state, weight, y, d_in, d_out, *strides)
@@ -684,7 +688,7 @@ class LinearTriton:
         B, n, H, Dk = q.shape
         Dv = dout.shape[-1]
         T = weight.shape[0]
-        self._check_state_call(dout, q, q.new_empty(B, H, Dk, Dv), weight, False)
+        self._check_state_call(q, dout, weight, in_place=False)
         d_state = torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
         if T == 0 or q.numel() == 0:
             return d_state
@@ -717,26 +721,23 @@ class LinearTriton:
             IEEE=x.dtype != torch.bfloat16, num_warps=4,
         )
 
-    def _check_state_call(self, y: Tensor, x: Tensor, state: Tensor, weight: Tensor,
-                          transpose: bool) -> None:
+    def _check_state_call(self, x: Tensor, y: Tensor, weight: Tensor, *, in_place: bool) -> None:
+        """``x [B, n, H, Di]`` and ``y [B, n, H, Do]`` (contiguous when updated in place; else
+        any strides) and ``weight [T <= n, H]``."""
         reason = self.unsupported_reason(x, y)
         if reason is not None:
             raise ValueError(reason)
-        B, n, H, d_in = x.shape
-        if not y.is_contiguous() or y.shape[:3] != x.shape[:3]:
+        _, n, H, _ = x.shape
+        if y.shape[:3] != x.shape[:3] or (in_place and not y.is_contiguous()):
             raise ValueError(
-                f"the tensor updated in place must be contiguous and [B, n, H, D] with the "
-                f"leading sizes of {list(x.shape)}, got {list(y.shape)} (contiguous: "
-                f"{y.is_contiguous()})"
+                f"{'the tensor updated in place must be contiguous and ' if in_place else ''}"
+                f"[B, n, H, D] with the leading sizes of {list(x.shape)}, got {list(y.shape)} "
+                f"(contiguous: {y.is_contiguous()})"
             )
-        d_out = y.shape[-1]
-        want = (B, H, d_out, d_in) if transpose else (B, H, d_in, d_out)
-        if tuple(state.shape) != want or weight.dim() != 2 or (
-            weight.shape[0] > n or weight.shape[1] != H
-        ):
+        if weight.dim() != 2 or weight.shape[0] > n or weight.shape[1] != H:
             raise ValueError(
-                f"state must be [B, H, Dk, Dv] = {list(want)} and weight [T <= {n}, {H}]; got "
-                f"state {list(state.shape)}, weight {list(weight.shape)}"
+                f"weight [T <= {n}, {H}] expected (scale * lambda^(t+1) for the first T tokens), "
+                f"got {list(weight.shape)}"
             )
 
 
