@@ -17,6 +17,8 @@ from longctx.kernels.linear_reference import (
     LinearKernelFunction,
     LinearReference,
     LinearReferenceConfig,
+    backward_with_exchange,
+    forward_with_exchange,
     get_linear_kernel,
     linear_attention_reference,
     retnet_log_decay,
@@ -355,97 +357,112 @@ def test_gpu_matches_reference_bf16(monkeypatch, cu, decay, H, Hkv, D):
         assert _rel(got[name], want[name]) < 2e-2, (name, _rel(got[name], want[name]))
 
 
-# -------------------------------------------- the entering state applied after the fact (CP)
-def _state_case(B, n, H, Dk, Dv, T, dtype, device, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
+# ------------------------------------------------ a state that arrives mid-call (CP's exchange)
+def _exchange_run(kern, q, k, v, args, h0, entering, dout, dfinal):
+    """forward/backward_with_exchange with recording callbacks: (out, final, got_final,
+    d_entering, dq, dk, dv, dh0)."""
+    seen = {}
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+    def fwd(final):
+        seen["final"] = final.clone()
+        return entering
 
-    x, dout = randn(B, n, H, Dk).to(dtype), randn(B, n, H, Dv).to(dtype)
-    state = randn(B, H, Dk, Dv)
-    weight = torch.rand(T, H, generator=g, device=device) * 0.5  # float32 [T, H]
-    return x, dout, state, weight
+    def bwd(d_entering):
+        seen["d_entering"] = d_entering.clone()
+        return dfinal
 
-
-def _state_ops_definition(x, dout, state, weight):
-    """The three results in float64 from the definition (per token, per head)."""
-    x, dout, state, weight = (t.double() for t in (x, dout, state, weight))
-    T = weight.shape[0]
-    w = weight[None, :, :, None]  # [1, T, H, 1]
-    out_add = torch.einsum("bthk,bhkv->bthv", x[:, :T], state) * w
-    dq_add = torch.einsum("bthv,bhkv->bthk", dout[:, :T], state) * w
-    d_state = torch.einsum("bthk,bthv->bhkv", x[:, :T] * w, dout[:, :T])
-    return out_add, dq_add, d_state
+    out, final, returned = forward_with_exchange(kern, q, k, v, args, h0, fwd)
+    assert returned is entering
+    grads = backward_with_exchange(kern, dout, q, k, v, args, h0, entering, bwd,
+                                   grad_dtype=torch.float32)
+    return out, final, seen["final"], seen["d_entering"], *grads
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-@pytest.mark.parametrize(
-    "B,n,H,Dk,Dv,T",
-    [(1, 40, 2, 16, 16, 40), (2, 70, 3, 16, 32, 37), (1, 20, 2, 32, 16, 0)],
-    ids=["all-tokens", "head-of-shard", "no-head"],
-)
-def test_apply_state_and_state_grad_match_definition(interpret, impl, B, n, H, Dk, Dv, T):
-    """``apply_state`` (both directions) and ``state_grad``, float32, against float64 einsums;
-    tokens past ``T`` are left untouched."""
-    kern = get_linear_kernel(impl)
-    x, dout, state, weight = _state_case(B, n, H, Dk, Dv, T, torch.float32, "cpu")
-    out_add, dq_add, d_state = _state_ops_definition(x, dout, state, weight)
-    out0, dq0 = torch.randn(B, n, H, Dv), torch.randn(B, n, H, Dk)
-    out, dq = out0.clone(), dq0.clone()
-    assert kern.apply_state(out, x, state, weight) is out
-    kern.apply_state(dq, dout, state, weight, transpose=True)
-    got_state = kern.state_grad(x, dout, weight)
-    torch.testing.assert_close(out[:, :T].double(), out0[:, :T].double() + out_add,
-                               rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dq[:, :T].double(), dq0[:, :T].double() + dq_add,
-                               rtol=1e-5, atol=1e-5)
-    assert torch.equal(out[:, T:], out0[:, T:]) and torch.equal(dq[:, T:], dq0[:, T:])
-    assert got_state.shape == (B, H, Dk, Dv) and got_state.dtype == torch.float32
-    torch.testing.assert_close(got_state.double(), d_state, rtol=1e-5, atol=1e-5)
+def _exchange_definition(q, k, v, args, h0, entering, dout, dfinal):
+    """The same results from the float64 recurrent reference run from ``h0 + entering``."""
+    ref = LinearReference(RECURRENT)
+    q, k, v, dout = (t.double() for t in (q, k, v, dout))
+    args = LinearArgs(args.scale, None if args.log_decay is None else args.log_decay.double(),
+                      args.cu_seqlens)
+    zero = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=torch.float64)
+    h0 = zero if h0 is None else h0.double()
+    both = h0 + (zero if entering is None else entering.double())
+    out = ref.forward(q, k, v, args, both)[0]
+    final = ref.forward(q, k, v, args, h0)[1]
+    d_entering = ref.backward(dout, None, q, k, v, args, both)[3]
+    dq, dk, dv, dh0 = ref.backward(dout, None if dfinal is None else dfinal.double(), q, k, v,
+                                   args, both)
+    return out, final, final, d_entering, dq, dk, dv, dh0
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_state_ops_take_a_non_contiguous_dout(interpret, impl):
+@pytest.mark.parametrize("cu", [None, [0, 5, 20, 40], [0, 0, 17, 40], [0, 33, 40]],
+                         ids=["one-doc", "doc-in-chunk-0", "doc-at-0", "doc-late"])
+@pytest.mark.parametrize("decay", [True, False], ids=["decay", "nodecay"])
+@pytest.mark.parametrize("with_h0,with_entering,with_dfinal",
+                         [(False, True, True), (True, False, True), (True, True, False)],
+                         ids=["entering", "h0", "h0+entering"])
+def test_exchange_matches_definition(interpret, impl, cu, decay, with_h0, with_entering,
+                                     with_dfinal):
+    """``forward_with_exchange`` / ``backward_with_exchange`` (the Triton kernel's fused form and
+    the generic one) equal plain calls from ``initial_state + entering``: the output, the final
+    state handed to the exchange (from ``initial_state`` only), the entering state's gradient
+    handed back, and every gradient (float32 against the float64 recurrence)."""
+    kern = LinearTriton(TINY) if impl == "triton" else LinearReference()
+    q, k, v, h0, dout, dfinal = _inputs(2, 40, 4, 2, 16, 16, seed=5)
+    g = retnet_log_decay(4) if decay else None
+    args = LinearArgs.build(q, k, v, log_decay=g,
+                            cu_seqlens=torch.tensor(cu) if cu is not None else None)
+    entering = torch.randn(h0.shape, generator=torch.Generator().manual_seed(6))
+    case = (q, k, v, args, h0 if with_h0 else None, entering if with_entering else None, dout,
+            dfinal if with_dfinal else None)
+    got = _exchange_run(kern, *case)
+    want = _exchange_definition(*case)
+    names = ["out", "final", "final given to exchange", "d_entering", "dq", "dk", "dv", "dh0"]
+    for name, a, b in zip(names, got, want):
+        if name == "dh0" and not with_h0:
+            assert a is None
+            continue
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=name)
+
+
+def test_exchange_takes_a_non_contiguous_dout(interpret):
     """``out.sum().backward()`` hands CP an expanded (stride-0) dout: read, never refused."""
-    kern = get_linear_kernel(impl)
-    x, _, state, weight = _state_case(1, 24, 2, 16, 16, 20, torch.float32, "cpu")
+    q, k, v, h0, _, dfinal = _inputs(1, 24, 2, 2, 16, 16, seed=7)
+    args = LinearArgs.build(q, k, v, log_decay=retnet_log_decay(2))
     dout = torch.ones(1, 1, 1, 1).expand(1, 24, 2, 16)
-    _, dq_add, d_state = _state_ops_definition(x, dout, state, weight)
-    dq = torch.zeros(1, 24, 2, 16)
-    kern.apply_state(dq, dout, state, weight, transpose=True)
-    torch.testing.assert_close(kern.state_grad(x, dout, weight).double(), d_state,
-                               rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dq[:, :20].double(), dq_add, rtol=1e-5, atol=1e-5)
+    got = _exchange_run(LinearTriton(TINY), q, k, v, args, None, h0, dout, dfinal)
+    want = _exchange_definition(q, k, v, args, None, h0, dout.contiguous(), dfinal)
+    for a, b in zip(got[3:7], want[3:7]):
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4)
 
 
-def test_triton_apply_state_refuses_bad_shapes(interpret):
-    kern = LinearTriton()
-    x, _, state, weight = _state_case(1, 8, 2, 16, 16, 8, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="contiguous"):
-        kern.apply_state(torch.zeros(1, 2, 8, 16).transpose(1, 2), x, state, weight)
-    with pytest.raises(ValueError, match=r"weight \[T <= 8, 2\]"):
-        kern.apply_state(torch.zeros(1, 8, 2, 16), x, state, torch.zeros(9, 2))
-    with pytest.raises(ValueError, match="state must be"):
-        kern.apply_state(torch.zeros(1, 8, 2, 16), x, state[:, :1], weight)
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_exchange_refuses_a_wrong_state(interpret, impl):
+    kern = LinearTriton(TINY) if impl == "triton" else LinearReference()
+    q, k, v, h0, dout, _ = _inputs(1, 8, 2, 2, 16, 16)
+    args = LinearArgs.build(q, k, v)
+    with pytest.raises(ValueError, match=r"entering state must have shape \[batch, heads"):
+        _exchange_run(kern, q, k, v, args, None, h0[:, :1], dout, None)
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_state_ops_match_reference(monkeypatch, dtype):
-    """The fused ops at a CP shard's size against the float64 definition (and so against the
-    torch versions, which the CPU tests pin to the same definition)."""
+@pytest.mark.parametrize("cu", [None, [0, 3000, 4096]], ids=["one-doc", "docs"])
+def test_gpu_exchange_matches_reference(monkeypatch, dtype, cu):
+    """The fused exchange at a CP shard's size against the float32 torch reference."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    kern = LinearTriton()
-    x, dout, state, weight = _state_case(2, 4096, 4, 128, 128, 3000, dtype, "cuda", seed=3)
-    state = state / 64  # a shard's state: sums of many k^T v, here scaled to the bf16 range
-    out_add, dq_add, d_state = _state_ops_definition(x, dout, state, weight)
-    out, dq = torch.zeros_like(dout), torch.zeros_like(x)
-    kern.apply_state(out, x, state, weight)
-    kern.apply_state(dq, dout, state, weight, transpose=True)
-    tol = 2e-2 if dtype != torch.float32 else 1e-4
-    assert _rel(out[:, :3000], out_add) < tol
-    assert _rel(dq[:, :3000], dq_add) < tol
-    assert _rel(kern.state_grad(x, dout, weight), d_state) < tol
-    assert out[:, 3000:].abs().max() == 0 and dq[:, 3000:].abs().max() == 0
+    q, k, v, h0, dout, dfinal = _inputs(2, 4096, 4, 4, 128, 128, dtype, "cuda", seed=3)
+    entering = torch.randn(h0.shape, device="cuda", generator=torch.Generator("cuda")
+                           .manual_seed(4)) / 64  # a shard's state, scaled to the bf16 range
+    args = LinearArgs.build(q, k, v, log_decay=retnet_log_decay(4, "cuda"),
+                            cu_seqlens=torch.tensor(cu) if cu is not None else None)
+    got = _exchange_run(LinearTriton(), q, k, v, args, h0, entering, dout, dfinal)
+    f32 = (t.float() for t in (q, k, v))
+    want = _exchange_run(LinearReference(), *f32, args, h0.float(), entering, dout.float(),
+                         dfinal)
+    tol = 2e-2 if dtype != torch.float32 else 1e-3
+    names = ["out", "final", "final given to exchange", "d_entering", "dq", "dk", "dv", "dh0"]
+    for name, a, b in zip(names, got, want):
+        assert _rel(a, b) < tol, (name, _rel(a, b))

@@ -14,7 +14,8 @@ head ``h``::
   ``lambda_h = exp(g_h)`` (RetNet: ``g_h = log(1 - 2**(-5 - h))``, see :func:`retnet_log_decay`).
   ``None`` is the no-decay variant (``lambda = 1``).  The decay is a fixed buffer: gradients into
   it are not computed (a ``log_decay`` that requires grad is refused).  All decay factors are
-  ``exp(g * n)`` with ``n >= 0``, so nothing overflows.
+  ``exp(g * n)`` with ``n >= 0``, so nothing overflows.  Its values are checked where it lives:
+  pass it on the CPU (it moves with the call) so that no call waits on a read-back from the GPU.
 - **Scale**: ``scale`` multiplies ``q``; default ``Dk ** -0.5`` (as in flash-linear-attention).
 - **States**: ``initial_state [B, H, Dk, Dv]`` is the state before token 0, ``final_state`` the state
   after the last token; both in the accumulation dtype (:func:`~longctx.kernels.base.acc_dtype`)
@@ -77,6 +78,11 @@ __all__ = [
     "recurrent_linear_attention",
     "chunked_linear_attention",
     "linear_attention_reference",
+    "StateExchange",
+    "forward_with_exchange",
+    "backward_with_exchange",
+    "entering_weight",
+    "passing_decay",
     "apply_state_reference",
     "state_grad_reference",
     "retnet_log_decay",
@@ -189,14 +195,16 @@ def _check_log_decay(log_decay: Tensor, heads: int, dtype: torch.dtype,
             f"g_h <= 0 per query head, lambda_h = exp(g_h)); got shape {list(log_decay.shape)} "
             f"dtype {log_decay.dtype}"
         )
-    g = log_decay.detach().to(device=device, dtype=dtype)
-    bad = ~torch.isfinite(g) | (g > 0)
+    # the values are checked where the tensor lives: free for a CPU tensor, a read-back (a host
+    # sync, which stalls the launch queue) for a GPU one -- so models pass their decay on the CPU
+    given = log_decay.detach()
+    bad = ~torch.isfinite(given) | (given > 0)
     if bool(bad.any()):
         raise ValueError(
-            f"log_decay must be finite and <= 0 (lambda = exp(g) in (0, 1]); got {g.tolist()}. "
-            "A decay rate lambda in (0, 1] is log_decay = log(lambda)"
+            f"log_decay must be finite and <= 0 (lambda = exp(g) in (0, 1]); got "
+            f"{given.tolist()}. A decay rate lambda in (0, 1] is log_decay = log(lambda)"
         )
-    return g
+    return given.to(device=device, dtype=dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -253,10 +261,11 @@ class LinearArgs:
 class LinearAttentionKernel(Protocol):
     """Local causal linear attention on one device (see the module docstring).
 
-    A kernel may also provide ``apply_state(y, x, state, weight, transpose=False)`` and
-    ``state_grad(q, dout, weight)`` with the semantics of :func:`apply_state_reference` /
-    :func:`state_grad_reference` (context parallelism adds the entering state with them);
-    without them the torch versions are used.
+    A kernel may also provide ``forward_exchange(q, k, v, args, initial_state, exchange)`` and
+    ``backward_exchange(dout, q, k, v, args, initial_state, entering, exchange, grad_dtype)``
+    with the semantics of :func:`forward_with_exchange` / :func:`backward_with_exchange`
+    (context parallelism hands the states over in the middle of a call); without them those
+    functions build the same result from ``forward``/``backward`` and a torch correction.
     """
 
     name: str
@@ -271,8 +280,100 @@ class LinearAttentionKernel(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------
-# an entering state applied after the fact (context parallelism: the state arrives later)
+# a state that arrives in the middle of a call (context parallelism)
 # --------------------------------------------------------------------------------------------------
+StateExchange = Callable[[Tensor], "Tensor | None"]
+"""Called by a kernel between its passes: forward, with the call's final state, returns a state
+that enters before token 0 (or None); backward, with the gradient of that entering state, returns
+the gradient of the final state (or None).  Context parallelism all-gathers in it."""
+
+
+def forward_with_exchange(
+    kernel: LinearAttentionKernel, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
+    initial_state: Tensor | None, exchange: StateExchange,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A forward whose entering state is known only after its final state.
+
+    Returns ``out, final, entering`` where ``final`` is ``kernel.forward(q, k, v, args,
+    initial_state)``'s final state, ``entering = exchange(final)`` (``[B, H, Dk, Dv]`` or None),
+    and ``out`` is the output of ``kernel.forward`` from ``initial_state + entering``.  The
+    kernel's fused ``forward_exchange`` when it has one; else its forward from
+    ``initial_state`` and :func:`apply_state_reference` for the first document's tokens.
+
+    Example (one device: the entering state arrives from elsewhere)::
+
+        >>> import torch
+        >>> q = k = v = torch.randn(1, 6, 2, 4, dtype=torch.float64)
+        >>> args = LinearArgs.build(q, k, v)
+        >>> h = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+        >>> out, final, entering = forward_with_exchange(LinearReference(), q, k, v, args, None,
+        ...                                              lambda final: h)
+        >>> torch.allclose(out, LinearReference().forward(q, k, v, args, h)[0])
+        True
+    """
+    fused = getattr(kernel, "forward_exchange", None)
+    if fused is not None:
+        return fused(q, k, v, args, initial_state, exchange)
+    out, final = kernel.forward(q, k, v, args, initial_state)
+    entering = exchange(final)
+    check_state(entering, check_linear_inputs(q, k, v), q.device, "entering state")
+    if entering is not None:
+        weight = entering_weight(args, q.shape[1], q.shape[2], acc_dtype(q.dtype), q.device)
+        apply_state_reference(out, q, entering, weight)
+    return out, final, entering
+
+
+def backward_with_exchange(
+    kernel: LinearAttentionKernel, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+    args: LinearArgs, initial_state: Tensor | None, entering: Tensor | None,
+    exchange: StateExchange, grad_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The backward of :func:`forward_with_exchange`, whose final-state gradient is known only
+    after the entering state's gradient.
+
+    ``exchange`` receives ``d_entering [B, H, Dk, Dv]`` (accumulation dtype), the gradient of
+    ``entering`` through the outputs, and returns ``dfinal`` (or None).  Returns ``dq, dk, dv,
+    dinitial`` as ``kernel.backward(dout, dfinal, ..., initial_state + entering)`` (``dinitial``
+    None without ``initial_state``).  The kernel's fused ``backward_exchange`` when it has one.
+    """
+    fused = getattr(kernel, "backward_exchange", None)
+    if fused is not None:
+        return fused(dout, q, k, v, args, initial_state, entering, exchange, grad_dtype)
+    shape = check_linear_inputs(q, k, v)
+    check_state(entering, shape, q.device, "entering state")
+    weight = entering_weight(args, shape.seq, shape.heads, acc_dtype(q.dtype), q.device)
+    dfinal = exchange(state_grad_reference(q, dout, weight))
+    dq, dk, dv, dh0 = kernel.backward(dout, dfinal, q, k, v, args, initial_state,
+                                      grad_dtype=grad_dtype)
+    if entering is not None:  # dq[:, t] += scale * lambda^(t+1) * dout[:, t] @ entering^T
+        apply_state_reference(dq, dout, entering, weight, transpose=True)
+    return dq, dk, dv, dh0
+
+
+def entering_weight(args: LinearArgs, seq_len: int, heads: int, dtype: torch.dtype,
+                    device: torch.device) -> Tensor:
+    """``[T, H]`` in ``dtype``: ``scale * lambda_h^(t+1)``, the weight of a state entering
+    before token 0 in the output of token ``t``, for the ``T`` tokens of the first document."""
+    T = seq_len
+    if args.cu_seqlens is not None:
+        T = min(seq_len, int(args.cu_seqlens[1]))  # host-side boundaries: no device sync
+    if args.log_decay is None:
+        return torch.full((T, heads), args.scale, dtype=dtype, device=device)
+    t = torch.arange(1, T + 1, dtype=dtype, device=device)  # t + 1 for t = 0..T-1
+    return torch.exp(t[:, None] * args.log_decay.to(dtype)[None, :]) * args.scale
+
+
+def passing_decay(args: LinearArgs, seq_len: int, heads: int, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """``[H]`` in ``dtype``: the factor of the initial state in the final state of a
+    ``seq_len``-token call, ``lambda_h^S``, or 0 when a document starts inside the call."""
+    if args.cu_seqlens is not None and bool((args.cu_seqlens[1:-1] < seq_len).any()):
+        return torch.zeros(heads, dtype=dtype, device=device)  # host-side boundaries
+    if args.log_decay is None:
+        return torch.ones(heads, dtype=dtype, device=device)
+    return torch.exp(args.log_decay.to(dtype) * seq_len)
+
+
 def _state_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the entering-state products: the input's (GEMMs accumulate in float32), except
     float16, whose range is too small for a sum over a shard's tokens."""
@@ -475,8 +576,6 @@ class LinearReference:
         dq, dk, dv = (g.to(grad_dtype or acc) for g in got[:3])
         return dq, dk, dv, (got[3] if initial_state is not None else None)
 
-    apply_state = staticmethod(apply_state_reference)
-    state_grad = staticmethod(state_grad_reference)
 
 
 class LinearKernelFunction(torch.autograd.Function):

@@ -59,8 +59,10 @@ from .linear_reference import (
     LinearArgs,
     LinearKernelFunction,
     LinearShape,
+    StateExchange,
     check_linear_inputs,
     check_state,
+    passing_decay,
 )
 
 from ._triton_runtime import unavailable_reason as _unavailable_reason
@@ -255,6 +257,44 @@ if triton is not None:
             g = 0.0
         return g
 
+    @_jit
+    def _entering_coef(g, DOC, t0, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr):
+        """Share of a state entering before token 0 that is in the state before the chunk at
+        ``t0``: ``lambda^t0``, or 0 once a document has started (as the state kernel carries an
+        initial state)."""
+        if HAS_DECAY:
+            coef = tl.exp(g * t0.to(tl.float32))
+        else:
+            coef = (t0 * 0 + 1).to(tl.float32)
+        if HAS_DOCS:
+            carry = tl.load(DOC + tl.maximum(t0 - 1, 0))
+            coef = tl.where((t0 == 0) | (carry == 0), coef, 0.0)
+        return coef
+
+    @_jit
+    def _leaving_coef(g, DOC, t0, S, BT: tl.constexpr, HAS_DECAY: tl.constexpr,
+                      HAS_DOCS: tl.constexpr):
+        """Share of the gradient of the state after the last token that is in the gradient of the
+        state after the chunk at ``t0``: ``lambda^(S - t1)`` (``t1`` the chunk's end), or 0 when
+        a document starts after the chunk (as the backward state kernel carries a final-state
+        gradient)."""
+        t1 = tl.minimum(t0 + BT, S)
+        if HAS_DECAY:
+            coef = tl.exp(g * (S - t1).to(tl.float32))
+        else:
+            coef = (t1 * 0 + 1).to(tl.float32)
+        if HAS_DOCS:
+            coef = tl.where(tl.load(DOC + S - 1) == tl.load(DOC + t1 - 1), coef, 0.0)
+        return coef
+
+    @_jit
+    def _fold_state(tile, X, bh, offs_k, offs_v, coef, DK: tl.constexpr, DV: tl.constexpr):
+        """``tile + coef * X[bh]`` (the ``[BK, BV]`` block of a float32 ``[DK, DV]`` state), in
+        the tile's dtype: a stored per-chunk state plus the share of a state known only later."""
+        ptrs, mask = _state_ptrs(X, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
+        extra = tl.load(ptrs, mask=mask, other=0.0)
+        return (tile.to(tl.float32) + coef * extra).to(tile.dtype)
+
     # ---------------------------------------------------------------------------------- forward
     @_jit
     def _state_fwd_kernel(K, V, G, DOC, H0, HBUF, HT, S, H, GQ, NT,
@@ -290,17 +330,22 @@ if triton is not None:
         tl.store(ht_ptrs, state, mask=ht_mask)
 
     @_jit
-    def _out_fwd_kernel(Q, K, V, G, DOC, HBUF, O, scale, S, H, GQ, NT,
+    def _out_fwd_kernel(Q, K, V, G, DOC, HBUF, P, O, scale, S, H, GQ, NT,
                         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                        IEEE: tl.constexpr):
-        """Grid ``(NT, cdiv(DV, BV), B*H)``: one ``[BT, BV]`` output tile."""
+                        HAS_P: tl.constexpr, IEEE: tl.constexpr):
+        """Grid ``(NT, cdiv(DV, BV), B*H)``: one ``[BT, BV]`` output tile.  ``P [B*H, DK, DV]``
+        (float32, if HAS_P): a state entering before token 0 that the per-chunk states do not
+        hold yet (context parallelism), added to them here."""
         c, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
         t0 = c * BT
         offs_t = t0 + tl.arange(0, BT)
         offs_v = i_v * BV + tl.arange(0, BV)
+        g = _load_g(G, h, HAS_DECAY)
+        if HAS_P:
+            p_coef = _entering_coef(g, DOC, t0, HAS_DECAY, HAS_DOCS)
         scores = tl.zeros([BT, BT], dtype=tl.float32)  # q k^T
         acc = tl.zeros([BT, BV], dtype=tl.float32)  # q h_c
         for i_k in range(tl.cdiv(DK, BK)):
@@ -312,8 +357,10 @@ if triton is not None:
             scores = _dot(q, tl.trans(k), scores, IEEE)
             hb_ptrs, hb_mask = _state_ptrs(HBUF, (bh.to(tl.int64) * NT + c) * DK * DV,
                                            offs_k, offs_v, DK, DV)
-            acc = _dot(q, tl.load(hb_ptrs, mask=hb_mask, other=0.0), acc, IEEE)
-        g = _load_g(G, h, HAS_DECAY)
+            hb = tl.load(hb_ptrs, mask=hb_mask, other=0.0)
+            if HAS_P:
+                hb = _fold_state(hb, P, bh, offs_k, offs_v, p_coef, DK, DV)
+            acc = _dot(q, hb, acc, IEEE)
         row, _, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
         v_ptrs, v_mask = _rows(V, b, offs_t, hk, offs_v, S, H // GQ, DV)
@@ -324,21 +371,19 @@ if triton is not None:
 
     # --------------------------------------------------------------------------------- backward
     @_jit
-    def _state_bwd_kernel(Q, DO, G, DOC, DHT, DHBUF, DH0, scale, S, H, NT,
+    def _state_bwd_kernel(Q, DO, G, DOC, DHBUF, DH0, scale, S, H, NT,
                           DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                          HAS_DHT: tl.constexpr, IEEE: tl.constexpr):
+                          IEEE: tl.constexpr):
         """Grid ``(cdiv(DK, BK), cdiv(DV, BV), B*H)``, chunks in reverse: ``DHBUF[bh, c]`` =
-        dL/d(state after chunk c), ``DH0[bh]`` = dL/d(initial state) (float32)."""
+        dL/d(state after chunk c), ``DH0[bh]`` = dL/d(initial state) (float32), both through
+        the outputs only (the final-state gradient is added by the dq/dk/dv kernels)."""
         i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         offs_k = i_k * BK + tl.arange(0, BK)
         offs_v = i_v * BV + tl.arange(0, BV)
         g = _load_g(G, h, HAS_DECAY)
         dh = tl.zeros([BK, BV], dtype=tl.float32)
-        s_ptrs, s_mask = _state_ptrs(DHT, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
-        if HAS_DHT:
-            dh = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
         for cc in range(NT):
             c = NT - 1 - cc
             t0 = c * BT
@@ -357,17 +402,25 @@ if triton is not None:
         tl.store(h0_ptrs, dh, mask=h0_mask)
 
     @_jit
-    def _dqk_bwd_kernel(Q, K, V, DO, G, DOC, HBUF, DHBUF, DQ, DKH, scale, S, H, GQ, NT,
+    def _dqk_bwd_kernel(Q, K, V, DO, G, DOC, HBUF, DHBUF, P, DHT, DQ, DKH, scale, S, H, GQ, NT,
                         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                        IEEE: tl.constexpr):
-        """Grid ``(NT, cdiv(DK, BK), B*H)``: ``[BT, BK]`` tiles of dq and of dk per query head."""
+                        HAS_P: tl.constexpr, HAS_DHT: tl.constexpr, IEEE: tl.constexpr):
+        """Grid ``(NT, cdiv(DK, BK), B*H)``: ``[BT, BK]`` tiles of dq and of dk per query head.
+        ``P`` (if HAS_P): an entering state folded into the stored states, as in the output
+        kernel; ``DHT [B*H, DK, DV]`` (if HAS_DHT): the final-state gradient, folded into the
+        stored state gradients."""
         c, i_k, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
         t0 = c * BT
         offs_t = t0 + tl.arange(0, BT)
         offs_k = i_k * BK + tl.arange(0, BK)
+        g = _load_g(G, h, HAS_DECAY)
+        if HAS_P:
+            p_coef = _entering_coef(g, DOC, t0, HAS_DECAY, HAS_DOCS)
+        if HAS_DHT:
+            dht_coef = _leaving_coef(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         dov = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T
         do_h = tl.zeros([BT, BK], dtype=tl.float32)  # do h_c^T (state before the chunk)
         v_dh = tl.zeros([BT, BK], dtype=tl.float32)  # v dh_c^T (grad of the state after it)
@@ -380,10 +433,15 @@ if triton is not None:
             v = tl.load(v_ptrs, mask=v_mask, other=0.0)
             dov = _dot(do, tl.trans(v), dov, IEEE)
             s_ptrs, s_mask = _state_ptrs(HBUF, state_base, offs_k, offs_v, DK, DV)
-            do_h = _dot(do, tl.trans(tl.load(s_ptrs, mask=s_mask, other=0.0)), do_h, IEEE)
+            hb = tl.load(s_ptrs, mask=s_mask, other=0.0)
+            if HAS_P:
+                hb = _fold_state(hb, P, bh, offs_k, offs_v, p_coef, DK, DV)
+            do_h = _dot(do, tl.trans(hb), do_h, IEEE)
             s_ptrs, s_mask = _state_ptrs(DHBUF, state_base, offs_k, offs_v, DK, DV)
-            v_dh = _dot(v, tl.trans(tl.load(s_ptrs, mask=s_mask, other=0.0)), v_dh, IEEE)
-        g = _load_g(G, h, HAS_DECAY)
+            dhb = tl.load(s_ptrs, mask=s_mask, other=0.0)
+            if HAS_DHT:
+                dhb = _fold_state(dhb, DHT, bh, offs_k, offs_v, dht_coef, DK, DV)
+            v_dh = _dot(v, tl.trans(dhb), v_dh, IEEE)
         row, col, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
         q_ptrs, q_mask = _rows(Q, b, offs_t, h, offs_k, S, H, DK)
@@ -400,17 +458,21 @@ if triton is not None:
         tl.store(dk_ptrs, dk.to(DKH.dtype.element_ty), mask=dk_mask)
 
     @_jit
-    def _dv_bwd_kernel(Q, K, DO, G, DOC, DHBUF, DVH, scale, S, H, GQ, NT,
+    def _dv_bwd_kernel(Q, K, DO, G, DOC, DHBUF, DHT, DVH, scale, S, H, GQ, NT,
                        DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                       IEEE: tl.constexpr):
-        """Grid ``(NT, cdiv(DV, BV), B*H)``: ``[BT, BV]`` tiles of dv per query head."""
+                       HAS_DHT: tl.constexpr, IEEE: tl.constexpr):
+        """Grid ``(NT, cdiv(DV, BV), B*H)``: ``[BT, BV]`` tiles of dv per query head (``DHT``
+        folded in as in the dq/dk kernel)."""
         c, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
         t0 = c * BT
         offs_t = t0 + tl.arange(0, BT)
         offs_v = i_v * BV + tl.arange(0, BV)
+        g = _load_g(G, h, HAS_DECAY)
+        if HAS_DHT:
+            dht_coef = _leaving_coef(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         qk = tl.zeros([BT, BT], dtype=tl.float32)  # q k^T
         k_dh = tl.zeros([BT, BV], dtype=tl.float32)  # k dh_c (grad of the state after the chunk)
         state_base = (bh.to(tl.int64) * NT + c) * DK * DV
@@ -422,8 +484,10 @@ if triton is not None:
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)
             qk = _dot(q, tl.trans(k), qk, IEEE)
             s_ptrs, s_mask = _state_ptrs(DHBUF, state_base, offs_k, offs_v, DK, DV)
-            k_dh = _dot(k, tl.load(s_ptrs, mask=s_mask, other=0.0), k_dh, IEEE)
-        g = _load_g(G, h, HAS_DECAY)
+            dhb = tl.load(s_ptrs, mask=s_mask, other=0.0)
+            if HAS_DHT:
+                dhb = _fold_state(dhb, DHT, bh, offs_k, offs_v, dht_coef, DK, DV)
+            k_dh = _dot(k, dhb, k_dh, IEEE)
         _, col, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
         do_ptrs, do_mask = _rows(DO, b, offs_t, h, offs_v, S, H, DV)
@@ -433,67 +497,6 @@ if triton is not None:
         dv = dv * scale + k_dh * col[:, None]
         dv_ptrs, dv_mask = _rows(DVH, b, offs_t, h, offs_v, S, H, DV)
         tl.store(dv_ptrs, dv.to(DVH.dtype.element_ty), mask=dv_mask)
-
-    # ------------------------------------------------------------- an entering state (CP only)
-    @_jit
-    def _state_apply_kernel(X, ST, W, Y, T, N, H, stride_si, stride_sj,
-                            DI: tl.constexpr, DO: tl.constexpr, BT: tl.constexpr,
-                            BI: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr):
-        """Grid ``(cdiv(T, BT), cdiv(DO, BO), B*H)``, in place for tokens ``t < T``:
-        ``Y[b, t, h] += W[t, h] * X[b, t, h] @ ST[bh]`` with ``X [B, N, H, DI]``,
-        ``Y [B, N, H, DO]``, ``W [T, H]`` float32 and the float32 ``[DI, DO]`` matrix of head
-        ``bh`` at ``ST + bh * DI * DO + i * stride_si + j * stride_sj`` (strides give the
-        transpose for dq)."""
-        c, i_o, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, h = bh // H, bh % H
-        offs_t = c * BT + tl.arange(0, BT)
-        offs_i = tl.arange(0, BI)
-        offs_o = i_o * BO + tl.arange(0, BO)
-        x_ptrs, x_mask = _rows(X, b, offs_t, h, offs_i, N, H, DI)
-        x = tl.load(x_ptrs, mask=x_mask & (offs_t < T)[:, None], other=0.0)
-        s_ptrs = (ST + bh.to(tl.int64) * DI * DO + offs_i[:, None] * stride_si
-                  + offs_o[None, :] * stride_sj)
-        st = tl.load(s_ptrs, mask=(offs_i < DI)[:, None] & (offs_o < DO)[None, :], other=0.0)
-        if IEEE:  # float32 / float16 inputs: the product in float32
-            x = x.to(tl.float32)
-        else:
-            st = st.to(x.dtype)
-        acc = _dot(x, st, tl.zeros([BT, BO], dtype=tl.float32), IEEE)
-        w = tl.load(W + offs_t * H + h, mask=offs_t < T, other=0.0)
-        y_ptrs, y_mask = _rows(Y, b, offs_t, h, offs_o, N, H, DO)
-        y_mask = y_mask & (offs_t < T)[:, None]
-        y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + acc * w[:, None]).to(Y.dtype.element_ty), mask=y_mask)
-
-    @_jit
-    def _state_grad_kernel(Q, DOUT, W, PART, T, N, H, TPS,
-                           DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-        """Grid ``(splits, cdiv(DV, BV), B*H)``: ``PART[split, bh] = sum_t (W[t, h] q_t)^T do_t``
-        (``[DK, DV]`` float32) over the split's tokens ``[split * TPS, (split + 1) * TPS)``,
-        ``t < T``; the host sums the splits (deterministic, no atomics)."""
-        sp, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, h = bh // H, bh % H
-        offs_k = tl.arange(0, BK)
-        offs_v = i_v * BV + tl.arange(0, BV)
-        acc = tl.zeros([BK, BV], dtype=tl.float32)
-        for t0 in range(sp * TPS, tl.minimum((sp + 1) * TPS, T), BT):
-            offs_t = t0 + tl.arange(0, BT)
-            valid = (offs_t < T)[:, None]
-            q_ptrs, q_mask = _rows(Q, b, offs_t, h, offs_k, N, H, DK)
-            do_ptrs, do_mask = _rows(DOUT, b, offs_t, h, offs_v, N, H, DV)
-            q = tl.load(q_ptrs, mask=q_mask & valid, other=0.0)
-            do = tl.load(do_ptrs, mask=do_mask & valid, other=0.0)
-            w = tl.load(W + offs_t * H + h, mask=offs_t < T, other=0.0)
-            qw = q.to(tl.float32) * w[:, None]  # [BT, BK]
-            if IEEE:
-                do = do.to(tl.float32)
-            else:
-                qw = qw.to(do.dtype)
-            acc = _dot(tl.trans(qw), do, acc, IEEE)
-        p_ptrs, p_mask = _state_ptrs(PART, (sp * tl.num_programs(2) + bh).to(tl.int64) * DK * DV,
-                                     offs_k, offs_v, DK, DV)
-        tl.store(p_ptrs, acc, mask=p_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,23 +585,35 @@ class LinearTriton:
     def forward(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``out [B, S, H, Dv]`` (q.dtype), ``final_state [B, H, Dk, Dv]`` (float32)."""
+        out, final, _ = self.forward_exchange(q, k, v, args, initial_state, _no_state)
+        return out, final
+
+    def forward_exchange(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
+                         initial_state: Tensor | None, exchange: StateExchange,
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Fused :func:`~longctx.kernels.linear_reference.forward_with_exchange`: the state
+        kernel, then ``exchange(final_state)``, then the output kernel with the entering state
+        added to its per-chunk states (no extra pass over q or out)."""
         shape = self._check(q, k, v, initial_state)
         B, S, H, _, _, Dv = shape
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         out = torch.empty(B, S, H, Dv, dtype=q.dtype, device=q.device)
         if S == 0 or B * H == 0:
             final = h0.clone() if h0 is not None else q.new_zeros(shape.state, dtype=torch.float32)
-            return out, final
+            entering = _checked_state(exchange(final), "entering state", shape, q.device)
+            return out, final, entering
         q, k, v = (t.contiguous() for t in (q, k, v))
         meta = self._meta(shape, args, q.dtype)
         g, docs = self._decay_and_docs(args, shape, out)
         hbuf, final = self._states(k, v, g, docs, h0, shape, meta)
+        entering = _checked_state(exchange(final), "entering state", shape, q.device)
         NT = hbuf.shape[1]
         _launch(
             _out_fwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
-            q, k, v, g, docs, hbuf, out, args.scale, S, H, shape.group, NT, **meta,
+            q, k, v, g, docs, hbuf, _f32(entering, final), out, args.scale, S, H, shape.group, NT,
+            HAS_P=entering is not None, **meta,
         )
-        return out, final
+        return out, final, entering
 
     def backward(self, dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
                  args: LinearArgs, initial_state: Tensor | None = None,
@@ -608,22 +623,33 @@ class LinearTriton:
         ``grad_dtype`` (default float32; written by the kernels in that dtype, so a 16-bit
         ``grad_dtype`` saves the casts) and float32 ``dinitial [B, H, Dk, Dv]`` (None when
         ``initial_state`` is None)."""
+        shape = check_linear_inputs(q, k, v)
+        dfinal = _checked_state(dfinal, "dfinal", shape, q.device)
+        return self.backward_exchange(dout, q, k, v, args, initial_state, None,
+                                      lambda _d_entering: dfinal, grad_dtype)
+
+    def backward_exchange(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
+                          initial_state: Tensor | None, entering: Tensor | None,
+                          exchange: StateExchange, grad_dtype: torch.dtype | None = None,
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Fused :func:`~longctx.kernels.linear_reference.backward_with_exchange`: the backward
+        state kernel gives the entering state's gradient through the outputs, then
+        ``exchange`` returns the final-state gradient, which the dq/dk/dv kernels add to their
+        per-chunk state gradients (as they add ``entering`` to the per-chunk states)."""
         grad_dtype = grad_dtype or torch.float32
         shape = self._check(q, k, v, initial_state)
+        entering = _checked_state(entering, "entering state", shape, q.device)
         B, S, H, Hkv, Dk, Dv = shape
         out_shape = (B, S, H, Dv)
         if tuple(dout.shape) != out_shape:
             raise ValueError(
                 f"dout must be shaped like the output {list(out_shape)}, got {list(dout.shape)}"
             )
-        if dfinal is not None and tuple(dfinal.shape) != shape.state:
-            raise ValueError(
-                f"dfinal must be shaped like the state {list(shape.state)}, got "
-                f"{list(dfinal.shape)}"
-            )
         f32 = dict(dtype=torch.float32, device=q.device)
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         if S == 0 or B * H == 0:
+            d_entering = torch.zeros(shape.state, **f32)
+            dfinal = _checked_state(exchange(d_entering), "dfinal", shape, q.device)
             dh0 = torch.zeros(shape.state, **f32)
             if dfinal is not None:  # nothing in between: the final state is the initial state
                 dh0 = dfinal.to(torch.float32, copy=True)
@@ -636,13 +662,14 @@ class LinearTriton:
         hbuf, _ = self._states(k, v, g, docs, h0, shape, meta)  # recomputed, not kept from forward
         NT = hbuf.shape[1]
         dhbuf = torch.empty_like(hbuf)
-        dh0 = torch.empty(shape.state, **f32)
-        dht = dfinal.to(torch.float32).contiguous() if dfinal is not None else dh0
+        d_entering = torch.empty(shape.state, **f32)  # through the outputs only
         grid, state_meta = self._state_meta(shape, meta)
         _launch(
-            _state_bwd_kernel, grid, q, dout, g, docs, dht, dhbuf, dh0, args.scale, S, H, NT,
-            HAS_DHT=dfinal is not None, **state_meta,
+            _state_bwd_kernel, grid, q, dout, g, docs, dhbuf, d_entering, args.scale, S, H, NT,
+            **state_meta,
         )
+        dfinal = _checked_state(exchange(d_entering), "dfinal", shape, q.device)
+        dht = _f32(dfinal, d_entering)
         # dk/dv per query head, summed over GQA groups below (in float32 when there are groups)
         per_head = grad_dtype if shape.group == 1 else torch.float32
         dq = torch.empty(B, S, H, Dk, dtype=grad_dtype, device=q.device)
@@ -651,99 +678,40 @@ class LinearTriton:
         dq_bk = self.config.blocks(Dk, Dv).dq_k
         _launch(
             _dqk_bwd_kernel, (NT, triton.cdiv(Dk, dq_bk), B * H),
-            q, k, v, dout, g, docs, hbuf, dhbuf, dq, dk, args.scale, S, H, shape.group, NT,
-            **{**meta, "BK": dq_bk},
+            q, k, v, dout, g, docs, hbuf, dhbuf, _f32(entering, d_entering), dht, dq, dk,
+            args.scale, S, H, shape.group, NT,
+            HAS_P=entering is not None, HAS_DHT=dfinal is not None, **{**meta, "BK": dq_bk},
         )
         _launch(
             _dv_bwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
-            q, k, dout, g, docs, dhbuf, dv, args.scale, S, H, shape.group, NT, **meta,
+            q, k, dout, g, docs, dhbuf, dht, dv, args.scale, S, H, shape.group, NT,
+            HAS_DHT=dfinal is not None, **meta,
         )
-        dk, dv = (sum_kv_groups(g, Hkv).to(grad_dtype) for g in (dk, dv))  # -> [B, S, Hkv, D]
-        return dq, dk, dv, (dh0 if h0 is not None else None)
-
-    # -- an entering state applied after the fact (context parallelism) -----------------------
-    _STATE_BT = 64
-
-    def apply_state(self, y: Tensor, x: Tensor, state: Tensor, weight: Tensor,
-                    transpose: bool = False) -> Tensor:
-        """In place, fused: :func:`~longctx.kernels.linear_reference.apply_state_reference`
-        (``y [B, n, H, Do]`` contiguous, ``x [B, n, H, Di]``, ``state [B, H, Dk, Dv]``,
-        ``weight [T, H]``)."""
-        d_in, d_out = x.shape[-1], y.shape[-1]
-        self._check_state_call(x, y, weight, in_place=True)
-        want = (x.shape[0], x.shape[2], *((d_out, d_in) if transpose else (d_in, d_out)))
-        if tuple(state.shape) != want:
-            raise ValueError(f"state must be [B, H, Dk, Dv] = {list(want)}, got "
-                             f"{list(state.shape)}")
-        if weight.shape[0] == 0 or y.numel() == 0:
-            return y
-        # element (i, j) of the [Di, Do] matrix: state[i, j], or state[j, i] when transposed
-        strides = (1, d_in) if transpose else (d_out, 1)
-        self._launch_state_apply(x.contiguous(), state, weight, y, d_in, d_out, *strides)
-        return y
-
-    def state_grad(self, q: Tensor, dout: Tensor, weight: Tensor) -> Tensor:
-        """Fused :func:`~longctx.kernels.linear_reference.state_grad_reference`:
-        ``d_state [B, H, Dk, Dv]`` float32."""
-        B, n, H, Dk = q.shape
-        Dv = dout.shape[-1]
-        T = weight.shape[0]
-        self._check_state_call(q, dout, weight, in_place=False)
-        d_state = torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
-        if T == 0 or q.numel() == 0:
-            return d_state
-        q, dout = q.contiguous(), dout.to(q.dtype).contiguous()
-        BT, BK, BV = self._STATE_BT, _pow2(Dk), min(64, _pow2(Dv))
-        n_v = triton.cdiv(Dv, BV)
-        sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
-               if q.device.type == "cuda" else 4)
-        chunks = triton.cdiv(T, BT)
-        splits = max(1, min(chunks, triton.cdiv(2 * sms, n_v * B * H)))
-        tps = triton.cdiv(chunks, splits) * BT  # tokens per split, a multiple of BT
-        splits = triton.cdiv(T, tps)
-        part = torch.empty(splits, B * H, Dk, Dv, dtype=torch.float32, device=q.device)
-        _launch(
-            _state_grad_kernel, (splits, n_v, B * H), q, dout,
-            weight.to(torch.float32).contiguous(), part, T, n, H, tps,
-            DK=Dk, DV=Dv, BT=BT, BK=BK, BV=BV, IEEE=q.dtype != torch.bfloat16, num_warps=8,
-        )
-        return torch.sum(part, 0, out=d_state.view(B * H, Dk, Dv)).view(B, H, Dk, Dv)
-
-    def _launch_state_apply(self, x: Tensor, state: Tensor, weight: Tensor, y: Tensor,
-                            d_in: int, d_out: int, stride_i: int, stride_j: int) -> None:
-        B, n, H, _ = x.shape
-        T = weight.shape[0]
-        BT, BO = self._STATE_BT, min(64, _pow2(d_out))
-        _launch(
-            _state_apply_kernel, (triton.cdiv(T, BT), triton.cdiv(d_out, BO), B * H),
-            x, state.to(torch.float32).contiguous(), weight.to(torch.float32).contiguous(), y,
-            T, n, H, stride_i, stride_j, DI=d_in, DO=d_out, BT=BT, BI=_pow2(d_in), BO=BO,
-            IEEE=x.dtype != torch.bfloat16, num_warps=4,
-        )
-
-    def _check_state_call(self, x: Tensor, y: Tensor, weight: Tensor, *, in_place: bool) -> None:
-        """``x [B, n, H, Di]`` and ``y [B, n, H, Do]`` (contiguous when updated in place; else
-        any strides) and ``weight [T <= n, H]``."""
-        reason = self.unsupported_reason(x, y)
-        if reason is not None:
-            raise ValueError(reason)
-        _, n, H, _ = x.shape
-        if y.shape[:3] != x.shape[:3] or (in_place and not y.is_contiguous()):
-            raise ValueError(
-                f"{'the tensor updated in place must be contiguous and ' if in_place else ''}"
-                f"[B, n, H, D] with the leading sizes of {list(x.shape)}, got {list(y.shape)} "
-                f"(contiguous: {y.is_contiguous()})"
-            )
-        if weight.dim() != 2 or weight.shape[0] > n or weight.shape[1] != H:
-            raise ValueError(
-                f"weight [T <= {n}, {H}] expected (scale * lambda^(t+1) for the first T tokens), "
-                f"got {list(weight.shape)}"
-            )
+        dk, dv = (sum_kv_groups(x, Hkv).to(grad_dtype) for x in (dk, dv))  # -> [B, S, Hkv, D]
+        if h0 is None:
+            return dq, dk, dv, None
+        if dfinal is None:
+            return dq, dk, dv, d_entering
+        # the initial state reaches the final state decayed by lambda^S, if no document starts
+        reach = passing_decay(args, S, H, torch.float32, q.device)  # [H]
+        return dq, dk, dv, d_entering + reach[:, None, None] * dfinal.to(torch.float32)
 
 
-def _pow2(d: int) -> int:
-    """Block size covering ``d`` columns (a power of two, at least 16 for ``tl.dot``)."""
-    return max(16, triton.next_power_of_2(d))
+def _no_state(_state: Tensor) -> None:
+    """The exchange of a call on one device: no state enters later."""
+    return None
+
+
+def _checked_state(state: Tensor | None, name: str, shape: LinearShape,
+                   device: torch.device) -> Tensor | None:
+    """``state`` as given, after :func:`check_state` (None passes)."""
+    check_state(state, shape, device, name)
+    return state
+
+
+def _f32(state: Tensor | None, dummy: Tensor) -> Tensor:
+    """A state as the kernels read it (contiguous float32), or ``dummy`` for an unused pointer."""
+    return state.to(torch.float32).contiguous() if state is not None else dummy
 
 
 def linear_attention_triton(

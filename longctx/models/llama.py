@@ -204,9 +204,10 @@ class LinearAttention(nn.Module):
         v = self.wv(x_bsh).view(B, S, -1, D)
         return q, k, v
 
-    def log_decay(self, local_heads: int, device: torch.device) -> Tensor:
-        """``[local_heads]`` float32 log-decays of this rank's heads."""
-        g = retnet_log_decay(self.num_heads, device)
+    def log_decay(self, local_heads: int) -> Tensor:
+        """``[local_heads]`` float32 log-decays of this rank's heads, on the CPU (checked there
+        and moved with the call, so no step waits on a read-back from the GPU)."""
+        g = retnet_log_decay(self.num_heads)
         return g[self.head_offset:self.head_offset + local_heads]
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceContext) -> Tensor:
@@ -221,7 +222,7 @@ class LinearAttention(nn.Module):
         return cp_attention(
             q, k, v, seq.cp_group, strategy="linear", layout=seq.layout,
             mask=Mask(causal=True, cu_seqlens=seq.mask.cu_seqlens), kernel=kernel,
-            log_decay=self.log_decay(q.shape[2], q.device),
+            log_decay=self.log_decay(q.shape[2]),
         )
 
     def project_out(self, out_bshd: Tensor) -> Tensor:

@@ -5,26 +5,28 @@ With the contiguous layout rank ``r`` holds tokens ``[a_r, a_r + n)``.  Causal l
 enters the shard, which is a decayed sum of the earlier shards' own final states::
 
     forward on rank r
-      1. out_r, s_r = kernel(q_r, k_r, v_r, state=0)         # local, from a zero state
-                                                               # (rank 0: from initial_state)
+      1. s_r = kernel state pass over k_r, v_r from a zero state   # (rank 0: from initial_state)
       2. s = all_gather(s_r)                                  # [P, B, H, Dk, Dv], the ONE collective
       3. P_r = sum_{j<r} W[r, j] s_j                          # the state entering rank r
          W[r, j] = prod_{j<i<r} A_i,  A_i = lambda^n if no document starts in shard i, else 0
-      4. out_r[t] += scale * lambda^(t+1) * (q_r[t] P_r)      # for the first ``head`` tokens
+      4. out_r = kernel output pass with P_r added to its per-chunk states
       final_state = sum_j W[P, j] s_j                          # the state after the last token
 
-Steps 3-4 are a ``[P] x [B, H, Dk, Dv]`` weighted sum and the kernel's ``apply_state`` (the
-Triton kernel fuses the product, the decay weight and the add into one pass over q and out; the
-torch fallback is one batched matmul in the input dtype, float16 through float32).  The decays
-are not communicated: the per-head ``lambda`` and the document boundaries are known on every
-rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` and the decay
+Steps 2-3 run in the middle of the local kernel: the kernel contract's ``forward_exchange``
+(:func:`~longctx.kernels.linear_reference.forward_with_exchange`) calls back between its state
+pass and its output pass, so the Triton kernel adds ``lambda^t0 P_r`` to each chunk's stored
+state as it reads it and makes no extra pass over q or out (a kernel without the fused form gets
+the torch correction ``out[t] += scale * lambda^(t+1) q[t] P_r`` after a zero-state forward).
+The decays are not communicated: the per-head ``lambda`` and the document boundaries are known on
+every rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` and the decay
 (:func:`shards_passing`, :func:`carry_weights`).
 
-The backward mirrors it with one all-gather: each rank forms ``dP_r`` (the gradient of its entering
-state, from the corrected head tokens), the ``dP`` of all ranks (and each rank's gradient of the
-replicated final state) are gathered, and rank ``j`` receives the gradient of its local final
-state ``ds_j = sum_{r>j} W[r, j] dP_r + W[P, j] sum_ranks dfinal``; the local kernel's backward then
-takes ``ds_j`` as the gradient of its final state.
+The backward mirrors it with one all-gather, again inside the kernel
+(``backward_exchange``): the backward state pass gives ``dP_r``, the gradient of the entering
+state through the outputs; the ``dP`` of all ranks (and each rank's gradient of the replicated
+final state) are gathered, and rank ``j`` gets the gradient of its local final state
+``ds_j = sum_{r>j} W[r, j] dP_r + W[P, j] sum_ranks dfinal``, which the dq/dk/dv kernels add to
+their per-chunk state gradients.
 
 Documents (``cu_seqlens``, global boundaries ``[0, e_1, ..., S]``): the local kernel runs with the
 boundaries that fall in the shard; a shard in which a document starts stops the earlier state
@@ -57,12 +59,12 @@ from ...kernels.base import acc_dtype
 from ...kernels.linear_reference import (
     LinearArgs,
     LinearAttentionKernel,
-    apply_state_reference,
+    backward_with_exchange,
     check_cu_seqlens,
     check_linear_inputs,
     check_state,
+    forward_with_exchange,
     get_linear_kernel,
-    state_grad_reference,
 )
 from ...kernels.mask import Mask
 from ..comm import GatherComm
@@ -75,6 +77,7 @@ __all__ = [
     "carry_weights",
     "LinearCPContext",
     "build_linear_context",
+    "StateGather",
     "linear_forward",
     "linear_backward",
     "LinearCPAttention",
@@ -185,8 +188,7 @@ class LinearCPContext:
     """Everything a linear CP call needs besides q, k, v and the state; built and checked per call.
 
     ``args`` are the *local* kernel arguments (this shard's boundaries); ``weights [P + 1, P, H]``
-    come from :func:`carry_weights` (accumulation dtype, on q's device); ``head_weight
-    [head, H]`` is ``scale * lambda^(t+1)`` for the shard's head tokens.
+    come from :func:`carry_weights` (accumulation dtype, on q's device).
     """
 
     group: dist.ProcessGroup | None
@@ -197,7 +199,6 @@ class LinearCPContext:
     args: LinearArgs
     docs: ShardDocs
     weights: Tensor
-    head_weight: Tensor
     return_final_state: bool
 
 
@@ -257,16 +258,55 @@ def build_linear_context(
     weights = carry_weights(
         shards_passing(cu, seq_len, world), shape.seq, args.log_decay, shape.heads
     ).to(device=q.device, dtype=acc)
-    t = torch.arange(1, docs.head + 1, dtype=acc, device=q.device)  # t + 1 for t = 0..head-1
-    g = args.log_decay
-    if g is None:
-        g = torch.zeros(shape.heads, dtype=acc, device=q.device)
-    head_weight = torch.exp(t[:, None] * g[None, :]) * args.scale  # [head, H]: scale * lambda^(t+1)
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
         args=LinearArgs(args.scale, args.log_decay, docs.local_cu), docs=docs, weights=weights,
-        head_weight=head_weight, return_final_state=return_final_state,
+        return_final_state=return_final_state,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# communication: the two all-gathers, as the callbacks the kernel makes between its passes
+# --------------------------------------------------------------------------------------------------
+class StateGather:
+    """One call's state exchange (forward) and state-gradient exchange (backward).
+
+    :meth:`forward` gets this rank's local final state ``s_r`` and returns the entering state
+    ``P_r`` (None where no token sees it) and keeps the global final state in ``final``;
+    :meth:`backward` gets ``dP_r`` and returns ``ds_r`` (see the module docstring).
+    """
+
+    def __init__(self, cp: LinearCPContext, dfinal: Tensor | None = None):
+        self.cp = cp
+        self.dfinal = dfinal  # this rank's gradient of the replicated final state
+        self.final: Tensor | None = None
+
+    def forward(self, local_final: Tensor) -> Tensor | None:
+        cp = self.cp
+        # [B, H, Dk, Dv] on every rank -> [P, B, H, Dk, Dv]
+        states = GatherComm(cp.group).all_gather(local_final.to(cp.weights.dtype))
+        self.final = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.world_size], states)
+        if not cp.docs.head:  # rank 0, or a document starts at the shard's first token
+            return None
+        return torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.rank], states)
+
+    def backward(self, d_entering: Tensor) -> Tensor:
+        cp = self.cp
+        d_prefix = d_entering.to(cp.weights.dtype)  # [B, H, Dk, Dv]
+        if not cp.docs.head:  # no token saw an entering state
+            d_prefix = torch.zeros_like(d_prefix)
+        if cp.return_final_state:
+            d_final = self.dfinal.to(d_prefix.dtype) if self.dfinal is not None else (
+                torch.zeros_like(d_prefix))
+            # [2, B, H, Dk, Dv] on every rank -> [P, 2, B, H, Dk, Dv]
+            got = GatherComm(cp.group).all_gather(torch.stack([d_prefix, d_final]))
+            # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final grad
+            d_entering_all = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
+        else:
+            got = GatherComm(cp.group).all_gather(d_prefix)  # [P, B, H, Dk, Dv]
+            d_entering_all = torch.cat([got, torch.zeros_like(got[:1])])
+        # this rank's local final state feeds the entering state of every later rank (and the final)
+        return torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering_all)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,63 +314,32 @@ def build_linear_context(
 # --------------------------------------------------------------------------------------------------
 def linear_forward(
     q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None, cp: LinearCPContext
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Local shards ``q [B, n, H, Dk]``, ``k [B, n, H_kv, Dk]``, ``v [B, n, H_kv, Dv]`` ->
     ``out [B, n, H, Dv]`` (q.dtype), the global ``final_state`` and this rank's entering state
-    ``prefix`` (both ``[B, H, Dk, Dv]``, accumulation dtype)."""
-    acc = acc_dtype(q.dtype)
+    (both ``[B, H, Dk, Dv]``, accumulation dtype; the entering state None where no token sees
+    it)."""
     own_initial = initial_state if cp.rank == 0 else None  # rank 0 owns token 0
-    out, local_final = cp.kernel.forward(q, k, v, cp.args, own_initial)
-    states = GatherComm(cp.group).all_gather(local_final.to(acc))  # [P, B, H, Dk, Dv]
-    prefix = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.rank], states)
-    final = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.world_size], states)
-    if cp.docs.head:  # out[:, t] += scale * lambda^(t+1) * q[:, t] @ prefix for the head tokens
-        _apply_state(cp.kernel)(out, q, prefix, cp.head_weight)
-    return out, final, prefix
-
-
-def _apply_state(kernel: LinearAttentionKernel):
-    """The kernel's fused ``apply_state``, else the torch version."""
-    return getattr(kernel, "apply_state", apply_state_reference)
-
-
-def _state_grad(kernel: LinearAttentionKernel):
-    """The kernel's fused ``state_grad``, else the torch version."""
-    return getattr(kernel, "state_grad", state_grad_reference)
+    gather = StateGather(cp)
+    out, _, entering = forward_with_exchange(cp.kernel, q, k, v, cp.args, own_initial,
+                                             gather.forward)
+    return out, gather.final, entering
 
 
 def linear_backward(
     dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-    initial_state: Tensor | None, prefix: Tensor, cp: LinearCPContext,
+    initial_state: Tensor | None, entering: Tensor | None, cp: LinearCPContext,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of the local shards (in q's dtype) and of ``initial_state`` (rank 0, zeros
     elsewhere; accumulation dtype).  ``dfinal`` is this rank's gradient of the replicated final
     state."""
-    acc = acc_dtype(q.dtype)
-    head = cp.docs.head
-    if head:  # only the head tokens saw the entering state
-        d_prefix = _state_grad(cp.kernel)(q, dout, cp.head_weight).to(acc)  # [B, H, Dk, Dv]
-    else:
-        d_prefix = torch.zeros_like(prefix)  # [B, H, Dk, Dv], accumulation dtype
-    if cp.return_final_state:
-        d_final = dfinal.to(acc) if dfinal is not None else torch.zeros_like(d_prefix)
-        # [2, B, H, Dk, Dv] on every rank -> [P, 2, B, H, Dk, Dv]
-        got = GatherComm(cp.group).all_gather(torch.stack([d_prefix, d_final]))
-        # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final-state grad
-        d_entering = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
-    else:
-        got = GatherComm(cp.group).all_gather(d_prefix)  # [P, B, H, Dk, Dv]
-        d_entering = torch.cat([got, torch.zeros_like(got[:1])])
-    # this rank's local final state feeds the entering state of every later rank (and the final)
-    d_local_final = torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering)
     own_initial = initial_state if cp.rank == 0 else None
-    dq, dk, dv, dh0 = cp.kernel.backward(dout, d_local_final, q, k, v, cp.args, own_initial,
-                                         grad_dtype=q.dtype)
-    if head:
-        # dq[:, t] += scale * lambda^(t+1) * dout[:, t] @ prefix^T
-        _apply_state(cp.kernel)(dq, dout, prefix, cp.head_weight, transpose=True)
+    dq, dk, dv, dh0 = backward_with_exchange(
+        cp.kernel, dout, q, k, v, cp.args, own_initial, entering,
+        StateGather(cp, dfinal).backward, grad_dtype=q.dtype,
+    )
     if initial_state is not None and dh0 is None:
-        dh0 = torch.zeros(initial_state.shape, dtype=acc, device=q.device)
+        dh0 = torch.zeros(initial_state.shape, dtype=acc_dtype(q.dtype), device=q.device)
     return dq, dk, dv, dh0
 
 
@@ -338,18 +347,18 @@ class LinearCPAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None,
                 cp: LinearCPContext):
-        out, final, prefix = linear_forward(q, k, v, initial_state, cp)
-        ctx.save_for_backward(q, k, v, initial_state, prefix)
+        out, final, entering = linear_forward(q, k, v, initial_state, cp)
+        ctx.save_for_backward(q, k, v, initial_state, entering)
         ctx.cp = cp
         ctx.set_materialize_grads(False)
         return out, final
 
     @staticmethod
     def backward(ctx, dout: Tensor | None, dfinal: Tensor | None):
-        q, k, v, initial_state, prefix = ctx.saved_tensors
+        q, k, v, initial_state, entering = ctx.saved_tensors
         if dout is None:  # only the final state was used on this rank
             dout = q.new_zeros(*q.shape[:3], v.shape[-1])
-        dq, dk, dv, dh0 = linear_backward(dout, dfinal, q, k, v, initial_state, prefix, ctx.cp)
+        dq, dk, dv, dh0 = linear_backward(dout, dfinal, q, k, v, initial_state, entering, ctx.cp)
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None
 
