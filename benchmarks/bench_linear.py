@@ -313,7 +313,8 @@ def cp_table(tokens: int, batch: int, heads: int, dim: int, chunk: int) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--seqs", type=int, nargs="*", default=[8192, 32768, 131072],
+                        help="kernel table lengths (none: skip the table)")
     parser.add_argument("--crossover-seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)

@@ -29,6 +29,13 @@ compiles without them.  GQA: k/v are read in place; dk/dv are accumulated per qu
 and summed over each kv head's group on the host.  Documents (``cu_seqlens``) are evaluated from
 per-token document ids inside the kernels, so chunks need not align with documents.
 
+Context parallelism (``forward_exchange`` / ``backward_exchange``): a state that enters before
+token 0 but is known only after the state pass (it is all-gathered from the other ranks), and
+the final-state gradient likewise, are not run through the sequential state kernels again: the
+output and dq/dk/dv kernels add ``coef_c * state`` to each stored per-chunk state as they load it
+(``coef_c`` the decay from token 0 to the chunk, 0 past a document start), so the exchange costs
+no extra pass over the sequence.
+
 Runs on CUDA GPUs and, for tests, on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``,
 read at each launch).  Inputs float16 / bfloat16 / float32 (float32 uses full-precision IEEE dots);
 ``Dk`` and ``Dv`` up to 256.
