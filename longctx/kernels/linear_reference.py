@@ -63,7 +63,13 @@ from typing import Literal, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .base import SUPPORTED_DTYPES, acc_dtype, check_qkv_tensors, expand_kv_heads
+from .base import (
+    SUPPORTED_DTYPES,
+    acc_dtype,
+    check_qkv_tensors,
+    expand_kv_heads,
+    host_to_device,
+)
 
 __all__ = [
     "LinearShape",
@@ -204,7 +210,7 @@ def _check_log_decay(log_decay: Tensor, heads: int, dtype: torch.dtype,
             f"log_decay must be finite and <= 0 (lambda = exp(g) in (0, 1]); got "
             f"{given.tolist()}. A decay rate lambda in (0, 1] is log_decay = log(lambda)"
         )
-    return given.to(device=device, dtype=dtype)
+    return host_to_device(given.to(dtype), device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,7 +256,7 @@ class LinearArgs:
         """
         if self.cu_seqlens is None:
             return None
-        interior = self.cu_seqlens[1:-1].to(device)
+        interior = host_to_device(self.cu_seqlens[1:-1], device)
         return torch.searchsorted(interior, torch.arange(seq_len, device=device), right=True)
 
 

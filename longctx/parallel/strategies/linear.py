@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...kernels.base import acc_dtype
+from ...kernels.base import acc_dtype, host_to_device
 from ...kernels.linear_reference import (
     LinearArgs,
     LinearAttentionKernel,
@@ -255,9 +255,10 @@ def build_linear_context(
         raise ValueError(why)
     docs = ShardDocs.build(cu, seq_len, world, rank)
     acc = acc_dtype(q.dtype)
-    weights = carry_weights(
-        shards_passing(cu, seq_len, world), shape.seq, args.log_decay, shape.heads
-    ).to(device=q.device, dtype=acc)
+    # on the decay's device (the CPU as the models pass it, then copied without a host stall)
+    given_decay = log_decay.detach() if log_decay is not None else None
+    weights = carry_weights(shards_passing(cu, seq_len, world), shape.seq, given_decay, shape.heads)
+    weights = host_to_device(weights.to(acc), q.device)
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
         args=LinearArgs(args.scale, args.log_decay, docs.local_cu), docs=docs, weights=weights,
@@ -290,7 +291,7 @@ class StateGather:
             return None
         return torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.rank], states)
 
-    def backward(self, d_entering: Tensor) -> Tensor:
+    def backward(self, d_entering: Tensor) -> Tensor | None:
         cp = self.cp
         d_prefix = d_entering.to(cp.weights.dtype)  # [B, H, Dk, Dv]
         if not cp.docs.head:  # no token saw an entering state
@@ -305,6 +306,8 @@ class StateGather:
         else:
             got = GatherComm(cp.group).all_gather(d_prefix)  # [P, B, H, Dk, Dv]
             d_entering_all = torch.cat([got, torch.zeros_like(got[:1])])
+        if cp.rank == cp.world_size - 1 and not cp.return_final_state:
+            return None  # the last rank's local final state feeds nothing
         # this rank's local final state feeds the entering state of every later rank (and the final)
         return torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering_all)
 
