@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 import longctx
 from longctx.parallel.mesh import ParallelDims, build_mesh
+from longctx.parallel.strategies.ulysses import ulysses_attention
 from longctx.testing import SimulatedMesh
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -68,8 +69,10 @@ def _fwd_bwd_times(run, group, repeats):
     return {"fwd": fwd, "fwd_bwd": fwd_bwd, "mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, repeats, ulysses=1):
-    """Rank body: one longctx strategy (``group=None``: the same kernel on one GPU)."""
+def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, repeats, ulysses=1,
+                    head_chunks=None):
+    """Rank body: one longctx strategy (``group=None``: the same kernel on one GPU);
+    ``head_chunks``: Ulysses' pipelined head chunks instead of its default."""
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
     cp_group = group
@@ -82,9 +85,13 @@ def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, 
     mask = longctx.Mask(causal=True)
 
     def run(backward):
-        out = longctx.attention(
-            q, k, v, cp_group, strategy=strategy, layout=layout, mask=mask, kernel=kernel
-        )
+        if head_chunks is not None:
+            out = ulysses_attention(q, k, v, cp_group, layout=layout, mask=mask, kernel=kernel,
+                                    chunks=head_chunks)
+        else:
+            out = longctx.attention(
+                q, k, v, cp_group, strategy=strategy, layout=layout, mask=mask, kernel=kernel
+            )
         if backward:
             out.backward(torch.ones_like(out))
 
@@ -213,6 +220,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--strategies", nargs="+",
+        help="strategy:layout, or ulysses:layout:N for N pipelined head chunks",
         default=["ring:contiguous", "zigzag:zigzag", "striped:striped", "allgather:zigzag", "ulysses:zigzag", "hybrid:zigzag"],
     )
     parser.add_argument("--torch-native", nargs="*", default=["cudnn:alltoall", "cudnn:allgather", "flash:alltoall", "flash:allgather"])
@@ -240,11 +248,15 @@ def main() -> None:
                 one = longctx_on_rank(None, "ring", "contiguous", *common, args.kernel, args.repeats)
                 new = [_row(f"longctx {args.kernel} 1 GPU", *common, 1, one, one)]
                 for spec in args.strategies:
-                    strategy, layout = spec.split(":")
+                    strategy, layout, *chunks = spec.split(":")
+                    head_chunks = int(chunks[0]) if chunks else None
                     u = 2 if world > 2 else world
-                    times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, args.repeats, u)
+                    times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, args.repeats, u,
+                                     head_chunks)
                     slowest = max(times, key=lambda t: t["fwd_bwd"])
-                    name = f"longctx {strategy} ({layout}{', U=%d' % u if strategy == 'hybrid' else ''}) x{world}"
+                    extra = f", U={u}" if strategy == "hybrid" else ""
+                    extra += f", {head_chunks} head chunks" if head_chunks is not None else ""
+                    name = f"longctx {strategy} ({layout}{extra}) x{world}"
                     new.append(_row(name, *common, world, slowest, one))
                 for spec in args.torch_native:
                     backend, rotate = spec.split(":")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RingComm", "GatherComm", "AllToAllComm"]
+__all__ = ["RingComm", "GatherComm", "AllToAllComm", "AllToAllRequest"]
 
 # torch 2.13 renamed the flat-tensor collectives; torch 2.11 has only the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -117,8 +117,36 @@ class GatherComm(_GroupComm):
         return x
 
 
+class AllToAllRequest:
+    """All-to-alls in flight: :meth:`wait` returns the received tensors once they may be read.
+
+    It holds the send buffers until then (NCCL reads them on its own stream).  On NCCL ``wait()``
+    makes the current stream wait for the transfer and returns at once; on gloo it blocks.
+    """
+
+    def __init__(self, received: list[Tensor], works: list, sent: list[Tensor]):
+        self._received = received
+        self._works = works
+        self._sent = sent
+
+    def wait(self) -> list[Tensor]:
+        """The received tensors, in the order they were given; safe to read after this call."""
+        for work in self._works:
+            work.wait()
+        self._works, self._sent = [], []
+        return self._received
+
+
 class AllToAllComm(_GroupComm):
-    """Equal-split all-to-all along dim 0, for Ulysses' sequence <-> heads exchange."""
+    """Equal-split all-to-all along dim 0, for Ulysses' sequence <-> heads exchange.
+
+    Example (several tensors in one exchange, overlapped with compute)::
+
+        comm = AllToAllComm(group)
+        req = comm.all_to_all_async([a, b])   # a [P, ...], b [P, ...]
+        ...                                   # compute that does not touch a, b or the results
+        a_recv, b_recv = req.wait()           # [P(src), ...] each
+    """
 
     def all_to_all(self, x: Tensor) -> Tensor:
         """``x [P, ...]``: slot ``j`` goes to rank ``j``; slot ``j`` of the result came from rank ``j``."""
@@ -127,3 +155,41 @@ class AllToAllComm(_GroupComm):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         dist.all_to_all_single(out, x.contiguous(), group=self.group)
         return out
+
+    def all_to_all_async(self, tensors: Sequence[Tensor]) -> AllToAllRequest:
+        """Start exchanging ``tensors`` (each ``[P, ...]``, as in :meth:`all_to_all`); don't wait.
+
+        Tensors of one dtype travel packed in one collective: slot ``j`` of each goes to rank
+        ``j``.  ``wait()`` on the result returns, per tensor, ``[P(src), ...]`` of its shape (views
+        into the receive buffer).  Every rank must start the same exchanges in the same order,
+        and must not change the inputs before ``wait()``.
+        """
+        if self.group is None:
+            return AllToAllRequest(list(tensors), [], [])
+        for t in tensors:
+            if t.dim() == 0 or t.shape[0] != self.world_size:
+                raise ValueError(
+                    f"all_to_all_async needs tensors of shape [{self.world_size}, ...] (one slot "
+                    f"per rank); got {tuple(t.shape)}"
+                )
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault((t.dtype, t.device), []).append(i)
+        P = self.world_size
+        received: list[Tensor | None] = [None] * len(tensors)
+        works, sent = [], []
+        for (dtype, device), idx in by_dtype.items():
+            sizes = [tensors[i].numel() // P for i in idx]
+            offsets = [sum(sizes[:n]) for n in range(len(sizes))]
+            if len(idx) == 1:  # nothing to pack
+                send = tensors[idx[0]].contiguous().view(P, sizes[0])
+            else:
+                send = torch.empty(P, sum(sizes), dtype=dtype, device=device)  # [P(dst), packed]
+                for i, off, n in zip(idx, offsets, sizes):
+                    send[:, off : off + n].view(tensors[i].shape).copy_(tensors[i])
+            recv = torch.empty_like(send)  # [P(src), packed]
+            works.append(dist.all_to_all_single(recv, send, group=self.group, async_op=True))
+            sent.append(send)
+            for i, off, n in zip(idx, offsets, sizes):
+                received[i] = recv[:, off : off + n].view(tensors[i].shape)
+        return AllToAllRequest(received, works, sent)

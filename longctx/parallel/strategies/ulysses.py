@@ -1,14 +1,23 @@
 """Ulysses attention: all-to-all from sequence shards to head shards, full local attention, back.
 
 Each of ``P`` ranks gives every other rank its tokens of that rank's heads, so rank ``j`` ends up
-with the *whole* sequence for heads ``j*H/P .. (j+1)*H/P - 1`` and runs one local kernel on it
+with the *whole* sequence for heads ``j*H/P .. (j+1)*H/P - 1`` and runs the local kernel on it
 (DeepSpeed-Ulysses).  Communication per layer is four all-to-alls of a shard, independent of
 ``P``, but the head count bounds the degree.
+
+Each exchange is one all-to-all of q, k and v packed together (and of dq, dk, dv in backward,
+in the inputs' dtype where no kv head is replicated).  Optional pipelining: with ``chunks > 1``
+a rank's ``H/P`` heads are processed in that many groups; the exchange of chunk ``c + 1`` is in
+flight while the kernel runs on chunk ``c``, and chunk ``c``'s output travels back while chunk
+``c + 1`` computes (backward alike).  The default, :data:`HEAD_CHUNKS` = 1, is what measured
+fastest over NVLink (``benchmarks/RESULTS.md``).
 
 GQA: rank ``j`` receives the kv heads its query heads use.  When there are fewer kv heads than
 ranks, a kv head is sent to every rank that needs it (replicated, never expanded to ``H``) and
 the replicas' gradients are summed at the owner.  A split exists when ``H % P == 0`` and the
-query heads per rank either cover whole GQA groups or fit inside one.
+query heads per rank either cover whole GQA groups or fit inside one; chunks obey the same rule
+(see :func:`head_chunks`), so a kv block travels with the first chunk that uses it and its
+gradient with the last.
 
 Example (on each rank of a process group; any layout)::
 
@@ -27,16 +36,25 @@ from torch import Tensor
 from ...kernels.base import acc_dtype
 from ...kernels.mask import Positions, Segment
 from ..layout import Layout
-from ..comm import AllToAllComm
+from ..comm import AllToAllComm, AllToAllRequest
 from ..context import CPContext, build_context, cast_grads
 from .blocks import backward_block, forward_block
 
 _MAX_RUNS = 64
 
+# Head chunks a rank's H/P heads are pipelined in (fewer when the heads do not split so).  1 by
+# default: on 4x H200 (NVLink) at 32k tokens, 2 chunks were 15-20% slower than 1 (smaller kernels,
+# NCCL's all-to-all taking SMs from them); slower links may gain from more.
+HEAD_CHUNKS: int = 1
+
 __all__ = [
+    "HEAD_CHUNKS",
+    "HeadChunks",
+    "HeadShards",
     "TokenOrder",
     "token_order",
     "check_head_split",
+    "head_chunks",
     "ulysses_forward",
     "ulysses_backward",
     "UlyssesAttention",
@@ -67,6 +85,60 @@ def _kv_head_slices(heads: int, kv_heads: int, degree: int) -> list[slice]:
     per_rank, group = heads // degree, heads // kv_heads
     count = max(1, per_rank // group)
     return [slice(j * per_rank // group, j * per_rank // group + count) for j in range(degree)]
+
+
+@dataclass(frozen=True)
+class HeadChunks:
+    """A rank's ``H/P`` query heads in chunks, and the blocks of its kv heads they use.
+
+    ``q[c]`` is chunk ``c``'s local query heads ``(begin, end)``; ``kv[b]`` a block of the
+    rank's local kv heads ``(begin, end)``; chunk ``c`` attends to block ``block[c]``.  Chunks
+    of whole GQA groups use blocks of their own; chunks inside one group share its kv head, so
+    consecutive chunks may use one block.  The same on every rank of the group.
+    """
+
+    q: tuple[tuple[int, int], ...]
+    kv: tuple[tuple[int, int], ...]
+    block: tuple[int, ...]
+
+    def first_use(self, c: int) -> bool:
+        """Chunk ``c`` is the first to use its kv block: the block travels with it."""
+        return c == 0 or self.block[c - 1] != self.block[c]
+
+    def last_use(self, c: int) -> bool:
+        """Chunk ``c`` is the last to use its kv block: the block's gradient travels with it."""
+        return c == len(self.q) - 1 or self.block[c + 1] != self.block[c]
+
+
+@functools.lru_cache(maxsize=64)
+def head_chunks(heads: int, kv_heads: int, degree: int, chunks: int = HEAD_CHUNKS) -> HeadChunks:
+    """The split of each rank's ``heads / degree`` query heads into at most ``chunks`` chunks.
+
+    The most equal chunks, up to ``chunks``, such that each covers whole GQA groups or lies
+    inside one; 1 chunk (no pipelining) when there is no such split, e.g. one head per rank or
+    6 heads per rank in groups of 2 asked for 2 chunks (3 heads would straddle a group).
+
+    Example::
+
+        >>> head_chunks(16, 4, 4, 2)   # 4 heads a rank, groups of 4: two chunks share a kv head
+        HeadChunks(q=((0, 2), (2, 4)), kv=((0, 1),), block=(0, 0))
+        >>> head_chunks(16, 16, 2, 2)  # MHA: each chunk has kv heads of its own
+        HeadChunks(q=((0, 4), (4, 8)), kv=((0, 4), (4, 8)), block=(0, 1))
+    """
+    if chunks < 1:
+        raise ValueError(f"ulysses head chunks must be >= 1 (1 = no pipelining), got {chunks}")
+    check_head_split(heads, kv_heads, degree)  # then 1 chunk always qualifies
+    per_rank, group = heads // degree, heads // kv_heads
+    count = next(
+        n for n in range(min(chunks, per_rank), 0, -1)
+        if per_rank % n == 0 and ((per_rank // n) % group == 0 or group % (per_rank // n) == 0)
+    )
+    size = per_rank // count
+    q = tuple((c * size, (c + 1) * size) for c in range(count))
+    # chunk c's kv heads: its whole groups, or the one group it lies in
+    kv_of = [(c * size // group, c * size // group + max(1, size // group)) for c in range(count)]
+    kv = tuple(dict.fromkeys(kv_of))  # distinct blocks, in chunk order
+    return HeadChunks(q, kv, tuple(kv.index(r) for r in kv_of))
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,21 +188,76 @@ def token_order(
     return TokenOrder(_runs(idx[perm]), perm.to(device), torch.argsort(perm).to(device))
 
 
+# --- pure reshapes: what each rank sends, and what it makes of what it receives ---------------
+
+
+def split_heads(x: Tensor, degree: int, lo: int = 0, hi: int | None = None) -> Tensor:
+    """``[B, s, H, D]`` -> ``[P(dst), B, s, hi-lo, D]``: heads ``lo..hi-1`` of each rank's ``H/P``.
+
+    A view; ``hi`` defaults to ``H/P`` (all of them).
+    """
+    B, s, H, D = x.shape
+    hi = H // degree if hi is None else hi
+    # [B, s, P, H/P, D] -> [P(dst), B, s, hi-lo, D]
+    return x.reshape(B, s, degree, H // degree, D)[:, :, :, lo:hi].permute(2, 0, 1, 3, 4)
+
+
+def split_kv_heads(
+    x: Tensor, heads: int, degree: int, lo: int = 0, hi: int | None = None
+) -> Tensor:
+    """``[B, s, H_kv, D]`` -> ``[P(dst), B, s, hi-lo, D]``: local kv heads ``lo..hi-1`` of each.
+
+    Rank ``j``'s local kv heads are those its query heads use (:func:`_kv_head_slices`); a kv head
+    several ranks use is copied into each of their slots.  ``hi`` defaults to all of them.
+    """
+    B, s, H_kv, D = x.shape
+    slices = _kv_head_slices(heads, H_kv, degree)
+    n = slices[0].stop - slices[0].start
+    hi = n if hi is None else hi
+    if n * degree == H_kv:  # each kv head goes to one rank: a view
+        # [B, s, P, n, D] -> [P(dst), B, s, hi-lo, D]
+        return x.reshape(B, s, degree, n, D)[:, :, :, lo:hi].permute(2, 0, 1, 3, 4)
+    return torch.stack([x[:, :, sl.start + lo : sl.start + hi] for sl in slices])  # [P, B, s, m, D]
+
+
+def gather_tokens(recv: Tensor) -> Tensor:
+    """``[P(src), B, s, m, D]`` -> ``[B, P*s, m, D]``: the sources' tokens, in rank order."""
+    P, B, s, m, D = recv.shape
+    return recv.permute(1, 0, 2, 3, 4).reshape(B, P * s, m, D)  # [B, P, s, m, D] -> [B, S, m, D]
+
+
+def split_tokens(x: Tensor, degree: int) -> Tensor:
+    """``[B, S, m, D]`` -> ``[P(dst), B, S/P, m, D]``: the tokens rank ``j`` holds (a view)."""
+    B, S, m, D = x.shape
+    return x.reshape(B, degree, S // degree, m, D).permute(1, 0, 2, 3, 4)  # [B, P, S/P, m, D] -> ..
+
+
+def split_lse_tokens(lse: Tensor, degree: int) -> Tensor:
+    """``[B, m, S]`` -> ``[P(dst), B, m, S/P]`` (a view)."""
+    B, m, S = lse.shape
+    return lse.reshape(B, m, degree, S // degree).permute(2, 0, 1, 3)  # [B, m, P, S/P] -> ..
+
+
+def _add_kv_heads(dst: Tensor, recv: Tensor, heads: int, lo: int, hi: int) -> None:
+    """Add ``recv [P(src), B, s, hi-lo, D]``, local kv heads ``lo..hi-1`` of each source rank,
+    into ``dst [B, s, H_kv, D]`` at their global heads (replicas of one head sum up)."""
+    for j, sl in enumerate(_kv_head_slices(heads, dst.shape[2], recv.shape[0])):
+        dst[:, :, sl.start + lo : sl.start + hi] += recv[j]
+
+
+# --- the whole exchange in one step (hybrid uses these) ---------------------------------------
+
+
 def seq_to_heads(x: Tensor, comm: AllToAllComm) -> Tensor:
     """``[B, S/P, H, D]`` sequence shard -> ``[B, S, H/P, D]`` head shard (rank order of tokens)."""
-    P = comm.world_size
-    B, s, H, D = x.shape
-    send = x.reshape(B, s, P, H // P, D).permute(2, 0, 1, 3, 4)  # [P(dst), B, s, H/P, D]
-    recv = comm.all_to_all(send)  # [P(src), B, s, H/P, D]
-    return recv.permute(1, 0, 2, 3, 4).reshape(B, P * s, H // P, D)
+    return gather_tokens(comm.all_to_all(split_heads(x, comm.world_size)))
 
 
 def heads_to_seq(x: Tensor, comm: AllToAllComm) -> Tensor:
     """``[B, S, H/P, D]`` head shard -> ``[B, S/P, H, D]`` sequence shard."""
     P = comm.world_size
     B, S, h, D = x.shape
-    send = x.reshape(B, P, S // P, h, D).permute(1, 0, 2, 3, 4)  # [P(dst), B, S/P, h, D]
-    recv = comm.all_to_all(send)  # [P(src head group), B, S/P, h, D]
+    recv = comm.all_to_all(split_tokens(x, P))  # [P(src head group), B, S/P, h, D]
     return recv.permute(1, 2, 0, 3, 4).reshape(B, S // P, P * h, D)
 
 
@@ -138,100 +265,200 @@ def lse_heads_to_seq(lse: Tensor, comm: AllToAllComm) -> Tensor:
     """``[B, H/P, S]`` -> ``[B, H, S/P]``."""
     P = comm.world_size
     B, h, S = lse.shape
-    send = lse.reshape(B, h, P, S // P).permute(2, 0, 1, 3)  # [P(dst), B, h, S/P]
-    recv = comm.all_to_all(send)  # [P(src head group), B, h, S/P]
+    recv = comm.all_to_all(split_lse_tokens(lse, P))  # [P(src head group), B, h, S/P]
     return recv.permute(1, 0, 2, 3).reshape(B, P * h, S // P)
 
 
 def kv_seq_to_heads(x: Tensor, heads: int, comm: AllToAllComm) -> Tensor:
     """``[B, S/P, H_kv, D]`` -> ``[B, S, n, D]``: the kv heads this rank's query heads use."""
-    slices = _kv_head_slices(heads, x.shape[2], comm.world_size)
-    send = torch.stack([x[:, :, sl] for sl in slices])  # [P(dst), B, S/P, n, D]
-    recv = comm.all_to_all(send)  # [P(src), B, S/P, n, D]
-    B, s, n, D = send.shape[1:]
-    return recv.permute(1, 0, 2, 3, 4).reshape(B, comm.world_size * s, n, D)
+    return gather_tokens(comm.all_to_all(split_kv_heads(x, heads, comm.world_size)))
 
 
 def kv_heads_to_seq(dx: Tensor, heads: int, kv_heads: int, comm: AllToAllComm) -> Tensor:
     """Gradient ``[B, S, n, D]`` -> ``[B, S/P, H_kv, D]``, summing replicated kv heads."""
     P = comm.world_size
     B, S, n, D = dx.shape
-    send = dx.reshape(B, P, S // P, n, D).permute(1, 0, 2, 3, 4)  # [P(dst), B, S/P, n, D]
-    recv = comm.all_to_all(send)  # [P(src head group), B, S/P, n, D]
+    recv = comm.all_to_all(split_tokens(dx, P))  # [P(src head group), B, S/P, n, D]
     out = torch.zeros(B, S // P, kv_heads, D, dtype=dx.dtype, device=dx.device)
-    for j, sl in enumerate(_kv_head_slices(heads, kv_heads, P)):
-        out[:, :, sl] += recv[j]
+    _add_kv_heads(out, recv, heads, 0, n)
     return out
 
 
-def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
-    """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse, saved.
+# --- forward and backward, pipelined over head chunks -----------------------------------------
 
-    ``saved`` holds the head-sharded tensors backward needs, so it repeats no exchange.
+
+@dataclass(frozen=True, eq=False)
+class HeadShards:
+    """What forward keeps for backward: head shards in global token order, per chunk.
+
+    ``q``/``out``: per chunk ``[B, S, hc, D]``; ``lse``: per chunk ``[B, hc, S]``; ``k``/``v``:
+    per kv block ``[B, S, m, D]`` (see :class:`HeadChunks`).
     """
-    comm = AllToAllComm(cp.group)
-    H = q.shape[2]
-    order = _order(cp, q.device)
-    q_h = order.sort(seq_to_heads(q, comm))  # [B, S, H/P, D], global order
-    k_h = order.sort(kv_seq_to_heads(k, H, comm))  # [B, S, n, D]
-    v_h = order.sort(kv_seq_to_heads(v, H, comm))
-    B, S, h, D = q_h.shape
-    out_h = torch.zeros(B, S, h, D, dtype=acc_dtype(q.dtype), device=q.device)
-    lse_h = torch.full((B, h, S), float("-inf"), dtype=out_h.dtype, device=q.device)
-    forward_block(q_h, k_h, v_h, order.positions, order.positions, cp, out_h, lse_h)
-    out_h = out_h.to(q.dtype)
-    out = heads_to_seq(order.unsort(out_h), comm)
-    lse = lse_heads_to_seq(order.unsort(lse_h, dim=2), comm)
-    return out, lse, (q_h, k_h, v_h, out_h, lse_h)
+
+    chunks: HeadChunks
+    q: tuple[Tensor, ...]
+    k: tuple[Tensor, ...]
+    v: tuple[Tensor, ...]
+    out: tuple[Tensor, ...]
+    lse: tuple[Tensor, ...]
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Flat, for ``ctx.save_for_backward``; :meth:`from_tensors` undoes it."""
+        return (*self.q, *self.k, *self.v, *self.out, *self.lse)
+
+    @classmethod
+    def from_tensors(cls, chunks: HeadChunks, tensors) -> HeadShards:
+        it = iter(tensors)
+        n_chunks, n_blocks = len(chunks.q), len(chunks.kv)
+        counts = (n_chunks, n_blocks, n_blocks, n_chunks, n_chunks)  # q, k, v, out, lse
+        return cls(chunks, *(tuple(next(it) for _ in range(n)) for n in counts))
 
 
 def _order(cp: CPContext, device: torch.device) -> TokenOrder:
     return token_order(cp.layout, cp.seq_len, cp.world_size, tuple(range(cp.world_size)), str(device))
 
 
-def ulysses_backward(dout: Tensor, saved: tuple[Tensor, ...], kv_heads: int, cp: CPContext):
-    """Gradients of the local shards from the saved head shards, in the accumulation dtype."""
-    q_h, k_h, v_h, out_h, lse_h = saved  # in global token order
+def _send_inputs(
+    q: Tensor, k: Tensor, v: Tensor, c: int, chunks: HeadChunks, comm: AllToAllComm
+) -> AllToAllRequest:
+    """Start chunk ``c``'s exchange: its query heads, and its kv block if this is the first use."""
+    P = comm.world_size
+    parts = [split_heads(q, P, *chunks.q[c])]  # [P(dst), B, s, hc, D]
+    if chunks.first_use(c):
+        lo, hi = chunks.kv[chunks.block[c]]
+        parts += [split_kv_heads(t, q.shape[2], P, lo, hi) for t in (k, v)]  # [P(dst), B, s, m, D]
+    return comm.all_to_all_async(parts)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, pos: Positions, cp: CPContext):
+    """One chunk's attention: ``q [B, S, hc, D]`` -> out ``[B, S, hc, D]``, lse ``[B, hc, S]``."""
+    B, S, h, D = q.shape
+    out = torch.zeros(B, S, h, D, dtype=acc_dtype(q.dtype), device=q.device)
+    lse = torch.full((B, h, S), float("-inf"), dtype=out.dtype, device=q.device)
+    forward_block(q, k, v, pos, pos, cp, out, lse)
+    return out.to(q.dtype), lse
+
+
+def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext, chunks: int = HEAD_CHUNKS):
+    """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse, saved.
+
+    The heads go in up to ``chunks`` chunks (:func:`head_chunks`), each exchange overlapping the
+    previous chunk's kernel.  ``saved`` (:class:`HeadShards`) holds the head-sharded tensors
+    backward needs, so it repeats no exchange of q, k, v or out.
+    """
     comm = AllToAllComm(cp.group)
-    H = q_h.shape[2] * comm.world_size
-    order = _order(cp, q_h.device)
-    dout_h = order.sort(seq_to_heads(dout, comm))
-    acc = acc_dtype(q_h.dtype)
-    dq_h = torch.zeros(q_h.shape, dtype=acc, device=q_h.device)
-    dk_h = torch.zeros(k_h.shape, dtype=acc, device=k_h.device)
-    dv_h = torch.zeros(v_h.shape, dtype=acc, device=v_h.device)
+    P = comm.world_size
+    B, s, H, D = q.shape
+    plan = head_chunks(H, k.shape[2], P, chunks)
+    order = _order(cp, q.device)
+    q_h, k_h, v_h, out_h, lse_h, returns = [], [], [], [], [], []
+    incoming = _send_inputs(q, k, v, 0, plan, comm)
+    for c in range(len(plan.q)):
+        following = _send_inputs(q, k, v, c + 1, plan, comm) if c + 1 < len(plan.q) else None
+        q_c, *kv_c = incoming.wait()  # [P(src), B, s, hc, D], then k, v [P(src), B, s, m, D]
+        q_h.append(order.sort(gather_tokens(q_c)))  # [B, S, hc, D], global order
+        if kv_c:
+            k_h.append(order.sort(gather_tokens(kv_c[0])))  # [B, S, m, D]
+            v_h.append(order.sort(gather_tokens(kv_c[1])))
+        b = plan.block[c]
+        out_c, lse_c = _attend(q_h[c], k_h[b], v_h[b], order.positions, cp)
+        out_h.append(out_c)
+        lse_h.append(lse_c)
+        returns.append(comm.all_to_all_async([
+            split_tokens(order.unsort(out_c), P),  # [P(dst), B, s, hc, D]
+            split_lse_tokens(order.unsort(lse_c, dim=2), P),  # [P(dst), B, hc, s]
+        ]))
+        incoming = following
+    out = q.new_empty(B, s, P, H // P, D)  # [B, S/P, P(src), H/P, D]
+    lse = torch.empty(B, P, H // P, s, dtype=lse_h[0].dtype, device=q.device)  # [B, P, H/P, S/P]
+    for (lo, hi), req in zip(plan.q, returns):
+        out_c, lse_c = req.wait()  # [P(src), B, s, hc, D], [P(src), B, hc, s]
+        out[:, :, :, lo:hi] = out_c.permute(1, 2, 0, 3, 4)
+        lse[:, :, lo:hi] = lse_c.permute(1, 0, 2, 3)
+    saved = HeadShards(plan, *map(tuple, (q_h, k_h, v_h, out_h, lse_h)))
+    return out.reshape(B, s, H, D), lse.reshape(B, H, s), saved
+
+
+def ulysses_backward(dout: Tensor, saved: HeadShards, kv_heads: int, cp: CPContext):
+    """Gradients of the local shards from the saved head shards, pipelined like forward.
+
+    ``dq`` comes back in q's dtype (the exchange only moves it); ``dk``/``dv`` in k's dtype, or
+    in the accumulation dtype when replicated kv heads are summed at their owner.
+    """
+    plan = saved.chunks
+    comm = AllToAllComm(cp.group)
+    P = comm.world_size
+    B, s, H, D = dout.shape
+    order = _order(cp, dout.device)
     pos = order.positions
-    backward_block(dout_h, q_h, k_h, v_h, out_h, lse_h, pos, pos, cp, dq_h, dk_h, dv_h)
-    dq = heads_to_seq(order.unsort(dq_h), comm)
-    dk = kv_heads_to_seq(order.unsort(dk_h), H, kv_heads, comm)
-    dv = kv_heads_to_seq(order.unsort(dv_h), H, kv_heads, comm)
-    return dq, dk, dv
+    acc = acc_dtype(saved.q[0].dtype)
+    replicated = plan.kv[-1][1] * P > kv_heads
+    kv_grad_dtype = acc if replicated else saved.k[0].dtype
+    returns = []
+    incoming = comm.all_to_all_async([split_heads(dout, P, *plan.q[0])])
+    for c in range(len(plan.q)):
+        following = None
+        if c + 1 < len(plan.q):
+            following = comm.all_to_all_async([split_heads(dout, P, *plan.q[c + 1])])
+        (dout_c,) = incoming.wait()  # [P(src), B, s, hc, D]
+        dout_c = order.sort(gather_tokens(dout_c))  # [B, S, hc, D], global order
+        b = plan.block[c]
+        q_c, k_b, v_b = saved.q[c], saved.k[b], saved.v[b]
+        if plan.first_use(c):
+            dk_b = torch.zeros(k_b.shape, dtype=acc, device=k_b.device)
+            dv_b = torch.zeros(v_b.shape, dtype=acc, device=v_b.device)
+        dq_c = torch.zeros(q_c.shape, dtype=acc, device=q_c.device)
+        backward_block(
+            dout_c, q_c, k_b, v_b, saved.out[c], saved.lse[c], pos, pos, cp, dq_c, dk_b, dv_b
+        )
+        parts = [split_tokens(order.unsort(dq_c.to(q_c.dtype)), P)]  # [P(dst), B, s, hc, D]
+        if plan.last_use(c):
+            parts += [split_tokens(order.unsort(g.to(kv_grad_dtype)), P) for g in (dk_b, dv_b)]
+        returns.append(comm.all_to_all_async(parts))
+        incoming = following
+    # [B, S/P, P(src), H/P, D]
+    dq = torch.empty(B, s, P, H // P, D, dtype=saved.q[0].dtype, device=dout.device)
+    dk = torch.zeros(B, s, kv_heads, D, dtype=kv_grad_dtype, device=dout.device)
+    dv = torch.zeros_like(dk)
+    for c, req in enumerate(returns):
+        dq_c, *dkv = req.wait()  # [P(src), B, s, hc, D], then dk, dv [P(src), B, s, m, D]
+        lo, hi = plan.q[c]
+        dq[:, :, :, lo:hi] = dq_c.permute(1, 2, 0, 3, 4)
+        if dkv:
+            lo, hi = plan.kv[plan.block[c]]
+            _add_kv_heads(dk, dkv[0], H, lo, hi)
+            _add_kv_heads(dv, dkv[1], H, lo, hi)
+    return dq.reshape(B, s, H, D), dk, dv
 
 
 class UlyssesAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
-        out, lse, saved = ulysses_forward(q, k, v, cp)
-        ctx.save_for_backward(q, k, v, *saved)
-        ctx.cp = cp
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext, chunks: int):
+        out, lse, saved = ulysses_forward(q, k, v, cp, chunks)
+        ctx.save_for_backward(q, k, v, *saved.tensors())
+        ctx.cp, ctx.head_chunks = cp, saved.chunks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, *saved = ctx.saved_tensors
-        grads = ulysses_backward(dout, tuple(saved), k.shape[2], ctx.cp)
-        return (*cast_grads(q, k, v, *grads), None)
+        q, k, v, *rest = ctx.saved_tensors
+        saved = HeadShards.from_tensors(ctx.head_chunks, rest)
+        grads = ulysses_backward(dout, saved, k.shape[2], ctx.cp)
+        return (*cast_grads(q, k, v, *grads), None, None)
 
 
 def ulysses_attention(
     q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="contiguous", mask=None,
-    kernel="auto", scale=None, return_lse: bool = False,
+    kernel="auto", scale=None, return_lse: bool = False, chunks: int = HEAD_CHUNKS,
 ):
-    """Ulysses attention on local shards; see :func:`longctx.attention` for the arguments."""
+    """Ulysses attention on local shards; see :func:`longctx.attention` for the arguments.
+
+    ``chunks``: head chunks to pipeline the all-to-alls with the kernel over (at most; 1 = none).
+    """
     cp = build_context(
         q, k, v, group, strategy="ulysses", layout=layout, mask=mask, kernel=kernel, scale=scale
     )
     check_head_split(q.shape[2], k.shape[2], cp.world_size)
-    out, lse = UlyssesAttention.apply(q, k, v, cp)
+    out, lse = UlyssesAttention.apply(q, k, v, cp, chunks)
     return (out, lse) if return_lse else out
