@@ -296,11 +296,12 @@ if triton is not None:
 
     @_jit
     def _fold_state(tile, X, bh, offs_k, offs_v, coef, DK: tl.constexpr, DV: tl.constexpr):
-        """``tile + coef * X[bh]`` (the ``[BK, BV]`` block of a float32 ``[DK, DV]`` state), in
-        the tile's dtype: a stored per-chunk state plus the share of a state known only later."""
+        """``tile + coef * X[bh]`` (the ``[BK, BV]`` block of a ``[DK, DV]`` state stored like
+        the per-chunk states), in the tile's dtype: a stored per-chunk state plus the share of a
+        state known only later."""
         ptrs, mask = _state_ptrs(X, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
         extra = tl.load(ptrs, mask=mask, other=0.0)
-        return (tile.to(tl.float32) + coef * extra).to(tile.dtype)
+        return (tile.to(tl.float32) + coef * extra.to(tl.float32)).to(tile.dtype)
 
     # ---------------------------------------------------------------------------------- forward
     @_jit
@@ -617,7 +618,8 @@ class LinearTriton:
         NT = hbuf.shape[1]
         _launch(
             _out_fwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
-            q, k, v, g, docs, hbuf, _f32(entering, final), out, args.scale, S, H, shape.group, NT,
+            q, k, v, g, docs, hbuf, _as_chunk_state(entering, hbuf), out, args.scale, S, H,
+            shape.group, NT,
             HAS_P=entering is not None, **meta,
         )
         return out, final, entering
@@ -676,7 +678,7 @@ class LinearTriton:
             **state_meta,
         )
         dfinal = _checked_state(exchange(d_entering), "dfinal", shape, q.device)
-        dht = _f32(dfinal, d_entering)
+        dht = _as_chunk_state(dfinal, dhbuf)
         # dk/dv per query head, summed over GQA groups below (in float32 when there are groups)
         per_head = grad_dtype if shape.group == 1 else torch.float32
         dq = torch.empty(B, S, H, Dk, dtype=grad_dtype, device=q.device)
@@ -685,7 +687,7 @@ class LinearTriton:
         dq_bk = self.config.blocks(Dk, Dv).dq_k
         _launch(
             _dqk_bwd_kernel, (NT, triton.cdiv(Dk, dq_bk), B * H),
-            q, k, v, dout, g, docs, hbuf, dhbuf, _f32(entering, d_entering), dht, dq, dk,
+            q, k, v, dout, g, docs, hbuf, dhbuf, _as_chunk_state(entering, hbuf), dht, dq, dk,
             args.scale, S, H, shape.group, NT,
             HAS_P=entering is not None, HAS_DHT=dfinal is not None, **{**meta, "BK": dq_bk},
         )
@@ -716,9 +718,13 @@ def _checked_state(state: Tensor | None, name: str, shape: LinearShape,
     return state
 
 
-def _f32(state: Tensor | None, dummy: Tensor) -> Tensor:
-    """A state as the kernels read it (contiguous float32), or ``dummy`` for an unused pointer."""
-    return state.to(torch.float32).contiguous() if state is not None else dummy
+def _as_chunk_state(state: Tensor | None, chunk_states: Tensor) -> Tensor:
+    """A state to fold into ``chunk_states`` as the kernels read it (contiguous, in the
+    per-chunk states' dtype: half the loads of float32, and the sum is rounded to it anyway), or
+    ``chunk_states`` itself as the pointer of an unused argument."""
+    if state is None:
+        return chunk_states
+    return state.to(chunk_states.dtype).contiguous()
 
 
 def linear_attention_triton(
