@@ -55,6 +55,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,7 +211,15 @@ def _check_log_decay(log_decay: Tensor, heads: int, dtype: torch.dtype,
             f"log_decay must be finite and <= 0 (lambda = exp(g) in (0, 1]); got "
             f"{given.tolist()}. A decay rate lambda in (0, 1] is log_decay = log(lambda)"
         )
-    return host_to_device(given.to(dtype), device)
+    if given.device.type == "cpu":
+        return _decay_on(tuple(given.tolist()), dtype, str(device))
+    return given.to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _decay_on(values: tuple[float, ...], dtype: torch.dtype, device: str) -> Tensor:
+    """The checked log-decays on ``device``, copied there once per value set (not per call)."""
+    return host_to_device(torch.tensor(values, dtype=dtype), torch.device(device))
 
 
 @dataclass(frozen=True, eq=False)

@@ -49,6 +49,7 @@ Example (on each rank of a process group; ``q [B, S/P, H, Dk]`` contiguous shard
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +181,17 @@ def carry_weights(passes: Tensor, tokens_per_rank: int, log_decay: Tensor | None
     return torch.where(reach[..., None], torch.exp(hops[..., None] * g), 0.0)  # [P + 1, P, H]
 
 
+@functools.lru_cache(maxsize=64)
+def _carry_weights_on(passes: tuple[bool, ...], tokens_per_rank: int,
+                      log_decay: tuple[float, ...] | None, heads: int, dtype: torch.dtype,
+                      device: str) -> Tensor:
+    """:func:`carry_weights` of a host-side decay, built on the CPU and copied to ``device`` once
+    per configuration (a copy per call would cost host time on every layer)."""
+    decay = torch.tensor(log_decay, dtype=torch.float64) if log_decay is not None else None
+    weights = carry_weights(torch.tensor(passes), tokens_per_rank, decay, heads).to(dtype)
+    return host_to_device(weights, torch.device(device))
+
+
 # --------------------------------------------------------------------------------------------------
 # the per-call context
 # --------------------------------------------------------------------------------------------------
@@ -255,10 +267,13 @@ def build_linear_context(
         raise ValueError(why)
     docs = ShardDocs.build(cu, seq_len, world, rank)
     acc = acc_dtype(q.dtype)
-    # on the decay's device (the CPU as the models pass it, then copied without a host stall)
-    given_decay = log_decay.detach() if log_decay is not None else None
-    weights = carry_weights(shards_passing(cu, seq_len, world), shape.seq, given_decay, shape.heads)
-    weights = host_to_device(weights.to(acc), q.device)
+    passes = shards_passing(cu, seq_len, world)
+    if log_decay is None or log_decay.device.type == "cpu":  # as the models pass it
+        decay = tuple(log_decay.tolist()) if log_decay is not None else None
+        weights = _carry_weights_on(tuple(passes.tolist()), shape.seq, decay, shape.heads, acc,
+                                    str(q.device))
+    else:
+        weights = carry_weights(passes, shape.seq, args.log_decay, shape.heads).to(acc)
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
         args=LinearArgs(args.scale, args.log_decay, docs.local_cu), docs=docs, weights=weights,
