@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RingComm", "GatherComm", "AllToAllComm", "CommRequest"]
+__all__ = ["RingComm", "GatherComm", "AllToAllComm", "AllToAllRequest"]
 
 # torch 2.13 renamed the flat-tensor collectives; torch 2.11 has only the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -86,17 +86,12 @@ class GatherComm(_GroupComm):
 
     def all_gather(self, x: Tensor) -> Tensor:
         """``x [...]`` on every rank -> ``[world_size, ...]`` (rank order)."""
-        return self.all_gather_async(x).wait()
-
-    def all_gather_async(self, x: Tensor) -> CommRequest:
-        """:meth:`all_gather` in flight: ``wait()`` returns the ``[world_size, ...]`` tensor."""
         if self.group is None:
-            return CommRequest(x.unsqueeze(0), [], [])
-        x = x.contiguous()
+            return x.unsqueeze(0)
         # [P * x.shape[0], ...] -> [P, ...]
         out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        work = _all_gather_flat(out, x, group=self.group, async_op=True)
-        return CommRequest(out.view(self.world_size, *x.shape), [work], [x])
+        _all_gather_flat(out, x.contiguous(), group=self.group)
+        return out.view(self.world_size, *x.shape)
 
     def reduce_scatter(self, x: Tensor) -> Tensor:
         """``x [world_size, ...]`` summed over ranks; rank r keeps ``sum[r]``."""
@@ -122,20 +117,20 @@ class GatherComm(_GroupComm):
         return x
 
 
-class CommRequest:
-    """Collectives in flight: :meth:`wait` returns what they receive once it may be read.
+class AllToAllRequest:
+    """All-to-alls in flight: :meth:`wait` returns the received tensors once they may be read.
 
     It holds the send buffers until then (NCCL reads them on its own stream).  On NCCL ``wait()``
     makes the current stream wait for the transfer and returns at once; on gloo it blocks.
     """
 
-    def __init__(self, received, works: list, sent: list[Tensor]):
+    def __init__(self, received: list[Tensor], works: list, sent: list[Tensor]):
         self._received = received
         self._works = works
         self._sent = sent
 
-    def wait(self):
-        """What was received (as the collective's method says); safe to read after this call."""
+    def wait(self) -> list[Tensor]:
+        """The received tensors, in the order they were given; safe to read after this call."""
         for work in self._works:
             work.wait()
         self._works, self._sent = [], []
@@ -161,7 +156,7 @@ class AllToAllComm(_GroupComm):
         dist.all_to_all_single(out, x.contiguous(), group=self.group)
         return out
 
-    def all_to_all_async(self, tensors: Sequence[Tensor]) -> CommRequest:
+    def all_to_all_async(self, tensors: Sequence[Tensor]) -> AllToAllRequest:
         """Start exchanging ``tensors`` (each ``[P, ...]``, as in :meth:`all_to_all`); don't wait.
 
         Tensors of one dtype travel packed in one collective: slot ``j`` of each goes to rank
@@ -170,7 +165,7 @@ class AllToAllComm(_GroupComm):
         and must not change the inputs before ``wait()``.
         """
         if self.group is None:
-            return CommRequest(list(tensors), [], [])
+            return AllToAllRequest(list(tensors), [], [])
         for t in tensors:
             if t.dim() == 0 or t.shape[0] != self.world_size:
                 raise ValueError(
@@ -197,4 +192,4 @@ class AllToAllComm(_GroupComm):
             sent.append(send)
             for i, off, n in zip(idx, offsets, sizes):
                 received[i] = recv[:, off : off + n].view(tensors[i].shape)
-        return CommRequest(received, works, sent)
+        return AllToAllRequest(received, works, sent)

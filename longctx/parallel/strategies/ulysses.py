@@ -36,7 +36,7 @@ from torch import Tensor
 from ...kernels.base import acc_dtype
 from ...kernels.mask import Positions, Segment
 from ..layout import Layout
-from ..comm import AllToAllComm, CommRequest
+from ..comm import AllToAllComm, AllToAllRequest
 from ..context import CPContext, build_context, cast_grads
 from .blocks import backward_block, forward_block
 
@@ -320,7 +320,7 @@ def _order(cp: CPContext, device: torch.device) -> TokenOrder:
 
 def _send_inputs(
     q: Tensor, k: Tensor, v: Tensor, c: int, chunks: HeadChunks, comm: AllToAllComm
-) -> CommRequest:
+) -> AllToAllRequest:
     """Start chunk ``c``'s exchange: its query heads, and its kv block if this is the first use."""
     P = comm.world_size
     parts = [split_heads(q, P, *chunks.q[c])]  # [P(dst), B, s, hc, D]
