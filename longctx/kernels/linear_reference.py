@@ -592,7 +592,6 @@ class LinearReference:
         return dq, dk, dv, (got[3] if initial_state is not None else None)
 
 
-
 class LinearKernelFunction(torch.autograd.Function):
     """Autograd over any :class:`LinearAttentionKernel`'s explicit forward/backward.
 
