@@ -343,8 +343,8 @@ if triton is not None:
                         BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
                         HAS_P: tl.constexpr, IEEE: tl.constexpr):
         """Grid ``(NT, cdiv(DV, BV), B*H)``: one ``[BT, BV]`` output tile.  ``P [B*H, DK, DV]``
-        (float32, if HAS_P): a state entering before token 0 that the per-chunk states do not
-        hold yet (context parallelism), added to them here."""
+        (in HBUF's dtype, if HAS_P): a state entering before token 0 that the per-chunk states do
+        not hold yet (context parallelism), added to them here."""
         c, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
@@ -632,8 +632,6 @@ class LinearTriton:
         ``grad_dtype`` (default float32; written by the kernels in that dtype, so a 16-bit
         ``grad_dtype`` saves the casts) and float32 ``dinitial [B, H, Dk, Dv]`` (None when
         ``initial_state`` is None)."""
-        shape = check_linear_inputs(q, k, v)
-        dfinal = _checked_state(dfinal, "dfinal", shape, q.device)
         return self.backward_exchange(dout, q, k, v, args, initial_state, None,
                                       lambda _d_entering: dfinal, grad_dtype)
 

@@ -187,6 +187,8 @@ class LinearAttention(nn.Module):
         self.head_dim = D
         self.num_heads = H  # global; the decays are indexed by global head
         self.head_offset = 0  # first global head of this rank (tensor parallel)
+        # a fixed CPU tensor, not a buffer: checked on the host and copied to the GPU once
+        self.global_log_decay = retnet_log_decay(H)
         kw = dict(bias=False, device=device, dtype=dtype)
         self.wq = nn.Linear(h, H * D, **kw)
         self.wk = nn.Linear(h, G * D, **kw)
@@ -207,8 +209,7 @@ class LinearAttention(nn.Module):
     def log_decay(self, local_heads: int) -> Tensor:
         """``[local_heads]`` float32 log-decays of this rank's heads, on the CPU (checked there
         and moved with the call, so no step waits on a read-back from the GPU)."""
-        g = retnet_log_decay(self.num_heads)
-        return g[self.head_offset:self.head_offset + local_heads]
+        return self.global_log_decay[self.head_offset:self.head_offset + local_heads]
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceContext) -> Tensor:
         """Context-parallel linear attention on local shards: ``[B, S, H_local, D]``."""

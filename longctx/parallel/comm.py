@@ -150,11 +150,7 @@ class AllToAllComm(_GroupComm):
 
     def all_to_all(self, x: Tensor) -> Tensor:
         """``x [P, ...]``: slot ``j`` goes to rank ``j``; slot ``j`` of the result came from rank ``j``."""
-        if self.group is None:
-            return x
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dist.all_to_all_single(out, x.contiguous(), group=self.group)
-        return out
+        return self.all_to_all_async([x]).wait()[0]
 
     def all_to_all_async(self, tensors: Sequence[Tensor]) -> AllToAllRequest:
         """Start exchanging ``tensors`` (each ``[P, ...]``, as in :meth:`all_to_all`); don't wait.
