@@ -14,7 +14,9 @@ import torch.distributed as dist
 import longctx
 from longctx.parallel.comm import AllToAllComm
 from longctx.parallel.layout import Layout
-from longctx.parallel.strategies.ulysses import head_chunks, ulysses_attention
+from longctx.parallel.strategies.ulysses import (
+    gather_tokens, head_chunks, split_lse_tokens, split_tokens, token_order, ulysses_attention,
+)
 from longctx.testing import MASK_KINDS, CPCase, SimulatedMesh, check_cp_case
 from longctx.testing.cp_check import errors_against_reference
 
@@ -119,6 +121,30 @@ def test_head_chunks_split_whole_groups_or_inside_one():
         head_chunks(8, 8, 2, 0)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped", "striped:2"])
+def test_token_order_gather_and_scatter_are_one_step_sorts(layout, world):
+    """``gather``/``scatter`` equal the two-step forms (rank order, then sort/unsort)."""
+    lay = Layout.parse(layout)
+    S = lay.required_multiple(world) * 3
+    s = S // world
+    order = token_order(lay, S, world, tuple(range(world)), "cpu")
+    g = torch.Generator().manual_seed(world)
+    recv = torch.randn(world, 2, s, 3, 4, generator=g)  # [P(src), B, s, m, D]
+    assert torch.equal(order.gather(recv), order.sort(gather_tokens(recv)))
+    lse_recv = torch.randn(world, 2, 3, s, generator=g)  # [P(src), B, m, s]
+    want = order.sort(lse_recv.permute(1, 2, 0, 3).reshape(2, 3, S), dim=2)
+    assert torch.equal(order.gather(lse_recv, dim=2), want)
+    x = torch.randn(2, S, 3, 4, generator=g, dtype=torch.float64)  # sorted [B, S, m, D]
+    slots = torch.empty(world, 2, s, 3, 4)  # float32: scatter casts
+    order.scatter(x, slots)
+    assert torch.equal(slots, split_tokens(order.unsort(x), world).to(slots.dtype))
+    lse = torch.randn(2, 3, S, generator=g)  # [B, m, S]
+    lse_slots = torch.empty(world, 2, 3, s)
+    order.scatter(lse, lse_slots, dim=2)
+    assert torch.equal(lse_slots, split_lse_tokens(order.unsort(lse, dim=2), world))
+
+
 def _ulysses_chunks_on_rank(group, case: CPCase, chunks: int) -> dict[str, torch.Tensor]:
     """Rank body: ``run_cp_case_on_rank`` for Ulysses with ``chunks`` head chunks asked for."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -209,6 +235,55 @@ def _all_to_all_async_on_rank(group):
 
 def test_all_to_all_async_packs_tensors_per_dtype(mesh):
     assert all(mesh.run(_all_to_all_async_on_rank))
+
+
+def _send_buffer_on_rank(group):
+    """Rank body: slots written in place (mixed dtypes, one written by an indexed store) travel
+    like the same tensors sent one all_to_all each."""
+    comm = AllToAllComm(group)
+    P, r = comm.world_size, comm.rank
+    a = torch.arange(P * 12, dtype=torch.float64).reshape(P, 3, 4) + 100 * r
+    b = (torch.arange(P * 5, dtype=torch.float32).reshape(P, 5) - 7 * r).flip(1)
+    c = torch.arange(P * 2, dtype=torch.float64).reshape(P, 2, 1) * (r + 1)
+    send = comm.send_buffer([(a.shape, a.dtype), (b.shape, b.dtype), (c.shape, c.dtype)], "cpu")
+    send.slots[0].copy_(a)
+    send.slots[1][:, torch.arange(5).flip(0)] = b.flip(1)  # an indexed store into the slot
+    send.slots[2].copy_(c)
+    got = send.start().wait()
+    want = [comm.all_to_all(t) for t in (a, b, c)]
+    return all(g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_send_buffer_slots_travel_like_tensors(mesh):
+    assert all(mesh.run(_send_buffer_on_rank))
+
+
+def test_all_to_all_slots_must_have_one_entry_per_rank():
+    comm = AllToAllComm(None)
+    with pytest.raises(ValueError, match=r"shape \[1, \.\.\.\] \(one slot per rank\)"):
+        comm.send_buffer([((2, 3), torch.float32)], "cpu")
+
+
+def _ulysses_without_lse_on_rank(group, case: CPCase) -> dict[str, torch.Tensor]:
+    """Rank body: Ulysses asked for no lse returns just ``out`` (the lse is not exchanged)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    layout = Layout.parse(case.layout)
+    q, k, v, dout = (layout.shard(t, world, rank) for t in case.make_inputs())
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = ulysses_attention(q, k, v, group, layout=layout, mask=case.make_mask(), kernel=case.kernel)
+    assert isinstance(out, torch.Tensor)
+    out.backward(dout)
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+@pytest.mark.parametrize("layout,kv_heads", [("zigzag", 4), ("contiguous", 1)])
+def test_ulysses_without_lse_matches_reference(mesh, layout, kv_heads):
+    case = CPCase(
+        "ulysses", layout, "causal", world_size=mesh.world_size, heads=mesh.world_size,
+        kv_heads=min(kv_heads, mesh.world_size), head_dim=4,
+    )
+    got = mesh.run(_ulysses_without_lse_on_rank, case)
+    _assert_close(errors_against_reference(case, got, names=("out", "dq", "dk", "dv")), case)
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,22 @@ def test_matches_reference_interpreted(interpret, case):
         torch.testing.assert_close(g, r.float(), atol=5e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_backward_grad_dtype(interpret, kernel):
+    """``grad_dtype`` gives the gradients in that dtype: the default float32 ones, rounded."""
+    q, k, v, dout = _inputs(1, 24, 24, 4, 2, 16, torch.float32, seed=5)
+    kern = TritonFlash(TINY) if kernel == "triton" else get_kernel(kernel)
+    mask = Mask(causal=True)
+    out, lse = kern.forward(q, k, v, scale=0.25, mask=mask)
+    default = kern.backward(dout, q, k, v, out, lse, scale=0.25, mask=mask)
+    assert all(g.dtype == torch.float32 for g in default)
+    for dtype in (torch.float16, torch.float32):
+        got = kern.backward(dout, q, k, v, out, lse, scale=0.25, mask=mask, grad_dtype=dtype)
+        for g, want in zip(got, default):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g, want.to(dtype), rtol=0, atol=0)
+
+
 def test_empty_rows_are_zero_without_nan(interpret):
     """Every key after every query under causal: out 0, lse -inf, zero gradients."""
     q, k, v, dout = _inputs(1, 20, 24, 2, 1, 16, torch.float32)
@@ -341,6 +357,13 @@ def test_gpu_vendor_matches_reference(backend, Sq, Sk, mask, q_spec, k_spec, kv_
             assert torch.equal(g, torch.zeros_like(g))
         else:
             assert _rel(g, r) < 2e-2
+    # the kernel's own bf16 gradients (one call covering every key, as Ulysses asks)
+    native = kern.backward(
+        dout, q, k, v, r_out.to(q.dtype), r_lse, scale=0.1, grad_dtype=torch.bfloat16, **pos
+    )
+    for g, g32 in zip(native, grads):
+        assert g.dtype == torch.bfloat16 and g.shape == g32.shape
+        torch.testing.assert_close(g, g32.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
 
 
 @gpu

@@ -4,7 +4,7 @@ Every local attention kernel (the torch reference, Triton kernels, vendor kernel
 :class:`AttentionKernel`:
 
     forward(q, k, v, *, scale, mask, q_pos, k_pos) -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq]
-    backward(dout, q, k, v, out, lse, *, scale, mask, q_pos, k_pos) -> dq, dk, dv
+    backward(dout, q, k, v, out, lse, *, scale, mask, q_pos, k_pos, grad_dtype) -> dq, dk, dv
 
 - ``q [B, Sq, H, D]``, ``k``/``v [B, Sk, H_kv, D]`` with ``H % H_kv == 0`` (GQA; K/V are never
   expanded in memory).
@@ -16,7 +16,9 @@ Every local attention kernel (the torch reference, Triton kernels, vendor kernel
   no allowed key gets ``out = 0`` and ``lse = -inf``; nothing is NaN, forward or backward.
 - ``backward`` takes the **global** (already merged) ``out`` and ``lse``, so a ring step can call
   it on one key block; ``dq``, ``dk``, ``dv`` come back in the accumulation dtype, ready to be
-  summed over blocks without rounding.
+  summed over blocks without rounding.  A caller whose one call covers every key (Ulysses) asks
+  for ``grad_dtype=q.dtype`` instead and skips a round trip through float32 (vendor kernels then
+  return their native gradients as they are).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "default_positions",
     "expand_kv_heads",
     "sum_kv_groups",
+    "grad_dtype_for",
     "register_kernel",
     "get_kernel",
     "available_kernels",
@@ -75,13 +78,23 @@ def expand_kv_heads(x_bshd: Tensor, heads: int) -> Tensor:
     return x_bshd if group == 1 else x_bshd.repeat_interleave(group, dim=2)
 
 
-def sum_kv_groups(g_bshd: Tensor, kv_heads: int) -> Tensor:
+def sum_kv_groups(g_bshd: Tensor, kv_heads: int, dtype: torch.dtype | None = None) -> Tensor:
     """Gradient of :func:`expand_kv_heads`: ``[B, S, H, D]`` -> ``[B, S, kv_heads, D]``, the sum
-    over each kv head's group of query heads (``g`` itself when not grouped)."""
+    over each kv head's group of query heads (``g`` itself when not grouped), in ``dtype``
+    (default ``g``'s); a 16-bit ``g`` is summed in float32 before rounding to ``dtype``."""
     B, S, H, D = g_bshd.shape
+    dtype = dtype or g_bshd.dtype
     if H == kv_heads:
-        return g_bshd
-    return g_bshd.view(B, S, kv_heads, H // kv_heads, D).sum(3)  # [B, S, Hkv, g, D] -> sum g
+        return g_bshd.to(dtype)
+    # [B, S, Hkv, g, D] -> sum over g
+    grouped = g_bshd.view(B, S, kv_heads, H // kv_heads, D)
+    return grouped.sum(3, dtype=torch.promote_types(g_bshd.dtype, torch.float32)).to(dtype)
+
+
+def grad_dtype_for(q: Tensor, grad_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype :meth:`AttentionKernel.backward` returns: ``grad_dtype``, by default the
+    accumulation dtype of ``q`` (:func:`acc_dtype`)."""
+    return acc_dtype(q.dtype) if grad_dtype is None else grad_dtype
 
 
 @runtime_checkable
@@ -96,6 +109,7 @@ class AttentionKernel(Protocol):
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
         scale: float, mask: Mask, q_pos: Positions, k_pos: Positions,
+        grad_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 

@@ -146,10 +146,14 @@ class AutoKernel:
         kernel = self._pick(q, k, mask, q_pos, k_pos)
         return kernel.forward(q, k, v, scale=scale, mask=mask, q_pos=q_pos, k_pos=k_pos)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, mask=Mask(), q_pos=None, k_pos=None):
+    def backward(
+        self, dout, q, k, v, out, lse, *, scale, mask=Mask(), q_pos=None, k_pos=None,
+        grad_dtype=None,
+    ):
         kernel = self._pick(q, k, mask, q_pos, k_pos)
         return kernel.backward(
-            dout, q, k, v, out, lse, scale=scale, mask=mask, q_pos=q_pos, k_pos=k_pos
+            dout, q, k, v, out, lse, scale=scale, mask=mask, q_pos=q_pos, k_pos=k_pos,
+            grad_dtype=grad_dtype,
         )
 
 

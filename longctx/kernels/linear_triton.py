@@ -694,7 +694,7 @@ class LinearTriton:
             q, k, dout, g, docs, dhbuf, dht, dv, args.scale, S, H, shape.group, NT,
             HAS_DHT=dfinal is not None, **meta,
         )
-        dk, dv = (sum_kv_groups(x, Hkv).to(grad_dtype) for x in (dk, dv))  # -> [B, S, Hkv, D]
+        dk, dv = (sum_kv_groups(x, Hkv, grad_dtype) for x in (dk, dv))  # -> [B, S, Hkv, D]
         if h0 is None:
             return dq, dk, dv, None
         if dfinal is None:

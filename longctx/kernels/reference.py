@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import acc_dtype, check_qkv, default_positions, register_kernel
+from .base import acc_dtype, check_qkv, default_positions, grad_dtype_for, register_kernel
 from .mask import Mask, Positions
 from .merge import merge_into
 
@@ -103,7 +103,7 @@ class TorchReference:
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
         scale: float, mask: Mask = Mask(), q_pos: Positions | None = None,
-        k_pos: Positions | None = None,
+        k_pos: Positions | None = None, grad_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         check_qkv(q, k, v)
         q_pos, k_pos = default_positions(q, k, q_pos, k_pos)
@@ -132,7 +132,8 @@ class TorchReference:
             dq[:, qs:qe] += torch.einsum("bhgqk,bkhd->bqhgd", ds, kb) * scale
             dk[:, ks:ke] += torch.einsum("bhgqk,bqhgd->bkhd", ds, q5[:, qs:qe]) * scale
             dv[:, ks:ke] += torch.einsum("bhgqk,bqhgd->bkhd", p, do5[:, qs:qe])
-        return dq.view(B, Sq, H, D), dk, dv
+        dtype = grad_dtype_for(q, grad_dtype)
+        return dq.view(B, Sq, H, D).to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 register_kernel("reference", TorchReference)

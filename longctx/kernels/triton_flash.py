@@ -902,12 +902,12 @@ class TritonFlash:
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
         scale: float, mask: Mask = Mask(), q_pos: Positions | None = None,
-        k_pos: Positions | None = None,
+        k_pos: Positions | None = None, grad_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Gradients from the **global** ``out [B, Sq, H, D]`` / ``lse [B, H, Sq]``.
 
-        Returns float32 ``dq [B, Sq, H, D]``, ``dk``/``dv [B, Sk, Hkv, D]`` for this key block
-        only, ready to be summed over ring steps.
+        Returns ``dq [B, Sq, H, D]``, ``dk``/``dv [B, Sk, Hkv, D]`` for this key block only, in
+        ``grad_dtype`` (default float32, ready to be summed over ring steps).
         """
         self._check(q, k, v, scale, mask)
         q_pos, k_pos = default_positions(q, k, q_pos, k_pos)
@@ -928,7 +928,7 @@ class TritonFlash:
         dk = torch.empty(B, Sk, Hkv, D, **f32)
         dv = torch.empty(B, Sk, Hkv, D, **f32)
         if Sq == 0 or Sk == 0 or B * H == 0:
-            return dq.zero_(), dk.zero_(), dv.zero_()
+            return _cast_grads((dq.zero_(), dk.zero_(), dv.zero_()), grad_dtype)
 
         delta = torch.empty(B, H, Sq, **f32)  # rowsum(dout * out) with the global out
         pre_block = 64 if D <= 128 else 32
@@ -972,7 +972,14 @@ class TritonFlash:
                 HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, **plan.flags(q.dtype),
                 num_warps=qt.num_warps, num_stages=qt.num_stages,
             )
-        return dq, dk, dv
+        return _cast_grads((dq, dk, dv), grad_dtype)
+
+
+def _cast_grads(grads: tuple[Tensor, Tensor, Tensor], grad_dtype: torch.dtype | None):
+    """The kernel's float32 gradients in ``grad_dtype`` (None: as they are)."""
+    if grad_dtype is None or grad_dtype == torch.float32:
+        return grads
+    return tuple(g.to(grad_dtype) for g in grads)
 
 
 register_kernel("triton", TritonFlash)

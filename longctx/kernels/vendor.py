@@ -44,7 +44,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import check_qkv, default_positions, expand_kv_heads, register_kernel, sum_kv_groups
+from .base import (
+    check_qkv, default_positions, expand_kv_heads, grad_dtype_for, register_kernel, sum_kv_groups,
+)
 from .mask import Mask, Positions
 
 __all__ = ["VendorSDPA", "vendor_mask_mode"]
@@ -187,14 +189,16 @@ class VendorSDPA:
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
         scale: float, mask: Mask = Mask(), q_pos: Positions | None = None,
-        k_pos: Positions | None = None,
+        k_pos: Positions | None = None, grad_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients (float32) from the global ``out``/``lse`` (see the contract)."""
+        """Gradients from the global ``out``/``lse`` (see the contract), in ``grad_dtype``
+        (default float32); ``grad_dtype=q.dtype`` returns cuDNN's/FA2's own gradients uncast."""
         mode, backend = self._prepare(q, k, v, mask, q_pos, k_pos)
         B, Sq, H, _ = q.shape
         Sk = k.shape[1]
+        dtype = grad_dtype_for(q, grad_dtype)
         if mode == "empty":
-            z = lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device)  # noqa: E731
+            z = lambda t: torch.zeros(t.shape, dtype=dtype, device=t.device)  # noqa: E731
             return z(q), z(k), z(v)
         kv_heads = k.shape[2]
         qt, kt, vt = (t.transpose(1, 2) for t in (q, expand_kv_heads(k, H), expand_kv_heads(v, H)))
@@ -218,9 +222,9 @@ class VendorSDPA:
                 dot, qt, kt, vt, ot, lse.contiguous(), None, None, Sq, Sk, 0.0, causal,
                 seed, offset, scale=scale,
             )
-        # [B, H, S, D] -> [B, S, H, D], float32 for accumulation over ring steps
-        dq, dk, dv = (g.transpose(1, 2).to(torch.float32) for g in grads[:3])
-        return dq, sum_kv_groups(dk, kv_heads), sum_kv_groups(dv, kv_heads)
+        # [B, H, S, D] -> [B, S, H, D]; float32 (the default) for accumulation over ring steps
+        dq, dk, dv = (g.transpose(1, 2) for g in grads[:3])
+        return dq.to(dtype), sum_kv_groups(dk, kv_heads, dtype), sum_kv_groups(dv, kv_heads, dtype)
 
 
 register_kernel("sdpa", VendorSDPA)

@@ -6,13 +6,14 @@ The same code runs on gloo (CPU, the simulated mesh) and NCCL (GPU).  The strate
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RingComm", "GatherComm", "AllToAllComm", "AllToAllRequest"]
+__all__ = ["RingComm", "GatherComm", "AllToAllComm", "AllToAllRequest", "PackedSend"]
 
 # torch 2.13 renamed the flat-tensor collectives; torch 2.11 has only the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -137,6 +138,39 @@ class AllToAllRequest:
         return self._received
 
 
+class PackedSend:
+    """The send side of one exchange: a buffer per dtype, with a ``[P, ...]`` slot per tensor.
+
+    Made by :meth:`AllToAllComm.send_buffer`. Write each of :attr:`slots` (slot ``j`` goes to
+    rank ``j``), for example with an indexed copy that also reorders, then :meth:`start`: tensors
+    of one dtype travel packed in one collective, with no copy into a separate send buffer.
+    """
+
+    def __init__(self, comm: AllToAllComm, slots: list[Tensor], buffers: list[Tensor],
+                 members: list[list[int]]):
+        self.slots = slots
+        self._comm = comm
+        self._buffers = buffers  # [P(dst), packed] per dtype
+        self._members = members  # the slots each buffer holds, in packing order
+
+    def start(self) -> AllToAllRequest:
+        """Start the exchange; ``wait()`` returns, per slot, ``[P(src), ...]`` of its shape."""
+        group = self._comm.group
+        if group is None:
+            return AllToAllRequest(list(self.slots), [], [])
+        received: list[Tensor | None] = [None] * len(self.slots)
+        works = []
+        for send, idx in zip(self._buffers, self._members):
+            recv = torch.empty_like(send)  # [P(src), packed]
+            works.append(dist.all_to_all_single(recv, send, group=group, async_op=True))
+            offset = 0
+            for i in idx:
+                n = self.slots[i].numel() // self._comm.world_size
+                received[i] = recv[:, offset : offset + n].view(self.slots[i].shape)
+                offset += n
+        return AllToAllRequest(received, works, self._buffers)
+
+
 class AllToAllComm(_GroupComm):
     """Equal-split all-to-all along dim 0, for Ulysses' sequence <-> heads exchange.
 
@@ -146,46 +180,70 @@ class AllToAllComm(_GroupComm):
         req = comm.all_to_all_async([a, b])   # a [P, ...], b [P, ...]
         ...                                   # compute that does not touch a, b or the results
         a_recv, b_recv = req.wait()           # [P(src), ...] each
+
+    Or write straight into the packed send buffer (no staging copy)::
+
+        send = comm.send_buffer([((P, n, d), torch.bfloat16)], device)
+        send.slots[0].copy_(x)                 # any op that writes the slot
+        (x_recv,) = send.start().wait()
     """
 
     def all_to_all(self, x: Tensor) -> Tensor:
         """``x [P, ...]``: slot ``j`` goes to rank ``j``; slot ``j`` of the result came from rank ``j``."""
         return self.all_to_all_async([x]).wait()[0]
 
+    def _check_slots(self, shapes: Sequence[Sequence[int]]) -> None:
+        for shape in shapes:
+            if len(shape) == 0 or shape[0] != self.world_size:
+                raise ValueError(
+                    f"all-to-all tensors must have shape [{self.world_size}, ...] (one slot per "
+                    f"rank); got {tuple(shape)}"
+                )
+
+    def send_buffer(
+        self, specs: Sequence[tuple[Sequence[int], torch.dtype]], device: torch.device | str
+    ) -> PackedSend:
+        """Send slots of the given ``(shape, dtype)``s (each shape ``[P, ...]``), packed per dtype
+        in the given order.  Every rank must build the same exchanges in the same order."""
+        P = self.world_size
+        self._check_slots([shape for shape, _ in specs])
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, (_, dtype) in enumerate(specs):
+            by_dtype.setdefault(dtype, []).append(i)
+        slots: list[Tensor | None] = [None] * len(specs)
+        buffers, members = [], []
+        for dtype, idx in by_dtype.items():
+            sizes = [math.prod(specs[i][0]) // P for i in idx]
+            buffer = torch.empty(P, sum(sizes), dtype=dtype, device=device)  # [P(dst), packed]
+            offset = 0
+            for i, n in zip(idx, sizes):
+                slots[i] = buffer[:, offset : offset + n].view(tuple(specs[i][0]))
+                offset += n
+            buffers.append(buffer)
+            members.append(idx)
+        return PackedSend(self, slots, buffers, members)
+
     def all_to_all_async(self, tensors: Sequence[Tensor]) -> AllToAllRequest:
         """Start exchanging ``tensors`` (each ``[P, ...]``, as in :meth:`all_to_all`); don't wait.
 
-        Tensors of one dtype travel packed in one collective: slot ``j`` of each goes to rank
-        ``j``.  ``wait()`` on the result returns, per tensor, ``[P(src), ...]`` of its shape (views
-        into the receive buffer).  Every rank must start the same exchanges in the same order,
-        and must not change the inputs before ``wait()``.
+        Tensors of one dtype travel packed in one collective (copied into a
+        :meth:`send_buffer`; a lone contiguous tensor is sent as it is): slot ``j`` of each goes
+        to rank ``j``.  ``wait()`` on the result returns, per tensor, ``[P(src), ...]`` of its
+        shape (views into the receive buffer).  Every rank must start the same exchanges in the
+        same order, and must not change the inputs before ``wait()``.
         """
         if self.group is None:
             return AllToAllRequest(list(tensors), [], [])
-        for t in tensors:
-            if t.dim() == 0 or t.shape[0] != self.world_size:
-                raise ValueError(
-                    f"all_to_all_async needs tensors of shape [{self.world_size}, ...] (one slot "
-                    f"per rank); got {tuple(t.shape)}"
-                )
-        by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_dtype.setdefault((t.dtype, t.device), []).append(i)
-        P = self.world_size
-        received: list[Tensor | None] = [None] * len(tensors)
-        works, sent = [], []
-        for (dtype, device), idx in by_dtype.items():
-            sizes = [tensors[i].numel() // P for i in idx]
-            offsets = [sum(sizes[:n]) for n in range(len(sizes))]
-            if len(idx) == 1:  # nothing to pack
-                send = tensors[idx[0]].contiguous().view(P, sizes[0])
-            else:
-                send = torch.empty(P, sum(sizes), dtype=dtype, device=device)  # [P(dst), packed]
-                for i, off, n in zip(idx, offsets, sizes):
-                    send[:, off : off + n].view(tensors[i].shape).copy_(tensors[i])
-            recv = torch.empty_like(send)  # [P(src), packed]
-            works.append(dist.all_to_all_single(recv, send, group=self.group, async_op=True))
-            sent.append(send)
-            for i, off, n in zip(idx, offsets, sizes):
-                received[i] = recv[:, off : off + n].view(tensors[i].shape)
-        return AllToAllRequest(received, works, sent)
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise ValueError(f"all_to_all_async needs tensors on one device; got {devices}")
+        self._check_slots([t.shape for t in tensors])
+        if len(tensors) == len({t.dtype for t in tensors}) and all(
+            t.is_contiguous() for t in tensors
+        ):  # one tensor per dtype, already laid out: sent as it is
+            buffers = [t.view(self.world_size, -1) for t in tensors]
+            return PackedSend(self, list(tensors), buffers, [[i] for i in range(len(tensors))]).start()
+        send = self.send_buffer([(t.shape, t.dtype) for t in tensors], tensors[0].device)
+        for slot, t in zip(send.slots, tensors):
+            slot.copy_(t)
+        return send.start()

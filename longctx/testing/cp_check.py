@@ -170,12 +170,16 @@ def tensor_error(got: Tensor, want: Tensor, metric: str = "max_abs") -> float:
 
 
 def errors_against_reference(
-    case: CPCase, shards: list[dict[str, Tensor]], metric: str = "max_abs"
+    case: CPCase, shards: list[dict[str, Tensor]], metric: str = "max_abs",
+    names: tuple[str, ...] = ("out", "lse", "dq", "dk", "dv"),
 ) -> dict[str, float]:
-    """Unshard per-rank results and compare each with the float64 whole-sequence reference."""
+    """Unshard per-rank results and compare each of ``names`` with the float64 whole-sequence
+    reference (every one must be in each rank's results)."""
     layout = Layout.parse(case.layout)
     errors = {}
-    for name, ref in reference_grads(case).items():
+    reference = reference_grads(case)
+    for name in names:
+        ref = reference[name]
         dim = 2 if name == "lse" else 1  # lse is [B, H, S]
         got = layout.unshard([s[name] for s in shards], dim=dim)
         errors[name] = tensor_error(got, ref, metric)

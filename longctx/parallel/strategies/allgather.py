@@ -22,7 +22,7 @@ from ...kernels.mask import Positions
 from ..comm import GatherComm
 from ..context import CPContext, build_context, cast_grads, save_for_cp_backward
 from ..plan import needed_sources
-from .blocks import backward_block, forward_block
+from .blocks import attend, attend_backward
 
 __all__ = ["allgather_forward", "allgather_backward", "AllGatherAttention", "allgather_attention"]
 
@@ -47,11 +47,7 @@ def _gather_needed(k: Tensor, v: Tensor, cp: CPContext):
 def allgather_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor, Tensor]:
     """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse ``[B, H, S/P]``."""
     k_sel, v_sel, k_pos, _, _ = _gather_needed(k, v, cp)
-    B, Sq, H, D = q.shape
-    out = torch.zeros(B, Sq, H, D, dtype=acc_dtype(q.dtype), device=q.device)
-    lse = torch.full((B, H, Sq), float("-inf"), dtype=out.dtype, device=q.device)
-    forward_block(q, k_sel, v_sel, cp.all_positions()[cp.rank], k_pos, cp, out, lse)
-    return out.to(q.dtype), lse
+    return attend(q, k_sel, v_sel, cp.all_positions()[cp.rank], k_pos, cp)
 
 
 def allgather_backward(
@@ -60,11 +56,10 @@ def allgather_backward(
     """Gradients of the local shards, in the accumulation dtype."""
     k_sel, v_sel, k_pos, sources, comm = _gather_needed(k, v, cp)
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk_sel = torch.zeros(k_sel.shape, dtype=acc, device=k.device)
-    dv_sel = torch.zeros(v_sel.shape, dtype=acc, device=v.device)
     q_pos = cp.all_positions()[cp.rank]
-    backward_block(dout, q, k_sel, v_sel, out, lse, q_pos, k_pos, cp, dq, dk_sel, dv_sel)
+    dq, dk_sel, dv_sel = attend_backward(
+        dout, q, k_sel, v_sel, out, lse, q_pos, k_pos, cp, grad_dtype=acc
+    )
     B, Sk, Hkv, D = k.shape
     dk_all = torch.zeros(cp.world_size, B, Sk, Hkv, D, dtype=acc, device=k.device)
     dv_all = torch.zeros_like(dk_all)

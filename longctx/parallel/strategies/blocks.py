@@ -5,12 +5,19 @@ Pure functions of tensors and a :class:`~longctx.parallel.context.CPContext`; no
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from ...kernels.base import acc_dtype
 from ...kernels.mask import Positions
 from ...kernels.merge import merge_into
 from ..context import CPContext
-from ..plan import plan_calls
+from ..plan import TileCall, plan_calls
+
+
+def _whole(calls: list[TileCall], q: Tensor, k: Tensor) -> bool:
+    """One call over every query and key: the kernel's result needs no merge."""
+    return len(calls) == 1 and calls[0] == TileCall(0, q.shape[1], 0, k.shape[1])
 
 
 def forward_block(
@@ -57,3 +64,46 @@ def backward_block(
         dq[:, qs] += dq_c
         dk[:, ks] += dk_c
         dv[:, ks] += dv_c
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Positions, k_pos: Positions, cp: CPContext
+) -> tuple[Tensor, Tensor]:
+    """``q``'s whole attention to ``k``/``v``: out ``[B, Sq, H, D]`` (q.dtype), lse ``[B, H, Sq]``.
+
+    When one kernel call covers the shards (Ulysses' sorted sequence), its result is returned as
+    it is; otherwise the calls are merged in the accumulation dtype (:func:`forward_block`).
+    """
+    calls = plan_calls(cp.mask, q_pos, k_pos)
+    if _whole(calls, q, k):
+        return cp.kernel.forward(
+            q, k, v, scale=cp.scale, mask=cp.mask, q_pos=q_pos, k_pos=k_pos
+        )
+    B, Sq, H, D = q.shape
+    out = torch.zeros(B, Sq, H, D, dtype=acc_dtype(q.dtype), device=q.device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=out.dtype, device=q.device)
+    forward_block(q, k, v, q_pos, k_pos, cp, out, lse)
+    return out.to(q.dtype), lse
+
+
+def attend_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    q_pos: Positions, k_pos: Positions, cp: CPContext, grad_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`attend`, ``dq``/``dk``/``dv`` in ``grad_dtype``.
+
+    One covering kernel call returns them directly in ``grad_dtype`` (no float32 round trip);
+    several calls are summed in the accumulation dtype (:func:`backward_block`), then cast.
+    """
+    calls = plan_calls(cp.mask, q_pos, k_pos)
+    if _whole(calls, q, k):
+        return cp.kernel.backward(
+            dout, q, k, v, out, lse, scale=cp.scale, mask=cp.mask, q_pos=q_pos, k_pos=k_pos,
+            grad_dtype=grad_dtype,
+        )
+    acc = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    backward_block(dout, q, k, v, out, lse, q_pos, k_pos, cp, dq, dk, dv)
+    return dq.to(grad_dtype), dk.to(grad_dtype), dv.to(grad_dtype)

@@ -38,7 +38,7 @@ from ...kernels.mask import Positions, Segment
 from ..layout import Layout
 from ..comm import AllToAllComm, AllToAllRequest
 from ..context import CPContext, build_context, cast_grads
-from .blocks import backward_block, forward_block
+from .blocks import attend, attend_backward
 
 _MAX_RUNS = 64
 
@@ -147,18 +147,38 @@ class TokenOrder:
 
     After the all-to-all the sequence sits in rank order, e.g. zigzag's ``2P`` chunks interleaved;
     sorting turns it back into one run (or a few), so each kernel call takes the fast path.
-    ``perm`` is None when the tokens are already in order.
+    ``perm`` is None when the tokens are already in order.  ``src`` gives, per sorted token, the
+    all-to-all slot and the index within it that it travels in, so that :meth:`gather` and
+    :meth:`scatter` move tokens between the exchange buffers and sorted order in one copy.
     """
 
     positions: Positions
     perm: Tensor | None  # sorted = gathered[:, perm]
     inverse: Tensor | None  # gathered = sorted[:, inverse]
+    src: tuple[Tensor, Tensor] | None = None  # (slot, index in slot) per sorted token
 
     def sort(self, x: Tensor, dim: int = 1) -> Tensor:
         return x if self.perm is None else x.index_select(dim, self.perm)
 
     def unsort(self, x: Tensor, dim: int = 1) -> Tensor:
         return x if self.inverse is None else x.index_select(dim, self.inverse)
+
+    def gather(self, recv: Tensor, dim: int = 1) -> Tensor:
+        """``recv [P(src), ..., s, ...]`` (token dim ``dim + 1``) -> ``[..., P*s, ...]`` sorted
+        (token dim ``dim``): the received slots in global order, one copy."""
+        moved = recv.movedim(0, dim)  # [..., P, s, ...]
+        if self.src is None:
+            return moved.flatten(dim, dim + 1)
+        return moved[(slice(None),) * dim + self.src].contiguous()
+
+    def scatter(self, x: Tensor, slots: Tensor, dim: int = 1) -> None:
+        """Write ``x [..., P*s, ...]`` (sorted, token dim ``dim``) into the send ``slots
+        [P(dst), ..., s, ...]``: slot ``j`` gets rank ``j``'s tokens in its local order."""
+        moved = slots.movedim(0, dim)  # [..., P, s, ...], a view of the slots
+        if self.src is None:
+            moved.copy_(x.unflatten(dim, moved.shape[dim : dim + 2]))
+        else:
+            moved[(slice(None),) * dim + self.src] = x.to(slots.dtype)
 
 
 def _runs(sorted_idx: Tensor) -> Positions:
@@ -185,7 +205,9 @@ def token_order(
         return TokenOrder(gathered, None, None)
     idx = gathered.materialize()
     perm = torch.argsort(idx)
-    return TokenOrder(_runs(idx[perm]), perm.to(device), torch.argsort(perm).to(device))
+    shard = seq_len // world_size
+    src = ((perm // shard).to(device), (perm % shard).to(device))
+    return TokenOrder(_runs(idx[perm]), perm.to(device), torch.argsort(perm).to(device), src)
 
 
 # --- pure reshapes: what each rank sends, and what it makes of what it receives ---------------
@@ -238,11 +260,18 @@ def split_lse_tokens(lse: Tensor, degree: int) -> Tensor:
     return lse.reshape(B, m, degree, S // degree).permute(2, 0, 1, 3)  # [B, m, P, S/P] -> ..
 
 
-def _add_kv_heads(dst: Tensor, recv: Tensor, heads: int, lo: int, hi: int) -> None:
-    """Add ``recv [P(src), B, s, hi-lo, D]``, local kv heads ``lo..hi-1`` of each source rank,
-    into ``dst [B, s, H_kv, D]`` at their global heads (replicas of one head sum up)."""
+def _place_kv_heads(
+    dst: Tensor, recv: Tensor, heads: int, lo: int, hi: int, accumulate: bool = True
+) -> None:
+    """Put ``recv [P(src), B, s, hi-lo, D]``, local kv heads ``lo..hi-1`` of each source rank,
+    into ``dst [B, s, H_kv, D]`` at their global heads: added (replicas of one head sum up), or
+    copied when ``accumulate`` is False (each head arrives once)."""
     for j, sl in enumerate(_kv_head_slices(heads, dst.shape[2], recv.shape[0])):
-        dst[:, :, sl.start + lo : sl.start + hi] += recv[j]
+        part = dst[:, :, sl.start + lo : sl.start + hi]
+        if accumulate:
+            part.add_(recv[j])
+        else:
+            part.copy_(recv[j])
 
 
 # --- the whole exchange in one step (hybrid uses these) ---------------------------------------
@@ -280,7 +309,7 @@ def kv_heads_to_seq(dx: Tensor, heads: int, kv_heads: int, comm: AllToAllComm) -
     B, S, n, D = dx.shape
     recv = comm.all_to_all(split_tokens(dx, P))  # [P(src head group), B, S/P, n, D]
     out = torch.zeros(B, S // P, kv_heads, D, dtype=dx.dtype, device=dx.device)
-    _add_kv_heads(out, recv, heads, 0, n)
+    _place_kv_heads(out, recv, heads, 0, n)
     return out
 
 
@@ -330,20 +359,16 @@ def _send_inputs(
     return comm.all_to_all_async(parts)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, pos: Positions, cp: CPContext):
-    """One chunk's attention: ``q [B, S, hc, D]`` -> out ``[B, S, hc, D]``, lse ``[B, hc, S]``."""
-    B, S, h, D = q.shape
-    out = torch.zeros(B, S, h, D, dtype=acc_dtype(q.dtype), device=q.device)
-    lse = torch.full((B, h, S), float("-inf"), dtype=out.dtype, device=q.device)
-    forward_block(q, k, v, pos, pos, cp, out, lse)
-    return out.to(q.dtype), lse
-
-
-def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext, chunks: int = HEAD_CHUNKS):
+def ulysses_forward(
+    q: Tensor, k: Tensor, v: Tensor, cp: CPContext, chunks: int = HEAD_CHUNKS,
+    need_lse: bool = True,
+):
     """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse, saved.
 
     The heads go in up to ``chunks`` chunks (:func:`head_chunks`), each exchange overlapping the
-    previous chunk's kernel.  ``saved`` (:class:`HeadShards`) holds the head-sharded tensors
+    previous chunk's kernel.  Each chunk is one kernel call over the whole sorted sequence, its
+    output returned as the kernel gives it.  ``lse [B, H, S/P]`` travels back only when
+    ``need_lse`` (else None).  ``saved`` (:class:`HeadShards`) holds the head-sharded tensors
     backward needs, so it repeats no exchange of q, k, v or out.
     """
     comm = AllToAllComm(cp.group)
@@ -351,39 +376,49 @@ def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext, chunks: int 
     B, s, H, D = q.shape
     plan = head_chunks(H, k.shape[2], P, chunks)
     order = _order(cp, q.device)
+    pos = order.positions
     q_h, k_h, v_h, out_h, lse_h, returns = [], [], [], [], [], []
     incoming = _send_inputs(q, k, v, 0, plan, comm)
     for c in range(len(plan.q)):
         following = _send_inputs(q, k, v, c + 1, plan, comm) if c + 1 < len(plan.q) else None
         q_c, *kv_c = incoming.wait()  # [P(src), B, s, hc, D], then k, v [P(src), B, s, m, D]
-        q_h.append(order.sort(gather_tokens(q_c)))  # [B, S, hc, D], global order
+        q_h.append(order.gather(q_c))  # [B, S, hc, D], global order
         if kv_c:
-            k_h.append(order.sort(gather_tokens(kv_c[0])))  # [B, S, m, D]
-            v_h.append(order.sort(gather_tokens(kv_c[1])))
+            k_h.append(order.gather(kv_c[0]))  # [B, S, m, D]
+            v_h.append(order.gather(kv_c[1]))
         b = plan.block[c]
-        out_c, lse_c = _attend(q_h[c], k_h[b], v_h[b], order.positions, cp)
+        out_c, lse_c = attend(q_h[c], k_h[b], v_h[b], pos, pos, cp)  # [B, S, hc, D], [B, hc, S]
         out_h.append(out_c)
         lse_h.append(lse_c)
-        returns.append(comm.all_to_all_async([
-            split_tokens(order.unsort(out_c), P),  # [P(dst), B, s, hc, D]
-            split_lse_tokens(order.unsort(lse_c, dim=2), P),  # [P(dst), B, hc, s]
-        ]))
+        hc = out_c.shape[2]
+        specs = [((P, B, s, hc, D), out_c.dtype)]
+        if need_lse:
+            specs.append(((P, B, hc, s), lse_c.dtype))
+        send = comm.send_buffer(specs, q.device)
+        order.scatter(out_c, send.slots[0])  # [P(dst), B, s, hc, D]
+        if need_lse:
+            order.scatter(lse_c, send.slots[1], dim=2)  # [P(dst), B, hc, s]
+        returns.append(send.start())
         incoming = following
     out = q.new_empty(B, s, P, H // P, D)  # [B, S/P, P(src), H/P, D]
-    lse = torch.empty(B, P, H // P, s, dtype=lse_h[0].dtype, device=q.device)  # [B, P, H/P, S/P]
+    lse = None
+    if need_lse:  # [B, P, H/P, S/P]
+        lse = torch.empty(B, P, H // P, s, dtype=lse_h[0].dtype, device=q.device)
     for (lo, hi), req in zip(plan.q, returns):
-        out_c, lse_c = req.wait()  # [P(src), B, s, hc, D], [P(src), B, hc, s]
+        out_c, *lse_c = req.wait()  # [P(src), B, s, hc, D], [P(src), B, hc, s]
         out[:, :, :, lo:hi] = out_c.permute(1, 2, 0, 3, 4)
-        lse[:, :, lo:hi] = lse_c.permute(1, 0, 2, 3)
+        if need_lse:
+            lse[:, :, lo:hi] = lse_c[0].permute(1, 0, 2, 3)
     saved = HeadShards(plan, *map(tuple, (q_h, k_h, v_h, out_h, lse_h)))
-    return out.reshape(B, s, H, D), lse.reshape(B, H, s), saved
+    return out.reshape(B, s, H, D), None if lse is None else lse.reshape(B, H, s), saved
 
 
 def ulysses_backward(dout: Tensor, saved: HeadShards, kv_heads: int, cp: CPContext):
     """Gradients of the local shards from the saved head shards, pipelined like forward.
 
-    ``dq`` comes back in q's dtype (the exchange only moves it); ``dk``/``dv`` in k's dtype, or
-    in the accumulation dtype when replicated kv heads are summed at their owner.
+    ``dq`` comes back in q's dtype; ``dk``/``dv`` in k's dtype, or in the accumulation dtype
+    when replicated kv heads are summed at their owner.  A chunk whose kv block no other chunk
+    shares gets the kernel's gradients in the inputs' dtype (no float32 round trip).
     """
     plan = saved.chunks
     comm = AllToAllComm(cp.group)
@@ -391,9 +426,10 @@ def ulysses_backward(dout: Tensor, saved: HeadShards, kv_heads: int, cp: CPConte
     B, s, H, D = dout.shape
     order = _order(cp, dout.device)
     pos = order.positions
-    acc = acc_dtype(saved.q[0].dtype)
+    dtype = saved.q[0].dtype
+    acc = acc_dtype(dtype)
     replicated = plan.kv[-1][1] * P > kv_heads
-    kv_grad_dtype = acc if replicated else saved.k[0].dtype
+    kv_grad_dtype = acc if replicated else dtype
     returns = []
     incoming = comm.all_to_all_async([split_heads(dout, P, *plan.q[0])])
     for c in range(len(plan.q)):
@@ -401,51 +437,64 @@ def ulysses_backward(dout: Tensor, saved: HeadShards, kv_heads: int, cp: CPConte
         if c + 1 < len(plan.q):
             following = comm.all_to_all_async([split_heads(dout, P, *plan.q[c + 1])])
         (dout_c,) = incoming.wait()  # [P(src), B, s, hc, D]
-        dout_c = order.sort(gather_tokens(dout_c))  # [B, S, hc, D], global order
+        dout_c = order.gather(dout_c)  # [B, S, hc, D], global order
         b = plan.block[c]
         q_c, k_b, v_b = saved.q[c], saved.k[b], saved.v[b]
-        if plan.first_use(c):
-            dk_b = torch.zeros(k_b.shape, dtype=acc, device=k_b.device)
-            dv_b = torch.zeros(v_b.shape, dtype=acc, device=v_b.device)
-        dq_c = torch.zeros(q_c.shape, dtype=acc, device=q_c.device)
-        backward_block(
-            dout_c, q_c, k_b, v_b, saved.out[c], saved.lse[c], pos, pos, cp, dq_c, dk_b, dv_b
+        own_block = plan.first_use(c) and plan.last_use(c)
+        dq_c, dk_c, dv_c = attend_backward(
+            dout_c, q_c, k_b, v_b, saved.out[c], saved.lse[c], pos, pos, cp,
+            grad_dtype=kv_grad_dtype if own_block else acc,
         )
-        parts = [split_tokens(order.unsort(dq_c.to(q_c.dtype)), P)]  # [P(dst), B, s, hc, D]
+        if plan.first_use(c):
+            dk_b, dv_b = dk_c, dv_c
+        else:
+            dk_b += dk_c
+            dv_b += dv_c
+        hc, m = q_c.shape[2], k_b.shape[2]
+        specs = [((P, B, s, hc, D), dtype)]
         if plan.last_use(c):
-            parts += [split_tokens(order.unsort(g.to(kv_grad_dtype)), P) for g in (dk_b, dv_b)]
-        returns.append(comm.all_to_all_async(parts))
+            specs += [((P, B, s, m, D), kv_grad_dtype)] * 2
+        send = comm.send_buffer(specs, dout.device)
+        order.scatter(dq_c, send.slots[0])  # [P(dst), B, s, hc, D]
+        if plan.last_use(c):
+            order.scatter(dk_b, send.slots[1])  # [P(dst), B, s, m, D]
+            order.scatter(dv_b, send.slots[2])
+        returns.append(send.start())
         incoming = following
     # [B, S/P, P(src), H/P, D]
-    dq = torch.empty(B, s, P, H // P, D, dtype=saved.q[0].dtype, device=dout.device)
-    dk = torch.zeros(B, s, kv_heads, D, dtype=kv_grad_dtype, device=dout.device)
-    dv = torch.zeros_like(dk)
+    dq = torch.empty(B, s, P, H // P, D, dtype=dtype, device=dout.device)
+    new = torch.zeros if replicated else torch.empty  # every kv head is written once otherwise
+    dk = new(B, s, kv_heads, D, dtype=kv_grad_dtype, device=dout.device)
+    dv = new(B, s, kv_heads, D, dtype=kv_grad_dtype, device=dout.device)
     for c, req in enumerate(returns):
         dq_c, *dkv = req.wait()  # [P(src), B, s, hc, D], then dk, dv [P(src), B, s, m, D]
         lo, hi = plan.q[c]
         dq[:, :, :, lo:hi] = dq_c.permute(1, 2, 0, 3, 4)
         if dkv:
             lo, hi = plan.kv[plan.block[c]]
-            _add_kv_heads(dk, dkv[0], H, lo, hi)
-            _add_kv_heads(dv, dkv[1], H, lo, hi)
+            _place_kv_heads(dk, dkv[0], H, lo, hi, accumulate=replicated)
+            _place_kv_heads(dv, dkv[1], H, lo, hi, accumulate=replicated)
     return dq.reshape(B, s, H, D), dk, dv
 
 
 class UlyssesAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext, chunks: int):
-        out, lse, saved = ulysses_forward(q, k, v, cp, chunks)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext, chunks: int,
+                need_lse: bool):
+        out, lse, saved = ulysses_forward(q, k, v, cp, chunks, need_lse)
         ctx.save_for_backward(q, k, v, *saved.tensors())
         ctx.cp, ctx.head_chunks = cp, saved.chunks
+        if lse is None:
+            return out
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
+    def backward(ctx, dout: Tensor, _dlse: Tensor | None = None):
         q, k, v, *rest = ctx.saved_tensors
         saved = HeadShards.from_tensors(ctx.head_chunks, rest)
         grads = ulysses_backward(dout, saved, k.shape[2], ctx.cp)
-        return (*cast_grads(q, k, v, *grads), None, None)
+        return (*cast_grads(q, k, v, *grads), None, None, None)
 
 
 def ulysses_attention(
@@ -460,5 +509,4 @@ def ulysses_attention(
         q, k, v, group, strategy="ulysses", layout=layout, mask=mask, kernel=kernel, scale=scale
     )
     check_head_split(q.shape[2], k.shape[2], cp.world_size)
-    out, lse = UlyssesAttention.apply(q, k, v, cp, chunks)
-    return (out, lse) if return_lse else out
+    return UlyssesAttention.apply(q, k, v, cp, chunks, return_lse)
