@@ -6,7 +6,15 @@ per-GPU TFLOP/s, CP efficiency (per-GPU TFLOP/s over the same local kernel on on
 total length) and peak memory per GPU.  Every rank runs the same fixed number of repeats (no
 adaptive repeat counts, which would deadlock collectives).
 
+``--timing synced`` (default) times each repeat between a barrier and a synchronize (median);
+``--timing stream`` queues the repeats back to back with no host sync, as training runs, and also
+reports the host time to queue a step.  ``--profile`` specs get a profiler trace of a few
+forward+backward steps: the NCCL/compute overlap and the top CUDA kernels of the first and last
+rank; ``--profile-only`` runs just those.
+
     python benchmarks/bench_cp.py --seqs 32768 131072 --kernel triton
+    python benchmarks/bench_cp.py --timing stream --profile ulysses:zigzag:2 hybrid:zigzag
+    python benchmarks/bench_cp.py --profile-only --profile zigzag:zigzag ulysses:zigzag
 
 Prints a markdown table and writes it to ``benchmarks/results/bench_cp.md``.
 """
@@ -27,6 +35,9 @@ from longctx.parallel.strategies.ulysses import ulysses_attention
 from longctx.testing import SimulatedMesh
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+TIMINGS = ("synced", "stream")
+PROFILED_STEPS = 3
+TOP_KERNELS = 12
 
 
 def causal_flops(seq: int, heads: int, dim: int, backward: bool) -> float:
@@ -34,22 +45,56 @@ def causal_flops(seq: int, heads: int, dim: int, backward: bool) -> float:
     return fwd * 3.5 if backward else fwd
 
 
-def timed(step, group, repeats: int) -> float:
-    """Median ms of ``step()`` over a fixed repeat count, after 2 warm-ups, ranks in lock-step."""
-    for _ in range(2):
-        step()
+def _sync(group) -> None:
+    """All ranks of ``group`` (``None``: this process alone) here, with an idle GPU."""
+    if group is not None:
+        dist.barrier(group)
+    torch.cuda.synchronize()
+
+
+def _events():
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def _timed_synced(step, group, repeats: int) -> float:
+    """Median ms of ``step()``, each repeat between a barrier and a synchronize."""
     samples = []
     for _ in range(repeats):
-        if group is not None:
-            dist.barrier(group)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sync(group)
+        start, end = _events()
         start.record()
         step()
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end))
     return sorted(samples)[len(samples) // 2]
+
+
+def _timed_stream(step, group, repeats: int) -> tuple[float, float]:
+    """``repeats`` steps queued back to back after one barrier and synchronize (as training
+    runs): (GPU ms per step, host ms per step to queue them)."""
+    _sync(group)
+    start, end = _events()
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    host_s = time.perf_counter() - t0
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats, host_s * 1e3 / repeats
+
+
+def timed(step, group, repeats: int, timing: str = "synced") -> tuple[float, float | None]:
+    """ms per ``step()`` over a fixed repeat count, after 2 warm-ups, ranks in lock-step, and the
+    host ms per step to queue it (``None`` for ``synced``); ``timing`` is one of ``TIMINGS``."""
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
+    for _ in range(2):
+        step()
+    if timing == "stream":
+        return _timed_stream(step, group, repeats)
+    return _timed_synced(step, group, repeats), None
 
 
 def _inputs(seq, heads, kv_heads, dim):
@@ -61,18 +106,27 @@ def _inputs(seq, heads, kv_heads, dim):
     return randn(heads), randn(kv_heads), randn(kv_heads)
 
 
-def _fwd_bwd_times(run, group, repeats):
-    """``run(backward: bool)`` timed forward-only and forward+backward, with peak memory."""
+def _fwd_bwd_times(run, group, repeats, timing="synced"):
+    """``run(backward: bool)`` timed forward-only and forward+backward, with peak memory;
+    ``host_*``: host ms per step to queue it (``stream`` timing, else ``None``)."""
     torch.cuda.reset_peak_memory_stats()
-    fwd = timed(lambda: run(False), group, repeats)
-    fwd_bwd = timed(lambda: run(True), group, repeats)
-    return {"fwd": fwd, "fwd_bwd": fwd_bwd, "mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    fwd, host_fwd = timed(lambda: run(False), group, repeats, timing)
+    fwd_bwd, host_fwd_bwd = timed(lambda: run(True), group, repeats, timing)
+    return {
+        "fwd": fwd,
+        "fwd_bwd": fwd_bwd,
+        "host_fwd": host_fwd,
+        "host_fwd_bwd": host_fwd_bwd,
+        "mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
-def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, repeats, ulysses=1,
-                    head_chunks=None):
-    """Rank body: one longctx strategy (``group=None``: the same kernel on one GPU);
-    ``head_chunks``: Ulysses' pipelined head chunks instead of its default."""
+def _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses=1,
+                  head_chunks=None):
+    """This rank's q, k, v shards and ``run(backward: bool)``, one longctx attention step over
+    them (``group=None``: the same kernel on one GPU; ``hybrid``: over a CP x Ulysses mesh with
+    ``ulysses`` ranks per Ulysses group; ``head_chunks``: Ulysses' pipelined head chunks instead
+    of its default)."""
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
     cp_group = group
@@ -95,10 +149,20 @@ def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, 
         if backward:
             out.backward(torch.ones_like(out))
 
-    return _fwd_bwd_times(run, group, repeats)
+    return run
 
 
-def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repeats):
+def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, repeats, ulysses=1,
+                    head_chunks=None, timing="synced"):
+    """Rank body: one longctx strategy (``group=None``: the same kernel on one GPU);
+    ``head_chunks``: Ulysses' pipelined head chunks instead of its default."""
+    run = _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses,
+                        head_chunks)
+    return _fwd_bwd_times(run, group, repeats, timing)
+
+
+def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repeats,
+                         timing="synced"):
     """Rank body: torch's context_parallel over SDPA (``group=None``: plain SDPA on one GPU)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -117,7 +181,7 @@ def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repe
                 if backward:
                     out.backward(torch.ones_like(out))
 
-            return _fwd_bwd_times(run, group, repeats)
+            return _fwd_bwd_times(run, group, repeats, timing)
 
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
@@ -136,8 +200,8 @@ def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repe
                 if backward:
                     out.backward(torch.ones_like(out))
 
-            return _fwd_bwd_times(run, group, repeats)
-    except Exception:  # reported in the table, not hidden
+            return _fwd_bwd_times(run, group, repeats, timing)
+    except Exception:  # noqa: BLE001 -- reported in the table, not hidden
         return {"error": traceback.format_exc(limit=2).strip().splitlines()[-1][:120]}
 
 
@@ -171,53 +235,160 @@ def comm_overlap(events) -> dict:
     }
 
 
-def profile_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel):
-    """Rank body: one profiled forward+backward; the NCCL/compute overlap of this rank."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    q, k, v = (
-        longctx.shard(t, layout, world, rank).requires_grad_()
-        for t in _inputs(seq, heads, kv_heads, dim)
-    )
-    mask = longctx.Mask(causal=True)
+def _device_time_us(avg) -> float:
+    """Total device time of a profiler average in µs (``device_time_total`` on new torch,
+    ``cuda_time_total`` on older)."""
+    total = getattr(avg, "device_time_total", None)
+    return avg.cuda_time_total if total is None else total
 
-    def step():
-        out = longctx.attention(q, k, v, group, strategy=strategy, layout=layout, mask=mask, kernel=kernel)
-        out.backward(torch.ones_like(out))
 
+def top_kernels(averages, steps: int, top: int = TOP_KERNELS) -> list[dict]:
+    """The ``top`` CUDA kernels by total CUDA time from ``prof.key_averages()``: name (at most 70
+    characters), calls and CUDA ms per step over ``steps`` profiled steps.  GPU-side user
+    annotations (``nccl:all_to_all`` around its NCCL kernel, say) are left out: they would count
+    the kernels under them twice."""
+    kernels = [
+        a for a in averages
+        if a.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(a, "is_user_annotation", False)
+    ]
+    kernels.sort(key=_device_time_us, reverse=True)
+    return [
+        {"name": a.key[:70], "calls": a.count / steps, "ms": _device_time_us(a) / 1e3 / steps}
+        for a in kernels[:top]
+    ]
+
+
+def profile_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses=1,
+                    head_chunks=None, steps=PROFILED_STEPS):
+    """Rank body: ``steps`` profiled forward+backward steps back to back (after 2 warm-ups and a
+    barrier); this rank's NCCL/compute overlap per step and its top CUDA kernels."""
+    run = _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses,
+                        head_chunks)
     for _ in range(2):
-        step()
-    dist.barrier(group)
-    torch.cuda.synchronize()
+        run(True)
+    _sync(group)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        step()
+        for _ in range(steps):
+            run(True)
         torch.cuda.synchronize()
-    return comm_overlap(prof.events())
+    overlap = {key: ms / steps for key, ms in comm_overlap(prof.events()).items()}
+    return {**overlap, "kernels": top_kernels(prof.key_averages(), steps)}
+
+
+def _parse_spec(spec: str) -> tuple[str, str, int | None]:
+    """``strategy:layout`` or ``ulysses:layout:N`` -> (strategy, layout, head chunks or None)."""
+    strategy, layout, *chunks = spec.split(":")
+    return strategy, layout, int(chunks[0]) if chunks else None
+
+
+def _label(strategy, layout, ulysses, head_chunks) -> str:
+    extra = f", U={ulysses}" if strategy == "hybrid" else ""
+    extra += f", {head_chunks} head chunks" if head_chunks is not None else ""
+    return f"{strategy} ({layout}{extra})"
 
 
 def _row(name, seq, heads, kv_heads, dim, world, times, one):
     if "error" in times:
-        return f"| {name} | {seq} | {heads}/{kv_heads} | failed: {times['error']} | | | | |"
+        return f"| {name} | {seq} | {heads}/{kv_heads} | failed: {times['error']} | | | | | |"
     tf = causal_flops(seq, heads, dim, True) / times["fwd_bwd"] / 1e9 / world
     tf_fwd = causal_flops(seq, heads, dim, False) / times["fwd"] / 1e9 / world
     eff = ""
     if one is not None and "error" not in one:
         one_tf = causal_flops(seq, heads, dim, True) / one["fwd_bwd"] / 1e9
         eff = f"{100 * tf / one_tf:.0f}%"
+    host = times.get("host_fwd_bwd")
+    host = f"{host:.2f}" if host is not None else ""
     return (
         f"| {name} | {seq} | {heads}/{kv_heads} | {tf_fwd:.0f} | {tf:.0f} | {eff} | "
-        f"{times['fwd_bwd']:.1f} | {times['mem_gib']:.1f} |"
+        f"{times['fwd_bwd']:.1f} | {times['mem_gib']:.1f} | {host} |"
     )
 
 
+def _timing_rows(mesh, args, world, u):
+    """The timing table, printed as it goes: per (seq, heads) the one-GPU baseline, every
+    ``--strategies`` spec and every ``--torch-native`` spec, all with ``--timing``."""
+    rows = [
+        "| run | total S | H/H_kv | fwd TFLOP/s/GPU | fwd+bwd TFLOP/s/GPU | CP efficiency | fwd+bwd ms | peak GiB/GPU | host ms/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    print("\n".join(rows), flush=True)
+    for seq in args.seqs:
+        for heads, kv_heads in zip(args.heads, args.kv_heads):
+            common = (seq, heads, kv_heads, args.dim)
+            one = longctx_on_rank(None, "ring", "contiguous", *common, args.kernel, args.repeats,
+                                  timing=args.timing)
+            new = [_row(f"longctx {args.kernel} 1 GPU", *common, 1, one, one)]
+            for spec in args.strategies:
+                strategy, layout, head_chunks = _parse_spec(spec)
+                times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, args.repeats, u,
+                                 head_chunks, args.timing)
+                slowest = max(times, key=lambda t: t["fwd_bwd"])
+                name = f"longctx {_label(strategy, layout, u, head_chunks)} x{world}"
+                new.append(_row(name, *common, world, slowest, one))
+            for spec in args.torch_native:
+                backend, rotate = spec.split(":")
+                one_t = torch_native_on_rank(None, backend, rotate, *common, args.repeats, args.timing)
+                times = mesh.run(torch_native_on_rank, backend, rotate, *common, args.repeats, args.timing)
+                failed = [t for t in times if "error" in t]
+                slowest = failed[0] if failed else max(times, key=lambda t: t["fwd_bwd"])
+                new.append(_row(f"torch SDPA {backend} 1 GPU", *common, 1, one_t, one_t))
+                new.append(_row(f"torch CP {backend} {rotate} x{world}", *common, world, slowest, one_t))
+            print("\n".join(new), flush=True)
+            rows += new
+    return rows
+
+
+def _profile_rows(mesh, args, world, u):
+    """Per ``--profile`` spec at the first seq and heads: the NCCL/compute overlap table (every
+    rank) and the top CUDA kernels table (rank 0 and the last rank), per step."""
+    seq, heads, kv_heads = args.seqs[0], args.heads[0], args.kv_heads[0]
+    overlap_rows = [
+        "",
+        f"{PROFILED_STEPS} profiled fwd+bwd steps, per step:",
+        "",
+        "| profiled run (rank 0..P-1) | NCCL ms | of which overlapped with compute | compute ms |",
+        "| --- | --- | --- | --- |",
+    ]
+    kernel_rows = [
+        "",
+        f"top {TOP_KERNELS} CUDA kernels by CUDA time, per step:",
+        "",
+        "| run | rank | kernel | calls/step | CUDA ms/step |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for spec in args.profile:
+        strategy, layout, head_chunks = _parse_spec(spec)
+        per_rank = mesh.run(profile_on_rank, strategy, layout, seq, heads, kv_heads, args.dim,
+                            args.kernel, u, head_chunks)
+        run = f"{_label(strategy, layout, u, head_chunks)} S={seq} H={heads}/{kv_heads}"
+        for r, o in enumerate(per_rank):
+            frac = o["overlapped_ms"] / o["comm_ms"] if o["comm_ms"] else 1.0
+            overlap_rows.append(f"| {run} rank {r} | {o['comm_ms']:.2f} | {o['overlapped_ms']:.2f} ({100 * frac:.0f}%) | {o['compute_ms']:.2f} |")
+        for r in sorted({0, world - 1}):
+            for kern in per_rank[r]["kernels"]:
+                name = kern["name"].replace("|", "\\|")
+                kernel_rows.append(f"| {run} | {r} | `{name}` | {kern['calls']:.3g} | {kern['ms']:.3f} |")
+    rows = overlap_rows + kernel_rows
+    print("\n".join(rows), flush=True)
+    return rows
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--kernel", default="triton")
     parser.add_argument("--heads", type=int, nargs="+", default=[16, 16], help="paired with --kv-heads")
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[16, 4])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--timing", choices=TIMINGS, default="synced",
+        help="synced: median of repeats, each between a barrier and a synchronize; stream: the "
+             "repeats queued back to back with no host sync (as training runs), mean ms per step, "
+             "plus the host ms per step to queue them",
+    )
     parser.add_argument(
         "--strategies", nargs="+",
         help="strategy:layout, or ulysses:layout:N for N pipelined head chunks",
@@ -226,57 +397,30 @@ def main() -> None:
     parser.add_argument("--torch-native", nargs="*", default=["cudnn:alltoall", "cudnn:allgather", "flash:alltoall", "flash:allgather"])
     parser.add_argument(
         "--profile", nargs="*", default=["ring:contiguous", "zigzag:zigzag"],
-        help="strategies whose comm/compute overlap is measured from a profiler trace (first seq)",
+        help="strategy:layout (or ulysses:layout:N) specs profiled over "
+             f"{PROFILED_STEPS} fwd+bwd steps at the first seq/heads: comm/compute overlap and "
+             f"the top {TOP_KERNELS} CUDA kernels",
+    )
+    parser.add_argument(
+        "--profile-only", action="store_true",
+        help="skip the timing tables, only run the --profile specs",
     )
     args = parser.parse_args()
     world = torch.cuda.device_count()
     torch.cuda.set_device(0)
     RESULTS.mkdir(exist_ok=True)
-    header = [
-        f"device: {torch.cuda.get_device_name(0)} x{world}, torch {torch.__version__}, bf16, B=1, causal, D={args.dim}, kernel={args.kernel}",
+    u = min(world, 2)
+    rows = [
+        f"device: {torch.cuda.get_device_name(0)} x{world}, torch {torch.__version__}, bf16, B=1, causal, D={args.dim}, kernel={args.kernel}, timing={args.timing}",
         "",
-        "| run | total S | H/H_kv | fwd TFLOP/s/GPU | fwd+bwd TFLOP/s/GPU | CP efficiency | fwd+bwd ms | peak GiB/GPU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    print("\n".join(header), flush=True)
-    rows = list(header)
+    print("\n".join(rows), flush=True)
     t0 = time.time()
     with SimulatedMesh(world, backend="nccl", timeout=900) as mesh:
-        for seq in args.seqs:
-            for heads, kv_heads in zip(args.heads, args.kv_heads):
-                common = (seq, heads, kv_heads, args.dim)
-                one = longctx_on_rank(None, "ring", "contiguous", *common, args.kernel, args.repeats)
-                new = [_row(f"longctx {args.kernel} 1 GPU", *common, 1, one, one)]
-                for spec in args.strategies:
-                    strategy, layout, *chunks = spec.split(":")
-                    head_chunks = int(chunks[0]) if chunks else None
-                    u = 2 if world > 2 else world
-                    times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, args.repeats, u,
-                                     head_chunks)
-                    slowest = max(times, key=lambda t: t["fwd_bwd"])
-                    extra = f", U={u}" if strategy == "hybrid" else ""
-                    extra += f", {head_chunks} head chunks" if head_chunks is not None else ""
-                    name = f"longctx {strategy} ({layout}{extra}) x{world}"
-                    new.append(_row(name, *common, world, slowest, one))
-                for spec in args.torch_native:
-                    backend, rotate = spec.split(":")
-                    one_t = torch_native_on_rank(None, backend, rotate, *common, args.repeats)
-                    times = mesh.run(torch_native_on_rank, backend, rotate, *common, args.repeats)
-                    failed = [t for t in times if "error" in t]
-                    slowest = failed[0] if failed else max(times, key=lambda t: t["fwd_bwd"])
-                    new.append(_row(f"torch SDPA {backend} 1 GPU", *common, 1, one_t, one_t))
-                    new.append(_row(f"torch CP {backend} {rotate} x{world}", *common, world, slowest, one_t))
-                print("\n".join(new), flush=True)
-                rows += new
-        overlap_rows = ["", "| profiled run (rank 0..P-1) | NCCL ms | of which overlapped with compute | compute ms |", "| --- | --- | --- | --- |"]
-        for spec in args.profile:
-            strategy, layout = spec.split(":")
-            per_rank = mesh.run(profile_on_rank, strategy, layout, args.seqs[0], args.heads[0], args.kv_heads[0], args.dim, args.kernel)
-            for r, o in enumerate(per_rank):
-                frac = o["overlapped_ms"] / o["comm_ms"] if o["comm_ms"] else 1.0
-                overlap_rows.append(f"| {strategy} S={args.seqs[0]} rank {r} | {o['comm_ms']:.2f} | {o['overlapped_ms']:.2f} ({100 * frac:.0f}%) | {o['compute_ms']:.2f} |")
-        print("\n".join(overlap_rows), flush=True)
-        rows += overlap_rows
+        if not args.profile_only:
+            rows += _timing_rows(mesh, args, world, u)
+        if args.profile:
+            rows += _profile_rows(mesh, args, world, u)
     rows.append(f"\n(took {time.time() - t0:.0f}s)")
     (RESULTS / "bench_cp.md").write_text("\n".join(rows) + "\n")
 
