@@ -358,18 +358,19 @@ def test_gpu_matches_reference_bf16(monkeypatch, cu, decay, H, Hkv, D):
 
 
 # ------------------------------------------------ a state that arrives mid-call (CP's exchange)
-def _exchange_run(kern, q, k, v, args, h0, entering, dout, dfinal):
+def _exchange_run(kern, q, k, v, args, h0, entering, dout, dfinal, pending=False):
     """forward/backward_with_exchange with recording callbacks: (out, final, got_final,
-    d_entering, dq, dk, dv, dh0)."""
+    d_entering, dq, dk, dv, dh0).  ``pending``: the callbacks return their result as a pending
+    one (a callable), as context parallelism's all-gathers do."""
     seen = {}
 
     def fwd(final):
         seen["final"] = final.clone()
-        return entering
+        return (lambda: entering) if pending else entering
 
     def bwd(d_entering):
         seen["d_entering"] = d_entering.clone()
-        return dfinal
+        return (lambda: dfinal) if pending else dfinal
 
     out, final, returned = forward_with_exchange(kern, q, k, v, args, h0, fwd)
     assert returned is entering
@@ -416,7 +417,7 @@ def test_exchange_matches_definition(interpret, impl, cu, decay, with_h0, with_e
     entering = torch.randn(h0.shape, generator=torch.Generator().manual_seed(6))
     case = (q, k, v, args, h0 if with_h0 else None, entering if with_entering else None, dout,
             dfinal if with_dfinal else None)
-    got = _exchange_run(kern, *case)
+    got = _exchange_run(kern, *case, pending=with_h0 and with_entering)
     want = _exchange_definition(*case)
     names = ["out", "final", "final given to exchange", "d_entering", "dq", "dk", "dv", "dh0"]
     for name, a, b in zip(names, got, want):

@@ -86,6 +86,7 @@ __all__ = [
     "chunked_linear_attention",
     "linear_attention_reference",
     "StateExchange",
+    "resolve_state",
     "forward_with_exchange",
     "backward_with_exchange",
     "entering_weight",
@@ -297,10 +298,17 @@ class LinearAttentionKernel(Protocol):
 # --------------------------------------------------------------------------------------------------
 # a state that arrives in the middle of a call (context parallelism)
 # --------------------------------------------------------------------------------------------------
-StateExchange = Callable[[Tensor], "Tensor | None"]
+StateExchange = Callable[[Tensor], "Tensor | Callable[[], Tensor | None] | None"]
 """Called by a kernel between its passes: forward, with the call's final state, returns a state
 that enters before token 0 (or None); backward, with the gradient of that entering state, returns
-the gradient of the final state (or None).  Context parallelism all-gathers in it."""
+the gradient of the final state (or None).  Context parallelism all-gathers in it.  It may instead
+return a pending result, a callable without arguments giving the state: the kernel then does what
+work it can before calling it (the backward recomputes its chunk states meanwhile)."""
+
+
+def resolve_state(got: Tensor | Callable[[], Tensor | None] | None) -> Tensor | None:
+    """What a :data:`StateExchange` gave, waited for if it is pending."""
+    return got() if callable(got) else got
 
 
 def forward_with_exchange(
@@ -330,7 +338,7 @@ def forward_with_exchange(
     if fused is not None:
         return fused(q, k, v, args, initial_state, exchange)
     out, final = kernel.forward(q, k, v, args, initial_state)
-    entering = exchange(final)
+    entering = resolve_state(exchange(final))
     check_state(entering, check_linear_inputs(q, k, v), q.device, "entering state")
     if entering is not None:
         weight = entering_weight(args, q.shape[1], q.shape[2], acc_dtype(q.dtype), q.device)
@@ -357,7 +365,7 @@ def backward_with_exchange(
     shape = check_linear_inputs(q, k, v)
     check_state(entering, shape, q.device, "entering state")
     weight = entering_weight(args, shape.seq, shape.heads, acc_dtype(q.dtype), q.device)
-    dfinal = exchange(state_grad_reference(q, dout, weight))
+    dfinal = resolve_state(exchange(state_grad_reference(q, dout, weight)))
     dq, dk, dv, dh0 = kernel.backward(dout, dfinal, q, k, v, args, initial_state,
                                       grad_dtype=grad_dtype)
     if entering is not None:  # dq[:, t] += scale * lambda^(t+1) * dout[:, t] @ entering^T

@@ -70,6 +70,7 @@ from .linear_reference import (
     check_linear_inputs,
     check_state,
     passing_decay,
+    resolve_state,
 )
 
 from ._triton_runtime import unavailable_reason as _unavailable_reason
@@ -608,13 +609,15 @@ class LinearTriton:
         out = torch.empty(B, S, H, Dv, dtype=q.dtype, device=q.device)
         if S == 0 or B * H == 0:
             final = h0.clone() if h0 is not None else q.new_zeros(shape.state, dtype=torch.float32)
-            entering = _checked_state(exchange(final), "entering state", shape, q.device)
+            entering = _checked_state(resolve_state(exchange(final)), "entering state", shape,
+                                      q.device)
             return out, final, entering
         q, k, v = (t.contiguous() for t in (q, k, v))
         meta = self._meta(shape, args, q.dtype)
         g, docs = self._decay_and_docs(args, shape, out)
         hbuf, final = self._states(k, v, g, docs, h0, shape, meta)
-        entering = _checked_state(exchange(final), "entering state", shape, q.device)
+        entering = _checked_state(resolve_state(exchange(final)), "entering state", shape,
+                                  q.device)
         NT = hbuf.shape[1]
         _launch(
             _out_fwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
@@ -656,7 +659,8 @@ class LinearTriton:
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         if S == 0 or B * H == 0:
             d_entering = torch.zeros(shape.state, **f32)
-            dfinal = _checked_state(exchange(d_entering), "dfinal", shape, q.device)
+            dfinal = _checked_state(resolve_state(exchange(d_entering)), "dfinal", shape,
+                                    q.device)
             dh0 = torch.zeros(shape.state, **f32)
             if dfinal is not None:  # nothing in between: the final state is the initial state
                 dh0 = dfinal.to(torch.float32, copy=True)
@@ -666,16 +670,17 @@ class LinearTriton:
         dout = dout.to(q.dtype).contiguous()
         meta = self._meta(shape, args, q.dtype)
         g, docs = self._decay_and_docs(args, shape, dout)
-        hbuf, _ = self._states(k, v, g, docs, h0, shape, meta)  # recomputed, not kept from forward
-        NT = hbuf.shape[1]
-        dhbuf = torch.empty_like(hbuf)
+        NT = triton.cdiv(S, meta["BT"])
+        dhbuf = torch.empty(B * H, NT, Dk, Dv, dtype=k.dtype, device=k.device)
         d_entering = torch.empty(shape.state, **f32)  # through the outputs only
         grid, state_meta = self._state_meta(shape, meta)
         _launch(
             _state_bwd_kernel, grid, q, dout, g, docs, dhbuf, d_entering, args.scale, S, H, NT,
             **state_meta,
         )
-        dfinal = _checked_state(exchange(d_entering), "dfinal", shape, q.device)
+        pending = exchange(d_entering)  # a pending exchange runs while the states are recomputed
+        hbuf, _ = self._states(k, v, g, docs, h0, shape, meta)  # recomputed, not kept from forward
+        dfinal = _checked_state(resolve_state(pending), "dfinal", shape, q.device)
         dht = _as_chunk_state(dfinal, dhbuf)
         # dk/dv per query head, summed over GQA groups below (in float32 when there are groups)
         per_head = grad_dtype if shape.group == 1 else torch.float32

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RingComm", "GatherComm", "AllToAllComm", "AllToAllRequest", "PackedSend"]
+__all__ = ["RingComm", "GatherComm", "AllToAllComm", "CommRequest", "PackedSend"]
 
 # torch 2.13 renamed the flat-tensor collectives; torch 2.11 has only the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -87,12 +87,17 @@ class GatherComm(_GroupComm):
 
     def all_gather(self, x: Tensor) -> Tensor:
         """``x [...]`` on every rank -> ``[world_size, ...]`` (rank order)."""
+        return self.all_gather_async(x).wait()
+
+    def all_gather_async(self, x: Tensor) -> CommRequest:
+        """:meth:`all_gather` in flight: ``wait()`` returns the ``[world_size, ...]`` tensor."""
         if self.group is None:
-            return x.unsqueeze(0)
+            return CommRequest(x.unsqueeze(0), [], [])
+        x = x.contiguous()
         # [P * x.shape[0], ...] -> [P, ...]
         out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_flat(out, x.contiguous(), group=self.group)
-        return out.view(self.world_size, *x.shape)
+        work = _all_gather_flat(out, x, group=self.group, async_op=True)
+        return CommRequest(out.view(self.world_size, *x.shape), [work], [x])
 
     def reduce_scatter(self, x: Tensor) -> Tensor:
         """``x [world_size, ...]`` summed over ranks; rank r keeps ``sum[r]``."""
@@ -118,20 +123,20 @@ class GatherComm(_GroupComm):
         return x
 
 
-class AllToAllRequest:
-    """All-to-alls in flight: :meth:`wait` returns the received tensors once they may be read.
+class CommRequest:
+    """Collectives in flight: :meth:`wait` returns what they receive once it may be read.
 
     It holds the send buffers until then (NCCL reads them on its own stream).  On NCCL ``wait()``
     makes the current stream wait for the transfer and returns at once; on gloo it blocks.
     """
 
-    def __init__(self, received: list[Tensor], works: list, sent: list[Tensor]):
+    def __init__(self, received, works: list, sent: list[Tensor]):
         self._received = received
         self._works = works
         self._sent = sent
 
-    def wait(self) -> list[Tensor]:
-        """The received tensors, in the order they were given; safe to read after this call."""
+    def wait(self):
+        """What was received (as the collective's method says); safe to read after this call."""
         for work in self._works:
             work.wait()
         self._works, self._sent = [], []
@@ -153,11 +158,11 @@ class PackedSend:
         self._buffers = buffers  # [P(dst), packed] per dtype
         self._members = members  # the slots each buffer holds, in packing order
 
-    def start(self) -> AllToAllRequest:
+    def start(self) -> CommRequest:
         """Start the exchange; ``wait()`` returns, per slot, ``[P(src), ...]`` of its shape."""
         group = self._comm.group
         if group is None:
-            return AllToAllRequest(list(self.slots), [], [])
+            return CommRequest(list(self.slots), [], [])
         received: list[Tensor | None] = [None] * len(self.slots)
         works = []
         for send, idx in zip(self._buffers, self._members):
@@ -168,7 +173,7 @@ class PackedSend:
                 n = self.slots[i].numel() // self._comm.world_size
                 received[i] = recv[:, offset : offset + n].view(self.slots[i].shape)
                 offset += n
-        return AllToAllRequest(received, works, self._buffers)
+        return CommRequest(received, works, self._buffers)
 
 
 class AllToAllComm(_GroupComm):
@@ -223,7 +228,7 @@ class AllToAllComm(_GroupComm):
             members.append(idx)
         return PackedSend(self, slots, buffers, members)
 
-    def all_to_all_async(self, tensors: Sequence[Tensor]) -> AllToAllRequest:
+    def all_to_all_async(self, tensors: Sequence[Tensor]) -> CommRequest:
         """Start exchanging ``tensors`` (each ``[P, ...]``, as in :meth:`all_to_all`); don't wait.
 
         Tensors of one dtype travel packed in one collective (copied into a
@@ -233,7 +238,7 @@ class AllToAllComm(_GroupComm):
         same order, and must not change the inputs before ``wait()``.
         """
         if self.group is None:
-            return AllToAllRequest(list(tensors), [], [])
+            return CommRequest(list(tensors), [], [])
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             raise ValueError(f"all_to_all_async needs tensors on one device; got {devices}")

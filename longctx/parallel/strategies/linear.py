@@ -50,6 +50,7 @@ Example (on each rank of a process group; ``q [B, S/P, H, Dk]`` contiguous shard
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -306,7 +307,9 @@ class StateGather:
             return None
         return torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.rank], states)
 
-    def backward(self, d_entering: Tensor) -> Tensor | None:
+    def backward(self, d_entering: Tensor) -> Callable[[], Tensor | None]:
+        """Starts the all-gather and returns the pending ``ds_r`` (the kernel recomputes its
+        chunk states while it runs)."""
         cp = self.cp
         d_prefix = d_entering.to(cp.weights.dtype)  # [B, H, Dk, Dv]
         if not cp.docs.head:  # no token saw an entering state
@@ -315,16 +318,24 @@ class StateGather:
             d_final = self.dfinal.to(d_prefix.dtype) if self.dfinal is not None else (
                 torch.zeros_like(d_prefix))
             # [2, B, H, Dk, Dv] on every rank -> [P, 2, B, H, Dk, Dv]
-            got = GatherComm(cp.group).all_gather(torch.stack([d_prefix, d_final]))
-            # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final grad
-            d_entering_all = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
+            request = GatherComm(cp.group).all_gather_async(torch.stack([d_prefix, d_final]))
         else:
-            got = GatherComm(cp.group).all_gather(d_prefix)  # [P, B, H, Dk, Dv]
-            d_entering_all = torch.cat([got, torch.zeros_like(got[:1])])
-        if cp.rank == cp.world_size - 1 and not cp.return_final_state:
-            return None  # the last rank's local final state feeds nothing
-        # this rank's local final state feeds the entering state of every later rank (and the final)
-        return torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering_all)
+            request = GatherComm(cp.group).all_gather_async(d_prefix)  # -> [P, B, H, Dk, Dv]
+
+        def finish() -> Tensor | None:
+            got = request.wait()
+            if cp.return_final_state:
+                # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final
+                d_entering_all = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
+            elif cp.rank == cp.world_size - 1:
+                return None  # the last rank's local final state feeds nothing
+            else:
+                d_entering_all = torch.cat([got, torch.zeros_like(got[:1])])
+            # this rank's local final state feeds the entering state of every later rank (and
+            # the final)
+            return torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering_all)
+
+        return finish
 
 
 # --------------------------------------------------------------------------------------------------

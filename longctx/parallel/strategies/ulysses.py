@@ -36,7 +36,7 @@ from torch import Tensor
 from ...kernels.base import acc_dtype
 from ...kernels.mask import Positions, Segment
 from ..layout import Layout
-from ..comm import AllToAllComm, AllToAllRequest
+from ..comm import AllToAllComm, CommRequest
 from ..context import CPContext, build_context, cast_grads
 from .blocks import attend, attend_backward
 
@@ -349,7 +349,7 @@ def _order(cp: CPContext, device: torch.device) -> TokenOrder:
 
 def _send_inputs(
     q: Tensor, k: Tensor, v: Tensor, c: int, chunks: HeadChunks, comm: AllToAllComm
-) -> AllToAllRequest:
+) -> CommRequest:
     """Start chunk ``c``'s exchange: its query heads, and its kv block if this is the first use."""
     P = comm.world_size
     parts = [split_heads(q, P, *chunks.q[c])]  # [P(dst), B, s, hc, D]
