@@ -7,6 +7,8 @@ on the whole sequence to ~1e-12.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -128,7 +130,14 @@ def test_token_order_gather_and_scatter_are_one_step_sorts(layout, world):
     lay = Layout.parse(layout)
     S = lay.required_multiple(world) * 3
     s = S // world
-    order = token_order(lay, S, world, tuple(range(world)), "cpu")
+    by_blocks = token_order(lay, S, world, tuple(range(world)), "cpu")
+    for order in (by_blocks, dataclasses.replace(by_blocks, blocks=None)):
+        _check_gather_and_scatter(order, world, S, s)
+    if layout == "zigzag" and world > 1:
+        assert len(by_blocks.blocks) == 2 * world - 1  # 2P chunks, the middle two adjacent
+
+
+def _check_gather_and_scatter(order, world, S, s):
     g = torch.Generator().manual_seed(world)
     recv = torch.randn(world, 2, s, 3, 4, generator=g)  # [P(src), B, s, m, D]
     assert torch.equal(order.gather(recv), order.sort(gather_tokens(recv)))

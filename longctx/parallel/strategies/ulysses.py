@@ -41,6 +41,7 @@ from ..context import CPContext, build_context, cast_grads
 from .blocks import attend, attend_backward
 
 _MAX_RUNS = 64
+_MAX_BLOCKS = 64  # reorder by block copies up to this many blocks, else token by token
 
 # Head chunks a rank's H/P heads are pipelined in (fewer when the heads do not split so).  1 by
 # default: on 4x H200 (NVLink) at 32k tokens, 2 chunks were 15-20% slower than 1 (smaller kernels,
@@ -149,13 +150,17 @@ class TokenOrder:
     sorting turns it back into one run (or a few), so each kernel call takes the fast path.
     ``perm`` is None when the tokens are already in order.  ``src`` gives, per sorted token, the
     all-to-all slot and the index within it that it travels in, so that :meth:`gather` and
-    :meth:`scatter` move tokens between the exchange buffers and sorted order in one copy.
+    :meth:`scatter` move tokens between the exchange buffers and sorted order in one pass: a few
+    block copies where the order is made of few blocks (zigzag), an indexed copy otherwise.
     """
 
     positions: Positions
     perm: Tensor | None  # sorted = gathered[:, perm]
     inverse: Tensor | None  # gathered = sorted[:, inverse]
     src: tuple[Tensor, Tensor] | None = None  # (slot, index in slot) per sorted token
+    # the same as a few block moves (zigzag: 2P), when there are few: (sorted begin, length,
+    # slot, index in slot) each; None: move token by token through ``src``
+    blocks: tuple[tuple[int, int, int, int], ...] | None = None
 
     def sort(self, x: Tensor, dim: int = 1) -> Tensor:
         return x if self.perm is None else x.index_select(dim, self.perm)
@@ -167,18 +172,38 @@ class TokenOrder:
         """``recv [P(src), ..., s, ...]`` (token dim ``dim + 1``) -> ``[..., P*s, ...]`` sorted
         (token dim ``dim``): the received slots in global order, one copy."""
         moved = recv.movedim(0, dim)  # [..., P, s, ...]
-        if self.src is None:
+        if self.perm is None:
             return moved.flatten(dim, dim + 1)
+        if self.blocks is not None:
+            return torch.cat(
+                [moved.select(dim, slot).narrow(dim, i, n) for _, n, slot, i in self.blocks], dim
+            )
         return moved[(slice(None),) * dim + self.src].contiguous()
 
     def scatter(self, x: Tensor, slots: Tensor, dim: int = 1) -> None:
         """Write ``x [..., P*s, ...]`` (sorted, token dim ``dim``) into the send ``slots
         [P(dst), ..., s, ...]``: slot ``j`` gets rank ``j``'s tokens in its local order."""
         moved = slots.movedim(0, dim)  # [..., P, s, ...], a view of the slots
-        if self.src is None:
+        if self.perm is None:
             moved.copy_(x.unflatten(dim, moved.shape[dim : dim + 2]))
+        elif self.blocks is not None:
+            for t, n, slot, i in self.blocks:
+                moved.select(dim, slot).narrow(dim, i, n).copy_(x.narrow(dim, t, n))
         else:
             moved[(slice(None),) * dim + self.src] = x.to(slots.dtype)
+
+
+def _blocks(perm: Tensor, shard: int, limit: int) -> tuple[tuple[int, int, int, int], ...] | None:
+    """``perm`` (sorted token -> gathered token) as moves of consecutive tokens within one slot,
+    or None when there are more than ``limit``."""
+    jumps = (perm[1:] != perm[:-1] + 1) | (perm[1:] % shard == 0)
+    starts = [0, *(jumps.nonzero().flatten() + 1).tolist()]
+    if len(starts) > limit:
+        return None
+    ends = [*starts[1:], perm.numel()]
+    return tuple(
+        (a, b - a, int(perm[a]) // shard, int(perm[a]) % shard) for a, b in zip(starts, ends)
+    )
 
 
 def _runs(sorted_idx: Tensor) -> Positions:
@@ -207,7 +232,10 @@ def token_order(
     perm = torch.argsort(idx)
     shard = seq_len // world_size
     src = ((perm // shard).to(device), (perm % shard).to(device))
-    return TokenOrder(_runs(idx[perm]), perm.to(device), torch.argsort(perm).to(device), src)
+    blocks = _blocks(perm, shard, _MAX_BLOCKS)
+    return TokenOrder(
+        _runs(idx[perm]), perm.to(device), torch.argsort(perm).to(device), src, blocks
+    )
 
 
 # --- pure reshapes: what each rank sends, and what it makes of what it receives ---------------
