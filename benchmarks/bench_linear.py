@@ -49,7 +49,7 @@ from longctx.kernels.linear_reference import (
     retnet_log_decay,
 )
 from longctx.kernels.linear_triton import LinearTritonConfig, linear_attention_triton
-from timing import time_ms  # benchmarks/timing.py, beside this script
+from timing import time_ms, time_ms_fixed  # benchmarks/timing.py, beside this script
 
 try:
     from fla.ops.simple_gla import chunk_simple_gla  # fla-core
@@ -194,6 +194,7 @@ def profile_table(seq, batch, heads, dim, g, config) -> list[str]:
                     t.grad = None
                 fn().backward(grad)
             torch.cuda.synchronize()
+        _progress(rank, "profile done")
         events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
         total = sum(e.device_time_total for e in events) / reps / 1e3
         for e in events[:12]:
@@ -221,6 +222,12 @@ def crossover_table(seqs, batch, heads, dim, g, config) -> list[str]:
         del q, k, v
         torch.cuda.empty_cache()
     return rows
+
+
+def _progress(rank: int, message: str) -> None:
+    """A line on stderr from the first rank, so a stuck phase shows where it stopped."""
+    if rank == 0:
+        print(f"[cp] {message}", file=sys.stderr, flush=True)
 
 
 def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
@@ -251,7 +258,8 @@ def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
             dist.barrier(group)
         step()
 
-    synced = time_ms(synced_step, max_reps=10)  # 10 on every rank (a step is > 0.1 ms)
+    synced = time_ms_fixed(synced_step, reps=10)  # the same count on every rank
+    _progress(rank, f"synced timing done: {synced:.2f} ms")
     reps = 20
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -264,6 +272,7 @@ def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
     host = (time.perf_counter() - host_start) * 1e3 / reps  # ms the host needs to queue a step
     end.record()
     torch.cuda.synchronize()
+    _progress(rank, "stream timing done")
     result = {"synced": synced, "stream": start.elapsed_time(end) / reps, "host": host,
               "kernels": []}
     if profile:
@@ -274,6 +283,7 @@ def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
+        _progress(rank, "profile done")
         events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
         result["kernels"] = [(e.key[:70], e.count // 5, e.device_time_total / 5 / 1e3)
                              for e in events[:14]]

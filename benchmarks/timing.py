@@ -30,3 +30,22 @@ def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20)
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def time_ms_fixed(fn: Callable[[], object], reps: int = 10, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` over exactly ``reps`` repeats after ``warmup`` calls: the
+    count never depends on a measurement, so ranks running a collective inside ``fn`` stay in
+    step (an adaptive count, as in :func:`time_ms` or ``triton.testing.do_bench``, can differ
+    between ranks and deadlock)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

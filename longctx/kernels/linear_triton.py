@@ -150,8 +150,8 @@ class LinearTritonConfig:
 
     def blocks(self, dk: int, dv: int) -> LinearBlocks:
         """The tiles for head dims ``dk``, ``dv`` (never over the padded head dim)."""
-        def pad(d: int) -> int:
-            return max(16, triton.next_power_of_2(d))
+        def pad(d: int) -> int:  # the next power of two, at least 16 (plain ints: host-cheap)
+            return max(16, 1 << (d - 1).bit_length())
 
         return LinearBlocks(
             chunk=self.chunk, k=min(self.block_k, pad(dk)), v=min(self.block_v, pad(dv)),
