@@ -10,9 +10,8 @@ import torch
 
 def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20) -> float:
     """Median milliseconds of ``fn`` (CUDA events) after a warm-up; ~``budget_s`` of repeats
-    (at least 3, at most ``max_reps``).  The count follows the first timing: when ``fn`` holds a
-    collective, keep ``max_reps`` below what the budget allows so that every rank repeats it the
-    same number of times."""
+    (at least 3, at most ``max_reps``).  The count follows the first timing, which may differ
+    between ranks: when ``fn`` holds a collective, use :func:`time_ms_fixed`."""
     fn()  # warm-up: compilation, allocator, caches
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -21,15 +20,7 @@ def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20)
     end.record()
     torch.cuda.synchronize()
     first = start.elapsed_time(end)
-    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(first, 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _median_ms(fn, max(3, min(max_reps, int(budget_s * 1e3 / max(first, 1e-3)))))
 
 
 def time_ms_fixed(fn: Callable[[], object], reps: int = 10, warmup: int = 2) -> float:
@@ -40,6 +31,11 @@ def time_ms_fixed(fn: Callable[[], object], reps: int = 10, warmup: int = 2) -> 
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    return _median_ms(fn, reps)
+
+
+def _median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median of ``reps`` CUDA-event timings of ``fn``, each followed by a synchronize."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):

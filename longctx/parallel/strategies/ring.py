@@ -24,7 +24,7 @@ from ...kernels.base import acc_dtype
 from ..comm import RingComm
 from ..context import CPContext, build_context, cast_grads, save_for_cp_backward
 from ..plan import ring_steps
-from .blocks import backward_block, forward_block
+from .blocks import attend, attend_backward, backward_block, forward_block
 
 __all__ = ["ring_forward", "ring_backward", "RingAttention", "ring_attention"]
 
@@ -33,6 +33,8 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor
     """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse ``[B, H, S/P]``."""
     positions = cp.all_positions()
     n_steps = ring_steps(cp.mask, positions)
+    if n_steps == 1:  # only this rank's keys (one rank, or a short window): nothing to merge
+        return attend(q, k, v, positions[cp.rank], positions[cp.rank], cp)
     comm = RingComm(cp.group)
     B, Sq, H, D = q.shape
     out = torch.zeros(B, Sq, H, D, dtype=acc_dtype(q.dtype), device=q.device)
@@ -53,9 +55,13 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor
 def ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cp: CPContext
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the local shards, in the accumulation dtype."""
+    """Gradients of the local shards, in the accumulation dtype (in q's dtype when one step
+    covers every key: nothing is summed over steps)."""
     positions = cp.all_positions()
     n_steps = ring_steps(cp.mask, positions)
+    if n_steps == 1:
+        own = positions[cp.rank]
+        return attend_backward(dout, q, k, v, out, lse, own, own, cp, grad_dtype=q.dtype)
     kv_comm = RingComm(cp.group, tag_base=0)
     grad_comm = RingComm(cp.group, tag_base=2)
     acc = acc_dtype(q.dtype)
