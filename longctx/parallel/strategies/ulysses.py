@@ -44,8 +44,8 @@ _MAX_RUNS = 64
 _MAX_BLOCKS = 64  # reorder by block copies up to this many blocks, else token by token
 
 # Head chunks a rank's H/P heads are pipelined in (fewer when the heads do not split so).  1 by
-# default: on 4x H200 (NVLink) at 32k tokens, 2 chunks were 15-20% slower than 1 (smaller kernels,
-# NCCL's all-to-all taking SMs from them); slower links may gain from more.
+# default: on 4x H200 (NVLink) at 32k tokens, 2 chunks were 3-8% slower than 1 (smaller kernels,
+# NCCL's all-to-all taking SMs from them; RESULTS.md, session 6); slower links may gain from more.
 HEAD_CHUNKS: int = 1
 
 __all__ = [
@@ -158,7 +158,7 @@ class TokenOrder:
     perm: Tensor | None  # sorted = gathered[:, perm]
     inverse: Tensor | None  # gathered = sorted[:, inverse]
     src: tuple[Tensor, Tensor] | None = None  # (slot, index in slot) per sorted token
-    # the same as a few block moves (zigzag: 2P), when there are few: (sorted begin, length,
+    # the same as a few block moves (zigzag: 2P - 1), when there are few: (sorted begin, length,
     # slot, index in slot) each; None: move token by token through ``src``
     blocks: tuple[tuple[int, int, int, int], ...] | None = None
 
