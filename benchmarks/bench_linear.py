@@ -194,7 +194,6 @@ def profile_table(seq, batch, heads, dim, g, config) -> list[str]:
                     t.grad = None
                 fn().backward(grad)
             torch.cuda.synchronize()
-        _progress(rank, "profile done")
         events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
         total = sum(e.device_time_total for e in events) / reps / 1e3
         for e in events[:12]:
