@@ -20,7 +20,6 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ...kernels.base import acc_dtype
 from ..comm import AllToAllComm
 from ..context import CPContext, build_context, cast_grads
 from .ring import ring_backward, ring_forward
@@ -77,8 +76,6 @@ def hybrid_backward(dout: Tensor, saved: tuple[Tensor, ...], kv_heads: int, cp: 
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q_h.device)
     dout_h = order.sort(seq_to_heads(dout, comm))
     dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, _ring_context(cp, comm))
-    acc = acc_dtype(q_h.dtype)  # replicated kv heads are summed below: in the accumulation dtype
-    dk_h, dv_h = dk_h.to(acc), dv_h.to(acc)
     dq = heads_to_seq(order.unsort(dq_h), comm)
     dk = kv_heads_to_seq(order.unsort(dk_h), H, kv_heads, comm)
     dv = kv_heads_to_seq(order.unsort(dv_h), H, kv_heads, comm)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.base import acc_dtype
+from ...kernels.base import acc_dtype, grad_dtype_for
 from ..comm import RingComm
 from ..context import CPContext, build_context, cast_grads, save_for_cp_backward
 from ..plan import ring_steps
@@ -53,15 +53,20 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor
 
 
 def ring_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cp: CPContext
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cp: CPContext,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the local shards, in the accumulation dtype (in q's dtype when one step
-    covers every key: nothing is summed over steps)."""
+    """Gradients of the local shards, in ``grad_dtype`` (default: the accumulation dtype).
+
+    Several steps sum in the accumulation dtype and cast at the end; one step (only this rank's
+    keys) gets the kernel's gradients in ``grad_dtype`` directly (no float32 round trip).
+    """
+    grad_dtype = grad_dtype_for(q, grad_dtype)
     positions = cp.all_positions()
     n_steps = ring_steps(cp.mask, positions)
     if n_steps == 1:
         own = positions[cp.rank]
-        return attend_backward(dout, q, k, v, out, lse, own, own, cp, grad_dtype=q.dtype)
+        return attend_backward(dout, q, k, v, out, lse, own, own, cp, grad_dtype=grad_dtype)
     kv_comm = RingComm(cp.group, tag_base=0)
     grad_comm = RingComm(cp.group, tag_base=2)
     acc = acc_dtype(q.dtype)
@@ -89,7 +94,7 @@ def ring_backward(
         dk, dv = grad_comm.send_recv([dk, dv], offset=-(n_steps - 1))
         grad_comm.commit()
         grad_comm.wait()
-    return dq, dk, dv
+    return dq.to(grad_dtype), dk.to(grad_dtype), dv.to(grad_dtype)
 
 
 class RingAttention(torch.autograd.Function):
@@ -102,7 +107,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = ring_backward(dout, q, k, v, out, lse, ctx.cp)
+        grads = ring_backward(dout, q, k, v, out, lse, ctx.cp, grad_dtype=q.dtype)
         return (*cast_grads(q, k, v, *grads), None)
 
 
