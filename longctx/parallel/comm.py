@@ -25,8 +25,9 @@ class _GroupComm:
 
     def __init__(self, group: dist.ProcessGroup | None):
         self.group = group
-        self.world_size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        # the group's own methods: dist.get_world_size / get_rank look the group up each call
+        self.world_size = group.size() if group is not None else 1
+        self.rank = group.rank() if group is not None else 0
 
 
 class RingComm(_GroupComm):

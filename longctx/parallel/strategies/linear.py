@@ -140,15 +140,15 @@ class ShardDocs:
 def shards_passing(cu_seqlens: Tensor | None, seq_len: int, world_size: int) -> Tensor:
     """bool ``[P]``: ``ShardDocs.build(..., rank=r).passes`` for every rank at once (vectorised)."""
     Layout("contiguous").check(seq_len, world_size)
-    passes = torch.arange(world_size) > 0
-    if cu_seqlens is not None and cu_seqlens.numel() > 2:
-        n = seq_len // world_size
-        interior = cu_seqlens[1:-1].to(torch.int64)
-        starts = torch.arange(world_size, dtype=torch.int64) * n  # [P]
-        # number of interior boundaries in [start, start + n) of each shard
-        count = torch.searchsorted(interior, starts + n) - torch.searchsorted(interior, starts)
-        passes &= count == 0
-    return passes
+    passes = torch.arange(world_size) > 0  # one document: every shard but the first
+    if cu_seqlens is None or cu_seqlens.numel() <= 2:
+        return passes
+    n = seq_len // world_size
+    interior = cu_seqlens[1:-1].to(torch.int64)
+    starts = torch.arange(world_size, dtype=torch.int64) * n  # [P]
+    # number of interior boundaries in [start, start + n) of each shard
+    count = torch.searchsorted(interior, starts + n) - torch.searchsorted(interior, starts)
+    return passes & (count == 0)
 
 
 def carry_weights(passes: Tensor, tokens_per_rank: int, log_decay: Tensor | None, heads: int,
@@ -239,8 +239,8 @@ def build_linear_context(
     """Check the local shards and the call (errors say what to change), bundle what it needs."""
     shape = check_linear_inputs(q, k, v)
     group = resolve_group(group)
-    world = dist.get_world_size(group) if group is not None else 1
-    rank = dist.get_rank(group) if group is not None else 0
+    world = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
     layout = Layout.parse(layout)
     if layout.kind != "contiguous":
         raise ValueError(
@@ -268,12 +268,13 @@ def build_linear_context(
         raise ValueError(why)
     docs = ShardDocs.build(cu, seq_len, world, rank)
     acc = acc_dtype(q.dtype)
-    passes = shards_passing(cu, seq_len, world)
     if log_decay is None or log_decay.device.type == "cpu":  # as the models pass it
         decay = tuple(log_decay.tolist()) if log_decay is not None else None
-        weights = _carry_weights_on(tuple(passes.tolist()), shape.seq, decay, shape.heads, acc,
-                                    str(q.device))
+        passes = tuple(r > 0 for r in range(world)) if cu is None else tuple(
+            shards_passing(cu, seq_len, world).tolist())  # host-cheap without documents
+        weights = _carry_weights_on(passes, shape.seq, decay, shape.heads, acc, str(q.device))
     else:
+        passes = shards_passing(cu, seq_len, world)
         weights = carry_weights(passes, shape.seq, args.log_decay, shape.heads).to(acc)
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
@@ -324,16 +325,15 @@ class StateGather:
 
         def finish() -> Tensor | None:
             got = request.wait()
+            # this rank's local final state feeds the entering state of every later rank (and
+            # the final)
             if cp.return_final_state:
                 # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final
                 d_entering_all = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
-            elif cp.rank == cp.world_size - 1:
+                return torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering_all)
+            if cp.rank == cp.world_size - 1:
                 return None  # the last rank's local final state feeds nothing
-            else:
-                d_entering_all = torch.cat([got, torch.zeros_like(got[:1])])
-            # this rank's local final state feeds the entering state of every later rank (and
-            # the final)
-            return torch.einsum("rh,rbhkv->bhkv", cp.weights[:, cp.rank], d_entering_all)
+            return torch.einsum("rh,rbhkv->bhkv", cp.weights[:-1, cp.rank], got)
 
         return finish
 
