@@ -8,9 +8,10 @@ adaptive repeat counts, which would deadlock collectives).
 
 ``--timing synced`` (default) times each repeat between a barrier and a synchronize (median);
 ``--timing stream`` queues the repeats back to back with no host sync, as training runs, and also
-reports the host time to queue a step.  ``--profile`` specs get a profiler trace of a few
-forward+backward steps: the NCCL/compute overlap and the top CUDA kernels of the first and last
-rank; ``--profile-only`` runs just those.
+reports the host time to queue a step; ``--timing graph`` replays the step captured in a CUDA
+graph (GPU time without host launch cost; torch's CP may not capture).  ``--profile`` specs get
+a profiler trace of a few forward+backward steps: the NCCL/compute overlap and the top CUDA
+kernels of the first and last rank; ``--profile-only`` runs just those.
 
     python benchmarks/bench_cp.py --seqs 32768 131072 --kernel triton
     python benchmarks/bench_cp.py --timing stream --profile ulysses:zigzag:2 hybrid:zigzag
@@ -28,6 +29,11 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from timing import (  # benchmarks/timing.py, beside this script
+    time_graph_ms,
+    time_stream_ms,
+    time_synced_ms,
+)
 
 import longctx
 from longctx.parallel.mesh import ParallelDims, build_mesh
@@ -35,7 +41,7 @@ from longctx.parallel.strategies.ulysses import ulysses_attention
 from longctx.testing import SimulatedMesh
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-TIMINGS = ("synced", "stream")
+TIMINGS = ("synced", "stream", "graph")
 PROFILED_STEPS = 3
 TOP_KERNELS = 12
 
@@ -52,49 +58,23 @@ def _sync(group) -> None:
     torch.cuda.synchronize()
 
 
-def _events():
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-
-def _timed_synced(step, group, repeats: int) -> float:
-    """Median ms of ``step()``, each repeat between a barrier and a synchronize."""
-    samples = []
-    for _ in range(repeats):
-        _sync(group)
-        start, end = _events()
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return sorted(samples)[len(samples) // 2]
-
-
-def _timed_stream(step, group, repeats: int) -> tuple[float, float]:
-    """``repeats`` steps queued back to back after one barrier and synchronize (as training
-    runs): (GPU ms per step, host ms per step to queue them)."""
-    _sync(group)
-    start, end = _events()
-    start.record()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    host_s = time.perf_counter() - t0
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats, host_s * 1e3 / repeats
-
-
 def timed(step, group, repeats: int, timing: str = "synced") -> tuple[float, float | None]:
     """ms per ``step()`` over a fixed repeat count, after 2 warm-ups, ranks in lock-step, and the
-    host ms per step to queue it (``None`` for ``synced``); ``timing`` is one of ``TIMINGS``."""
+    host ms per step to queue it (``stream`` only, else ``None``); ``timing`` is one of
+    ``TIMINGS`` (see ``benchmarks/timing.py``)."""
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     for _ in range(2):
         step()
+
+    def barrier():
+        _sync(group)
+
     if timing == "stream":
-        return _timed_stream(step, group, repeats)
-    return _timed_synced(step, group, repeats), None
+        return time_stream_ms(step, repeats, barrier)
+    if timing == "graph":
+        return time_graph_ms(step, repeats, barrier), None
+    return time_synced_ms(step, repeats, barrier), None
 
 
 def _inputs(seq, heads, kv_heads, dim):
@@ -387,7 +367,8 @@ def main() -> None:
         "--timing", choices=TIMINGS, default="synced",
         help="synced: median of repeats, each between a barrier and a synchronize; stream: the "
              "repeats queued back to back with no host sync (as training runs), mean ms per step, "
-             "plus the host ms per step to queue them",
+             "plus the host ms per step to queue them; graph: the step captured in a CUDA graph and "
+             "replayed back to back (GPU time without host launch cost)",
     )
     parser.add_argument(
         "--strategies", nargs="+",

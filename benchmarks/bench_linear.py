@@ -43,13 +43,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import (  # benchmarks/timing.py, beside this script
+    time_graph_ms,
+    time_ms,
+    time_stream_ms,
+    time_synced_ms,
+)
+
 from longctx.kernels.linear_reference import (
     LinearReferenceConfig,
     linear_attention_reference,
     retnet_log_decay,
 )
 from longctx.kernels.linear_triton import LinearTritonConfig, linear_attention_triton
-from timing import time_ms, time_ms_fixed  # benchmarks/timing.py, beside this script
 
 try:
     from fla.ops.simple_gla import chunk_simple_gla  # fla-core
@@ -107,7 +113,11 @@ def dense(q, k, v):
     return out.transpose(1, 2)
 
 
-def fwd_and_fwd_bwd(fn: Callable[[], torch.Tensor], leaves) -> tuple[float, float]:
+def fwd_and_fwd_bwd(fn: Callable[[], torch.Tensor], leaves,
+                    graph: bool = True) -> tuple[float, float, float | None]:
+    """Forward and forward+backward ms (synced repeats: the host's launch time shows) and, with
+    ``graph``, the forward+backward ms replayed from a CUDA graph (the GPU's time alone; None
+    when not asked or when it does not capture)."""
     def fwd():
         with torch.no_grad():
             fn()
@@ -118,7 +128,14 @@ def fwd_and_fwd_bwd(fn: Callable[[], torch.Tensor], leaves) -> tuple[float, floa
         fn().backward(grad)
 
     grad = torch.randn_like(fn().detach())
-    return time_ms(fwd, max_reps=30), time_ms(fwd_bwd, max_reps=30)
+    fw, fb = time_ms(fwd, max_reps=30), time_ms(fwd_bwd, max_reps=30)
+    if not graph:
+        return fw, fb, None
+    try:
+        return fw, fb, time_graph_ms(fwd_bwd, 20)
+    except Exception as exc:  # noqa: BLE001 -- reported, not hidden
+        print(f"CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+        return fw, fb, None
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -146,28 +163,37 @@ def check_against_reference(heads: int, dim: int, g: torch.Tensor, config) -> li
 
 
 def kernel_table(seqs, batch, heads, dim, g, configs: dict[str, LinearTritonConfig]) -> list[str]:
+    """Ours against fla's ``chunk_simple_gla`` per length; the ratios are fla's time over ours,
+    from the synced timing and from the CUDA-graph replay (no host launch time)."""
     rows = [
-        "| S | impl | fwd ms | fwd+bwd ms | Mtok/s fwd | Mtok/s fwd+bwd | vs fla fwd+bwd |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        ("| S | impl | fwd ms | fwd+bwd ms | fwd+bwd ms, graph | Mtok/s fwd | Mtok/s fwd+bwd "
+         "| vs fla fwd+bwd | vs fla, graph |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def ms(x):
+        return f"{x:.2f}" if x is not None else "n/a"
+
+    def ratio(base, x):
+        return f"{base / x:.2f}x" if base is not None and x is not None else "-"
+
     for S in seqs:
         shape = Shape(batch, S, heads, dim)
         q, k, v = inputs(shape)
         tokens = batch * S
-        fla_fb = None
+        fla_fb = fla_graph = None
         if chunk_simple_gla is not None:
             with torch.no_grad():
                 err = rel_err(ours(q, k, v, g, next(iter(configs.values()))), fla(q, k, v, g))
-            fw, fb = fwd_and_fwd_bwd(partial(fla, q, k, v, g), (q, k, v))
-            fla_fb = fb
-            rows.append(f"| {S} | fla chunk_simple_gla | {fw:.2f} | {fb:.2f} | {tokens / fw / 1e3:.1f} | "
-                        f"{tokens / fb / 1e3:.1f} | 1.00x |")
+            fw, fla_fb, fla_graph = fwd_and_fwd_bwd(partial(fla, q, k, v, g), (q, k, v))
+            rows.append(f"| {S} | fla chunk_simple_gla | {fw:.2f} | {fla_fb:.2f} | {ms(fla_graph)} "
+                        f"| {tokens / fw / 1e3:.1f} | {tokens / fla_fb / 1e3:.1f} | 1.00x | 1.00x |")
             print(f"S={S}: longctx vs fla rel. error {err:.2e}", flush=True)
         for name, config in configs.items():
-            fw, fb = fwd_and_fwd_bwd(partial(ours, q, k, v, g, config), (q, k, v))
-            ratio = f"{fla_fb / fb:.2f}x" if fla_fb else "-"
-            rows.append(f"| {S} | longctx {name} | {fw:.2f} | {fb:.2f} | {tokens / fw / 1e3:.1f} | "
-                        f"{tokens / fb / 1e3:.1f} | {ratio} |")
+            fw, fb, graph = fwd_and_fwd_bwd(partial(ours, q, k, v, g, config), (q, k, v))
+            rows.append(f"| {S} | longctx {name} | {fw:.2f} | {fb:.2f} | {ms(graph)} "
+                        f"| {tokens / fw / 1e3:.1f} | {tokens / fb / 1e3:.1f} "
+                        f"| {ratio(fla_fb, fb)} | {ratio(fla_graph, graph)} |")
         print(rows[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
@@ -213,8 +239,8 @@ def crossover_table(seqs, batch, heads, dim, g, config) -> list[str]:
     ]
     for S in seqs:
         q, k, v = inputs(Shape(batch, S, heads, dim))
-        _, lin = fwd_and_fwd_bwd(partial(ours, q, k, v, g, config), (q, k, v))
-        _, den = fwd_and_fwd_bwd(partial(dense, q, k, v), (q, k, v))
+        _, lin, _ = fwd_and_fwd_bwd(partial(ours, q, k, v, g, config), (q, k, v), graph=False)
+        _, den, _ = fwd_and_fwd_bwd(partial(dense, q, k, v), (q, k, v), graph=False)
         per = 1e6 / (batch * S)  # ms -> ns per token
         rows.append(f"| {S} | {lin * per:.1f} | {den * per:.1f} | {den / lin:.2f} |")
         print(rows[-1], flush=True)
@@ -233,10 +259,12 @@ def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
             profile: bool = False) -> dict:
     """Rank body (also called with ``group=None`` for one GPU): fwd+bwd ms of strategy 'linear'.
 
-    Two timings with the same repeat count on every rank: ``synced``, a barrier and a host sync
-    around every step (the GPU starts each step idle, so host-side launch time shows), and
-    ``stream``, 20 steps queued back to back after one barrier (as in training, where the host
-    runs ahead of the GPU). ``profile``: the CUDA time per kernel of 5 back-to-back steps.
+    Three timings with the same repeat count on every rank (``benchmarks/timing.py``):
+    ``synced``, a barrier and a host sync around every step (the GPU starts each step idle, so
+    host-side launch time shows); ``stream``, 20 steps queued back to back after one barrier (as
+    in training), with the host ms to queue a step; ``graph``, the step captured in a CUDA graph
+    and replayed (the GPU time once the host runs ahead; a string when the capture failed).
+    ``profile``: the CUDA time per kernel of 5 back-to-back steps.
     """
     from longctx.kernels.linear_triton import LinearTriton
     from longctx.parallel.strategies.linear import linear_attention
@@ -252,28 +280,22 @@ def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
             t.grad = None
         linear_attention(q, k, v, group, log_decay=g, kernel=kernel).backward(grad)
 
-    def synced_step():
+    def barrier():
         if group is not None:
             dist.barrier(group)
-        step()
 
-    synced = time_ms_fixed(synced_step, reps=10)  # the same count on every rank
-    _progress(rank, f"synced timing done: {synced:.2f} ms")
-    reps = 20
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    if group is not None:
-        dist.barrier(group)
-    start.record()
-    host_start = time.perf_counter()
-    for _ in range(reps):
+    for _ in range(2):  # warm-up: compilation, allocator, caches
         step()
-    host = (time.perf_counter() - host_start) * 1e3 / reps  # ms the host needs to queue a step
-    end.record()
-    torch.cuda.synchronize()
+    synced = time_synced_ms(step, 10, barrier)  # the same count on every rank
+    _progress(rank, f"synced timing done: {synced:.2f} ms")
+    stream, host = time_stream_ms(step, 20, barrier)  # host: ms the host needs to queue a step
     _progress(rank, "stream timing done")
-    result = {"synced": synced, "stream": start.elapsed_time(end) / reps, "host": host,
-              "kernels": []}
+    try:
+        graph = time_graph_ms(step, 20, barrier)
+    except Exception as exc:  # noqa: BLE001 -- reported in the table, not hidden
+        graph = f"capture failed: {type(exc).__name__}: {str(exc)[:80]}"
+    _progress(rank, "graph timing done")
+    result = {"synced": synced, "stream": stream, "host": host, "graph": graph, "kernels": []}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -301,7 +323,11 @@ def cp_table(tokens: int, batch: int, heads: int, dim: int, chunk: int) -> list[
         "| efficiency | host ms to queue a step |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for timing in ("synced", "stream"):
+    failed = [r["graph"] for r in (one, *per_rank) if isinstance(r["graph"], str)]
+    for timing in ("synced", "stream", "graph"):
+        if timing == "graph" and failed:
+            rows.append(f"| graph timing not made | | | graph | {failed[0]} | | | |")
+            continue
         t_one = one[timing]
         t_cp = max(r[timing] for r in per_rank)
         host_one = f"{one['host']:.2f}" if timing == "stream" else ""

@@ -27,6 +27,9 @@ CP has no document masks), so the FLOPs are the same. Reported per mode: median 
 with causal attention, 989 TFLOP/s peak per H100/H200), peak memory per GPU, the first and last
 loss (equal across modes up to bf16 rounding at the same step: same weights, same data).
 
+``--profile`` adds one profiled step per mode after the timed ones: CUDA time per kernel category
+(attention, GEMM, NCCL by collective, torch.compile's kernels, other) and the top kernels.
+
 ``--set KEY=VALUE`` overrides the config as in ``longctx train`` (e.g. ``model.seq_length=1048576``
 for the longest-context run). Writes the table to ``--out`` (markdown) on rank 0.
 """
@@ -117,6 +120,67 @@ def max_error_over_ranks(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(err)
 
 
+# kernel-name fragments (lower case) that put a CUDA kernel in a category of the --profile table;
+# the first match wins, the rest is "other" (norms, RoPE, casts, the loss, the optimizer, ...)
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "sdpa", "attn", "cudnn")),
+    ("nccl", ("nccl",)),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul")),
+    ("torch.compile", ("triton_",)),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(f in low for f in fragments):
+            if category == "nccl":  # ncclDevKernel_AllGather_RING_LL -> nccl AllGather
+                parts = name.split("_")
+                return f"nccl {parts[1]}" if len(parts) > 1 else "nccl"
+            return category
+    return "other"
+
+
+def _union_ms(spans) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def profile_step(trainer: Trainer, top: int = 12) -> list[str]:
+    """One training step under torch's profiler on this rank: CUDA time per kernel category, the
+    time the GPU computes (compute kernels' union, NCCL excluded) against the step's wall time,
+    and the top kernels.  Markdown rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = trainer.next_micro_batches()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        m = trainer.train_step(batches)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_cat: dict[str, float] = {}
+    for e in kernels:
+        cat = _category(e.name)
+        per_cat[cat] = per_cat.get(cat, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
+    compute = [(e.time_range.start, e.time_range.end) for e in kernels
+               if not e.name.lower().startswith("nccl")]
+    wall_ms = m.seconds * 1e3
+    rows = [(f"step wall {wall_ms:.0f} ms; GPU computing (union of non-NCCL kernels) "
+             f"{_union_ms(compute):.0f} ms"), "",
+            "| category | CUDA ms | of the step |", "| --- | --- | --- |"]
+    rows += [f"| {cat} | {ms:.1f} | {100 * ms / wall_ms:.1f}% |"
+             for cat, ms in sorted(per_cat.items(), key=lambda kv: -kv[1])]
+    rows += ["", "| kernel | category | calls | CUDA ms |", "| --- | --- | --- | --- |"]
+    averages = sorted(prof.key_averages(), key=lambda a: -a.device_time_total)
+    rows += [f"| `{a.key[:80]}` | {_category(a.key)} | {a.count} | {a.device_time_total / 1e3:.1f} |"
+             for a in averages[:top] if a.device_time_total > 0]
+    return rows
+
+
 def run_mode(mode: str, args, overrides: list[str]) -> dict:
     kind, _, choice = mode.partition(":")
     extra = [
@@ -155,6 +219,8 @@ def run_mode(mode: str, args, overrides: list[str]) -> dict:
                 if trainer.env.is_main:
                     print(f"  [{mode}] step {i + 1}: {m.seconds:.2f} s, loss {m.loss:.4f}",
                           flush=True)
+            if args.profile:
+                result["profile"] = profile_step(trainer)
         step_s = statistics.median(times) if times else float("nan")
         tok_s = trainer.tokens_per_step / step_s
         result |= {
@@ -186,6 +252,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
                         metavar="KEY=VALUE")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, one more step under torch's profiler per "
+                             "mode: CUDA time per kernel category and the top kernels (rank 0)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.md"))
     args = parser.parse_args()
     overrides = [o for group in args.overrides for o in group]
@@ -221,6 +290,9 @@ def main() -> None:
                 f"{r['tok_s'] / 1e3:.1f}k | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | "
                 f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} | {check} |"
             )
+        for r in results:
+            if r.get("profile"):
+                rows += ["", f"### profile of one step, {r['mode']}, rank 0", "", *r["profile"]]
         rows.append(f"\n(took {time.time() - t0:.0f}s)")
         text = "\n".join(rows) + "\n"
         print(text, flush=True)

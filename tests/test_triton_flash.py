@@ -16,7 +16,7 @@ from longctx.kernels.dispatch import AutoKernel, select_kernel
 from longctx.kernels.mask import BlockSparse, Mask, Positions
 from longctx.kernels.reference import TorchReference
 from longctx.kernels.triton_flash import TileConfig, TritonFlash, TritonFlashConfig
-from longctx.kernels.vendor import VendorSDPA, vendor_mask_mode
+from longctx.kernels.vendor import CausalSplit, VendorSDPA, vendor_mask_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -366,6 +366,47 @@ def test_gpu_vendor_matches_reference(backend, Sq, Sk, mask, q_spec, k_spec, kv_
         torch.testing.assert_close(g, g32.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
 
 
+def test_causal_split_spans_and_errors():
+    import doctest
+
+    for test in doctest.DocTestFinder().find(CausalSplit):  # the docstring's example
+        assert doctest.DocTestRunner().run(test).failed == 0
+    split = CausalSplit(min_queries=1000, chunk=300)
+    assert split.spans(999) == [(0, 999)]  # below min_queries: one call
+    assert split.spans(1000) == [(0, 300), (300, 600), (600, 900), (900, 1000)]
+    assert CausalSplit(min_queries=None).spans(10**7) == [(0, 10**7)]
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        CausalSplit(chunk=0)
+    with pytest.raises(ValueError, match="min_queries must be >= 1 or None"):
+        CausalSplit(min_queries=0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa"])
+def test_gpu_vendor_causal_split_backward_matches_reference(backend, kv_heads):
+    """The backward of a causal call run by query chunks (uneven last chunk) gives the reference
+    gradients and those of the unsplit backward."""
+    S = 1100
+    q, k, v, dout = _inputs(1, S, S, 8, kv_heads, 128, torch.bfloat16, device="cuda", seed=3)
+    pos = dict(mask=Mask(causal=True))
+    split = VendorSDPA(backend, CausalSplit(min_queries=512, chunk=384))
+    whole = VendorSDPA(backend, CausalSplit(min_queries=None))
+    assert len(split.split.spans(S)) == 3
+    out, lse = split.forward(q, k, v, scale=0.1, **pos)
+    f32 = [t.float() for t in (q, k, v, dout)]
+    r_out, r_lse = TorchReference().forward(*f32[:3], scale=0.1, **pos)
+    r_grads = TorchReference().backward(f32[3], *f32[:3], r_out, r_lse, scale=0.1, **pos)
+    w_grads = whole.backward(dout, q, k, v, out, lse, scale=0.1, **pos)
+    for grad_dtype in (None, torch.bfloat16):
+        grads = split.backward(dout, q, k, v, out, lse, scale=0.1, grad_dtype=grad_dtype, **pos)
+        for name, g, r, w in zip(("dq", "dk", "dv"), grads, r_grads, w_grads):
+            assert g.dtype == (grad_dtype or torch.float32) and g.shape == r.shape, name
+            assert _rel(g, r) < 2e-2, (name, _rel(g, r))
+            torch.testing.assert_close(g.float(), w, rtol=2e-2, atol=2e-2)
+
+
 @gpu
 @pytest.mark.gpu
 def test_gpu_dispatch_explains_choice():
@@ -375,7 +416,7 @@ def test_gpu_dispatch_explains_choice():
     kernel, why = select_kernel(q, Mask(causal=True, window=64), explain=True)
     assert kernel.name == "triton" and "vendor" in why
     kernel, why = select_kernel(q, Mask(causal=True), kv_heads=2, explain=True)
-    assert kernel.name == "sdpa", why  # GQA through expanded K/V
+    assert kernel.name == "sdpa", why  # GQA: cuDNN's own, FA2 through expanded K/V
     bs = BlockSparse(128, torch.ones(2, 2, dtype=torch.bool))
     kernel, why = select_kernel(q, Mask(block_sparse=bs), explain=True)
     assert kernel.name == "reference" and "block-sparse" in why

@@ -18,9 +18,18 @@ to one of those on global positions:
   key follows every query (an empty block: ``out = 0``, ``lse = -inf``, zero gradients, no call),
   or when queries and keys are the same contiguous run (the diagonal block).
 
-GQA (``H = g * Hkv``) runs with K/V expanded to ``H`` heads (one copy of K and V per call; dK/dV
-summed back over each group in float32): on an H200 at 128k tokens that is ~1.3x faster than
-the Triton kernel reading the groups in place (``benchmarks/RESULTS.md``, issue 6).
+GQA (``H = g * Hkv``): cuDNN takes the grouped K/V as they are and returns dK/dV per kv head;
+FlashAttention-2 runs with K/V expanded to ``H`` heads (one copy of K and V per call; dK/dV summed
+back over each group in float32).  Measured on an H100 (torch 2.11, cuDNN 9.19), cuDNN's own GQA
+beats expanding by 4-20% in the forward and 0-14% in the backward, most at short lengths.
+
+The backward of a long aligned-causal call is split by query chunks (:class:`CausalSplit`): chunk
+``i`` is the backward of one causal call on its own keys and of one full call on every earlier
+key, both from the global ``out``/``lse``, with the pieces' gradients summed in float32.  cuDNN's
+full-mask backward runs faster per FLOP than its long causal one; measured on an H200 (torch 2.11),
+the backward of a 128k-token causal call (8/2 heads, D=64) takes 4% less time in 32k-query
+chunks, 7% at 256k, while at 32k one call is fastest.  The forward always runs as one call: split
+the same way, the merges cost what the kernels gained.
 
 Anything else (windows, documents, block-sparse, striped or offset diagonals), float32/float64,
 or CPU tensors is refused with the reason; :func:`longctx.kernels.dispatch.select_kernel` asks
@@ -39,17 +48,24 @@ Example::
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .base import (
-    check_qkv, default_positions, expand_kv_heads, grad_dtype_for, register_kernel, sum_kv_groups,
+    check_qkv,
+    default_positions,
+    expand_kv_heads,
+    grad_dtype_for,
+    register_kernel,
+    sum_kv_groups,
 )
 from .mask import Mask, Positions
 
-__all__ = ["VendorSDPA", "vendor_mask_mode"]
+__all__ = ["CausalSplit", "VendorSDPA", "vendor_mask_mode"]
 
 Backend = Literal["auto", "cudnn", "flash"]
 CUDNN_MIN_QUERIES = 128  # shorter query blocks (decode) go to FlashAttention-2 under "auto"
@@ -86,6 +102,41 @@ def vendor_mask_mode(mask: Mask, q_pos: Positions, k_pos: Positions) -> str | No
     return None
 
 
+@dataclass(frozen=True)
+class CausalSplit:
+    """When :class:`VendorSDPA` runs the backward of an aligned-causal call by query chunks (see
+    the module docstring).
+
+    Attributes:
+        min_queries: split calls with at least this many queries; None never splits.
+        chunk: query tokens per chunk (the last one may be shorter).
+
+    Example::
+
+        >>> CausalSplit().spans(32768), CausalSplit().spans(65536)
+        ([(0, 32768)], [(0, 32768), (32768, 65536)])
+        >>> CausalSplit(min_queries=1024, chunk=512).spans(1300)
+        [(0, 512), (512, 1024), (1024, 1300)]
+    """
+
+    min_queries: int | None = 65536
+    chunk: int = 32768
+
+    def __post_init__(self) -> None:
+        if self.min_queries is not None and self.min_queries < 1:
+            raise ValueError(f"CausalSplit.min_queries must be >= 1 or None, got {self.min_queries}")
+        if self.chunk < 1:
+            raise ValueError(f"CausalSplit.chunk must be >= 1, got {self.chunk}")
+
+    def spans(self, queries: int) -> list[tuple[int, int]]:
+        """``[(start, end), ...]`` query chunks of a causal call with ``queries`` queries (one span
+        when it is not split)."""
+        if self.min_queries is None or queries < self.min_queries or queries <= self.chunk:
+            return [(0, queries)]
+        n = math.ceil(queries / self.chunk)
+        return [(i * self.chunk, min((i + 1) * self.chunk, queries)) for i in range(n)]
+
+
 def _cudnn_usable(q: Tensor) -> bool:
     if not torch.backends.cudnn.is_available():
         return False
@@ -99,18 +150,20 @@ class VendorSDPA:
     Args:
         backend: ``"cudnn"``, ``"flash"`` or ``"auto"`` (cuDNN where usable and the query block
             has at least ``CUDNN_MIN_QUERIES`` tokens, FlashAttention-2 otherwise).
+        split: when the backward of a long aligned-causal call runs by query chunks
+            (:class:`CausalSplit`).
 
     Only full and aligned-causal masks, float16/bfloat16 CUDA tensors and head dims that are
-    multiples of 8 up to 256 (cuDNN: up to 128); GQA through expanded K/V.  See the module
-    docstring.
+    multiples of 8 up to 256 (cuDNN: up to 128).  See the module docstring.
     """
 
     name = "sdpa"
 
-    def __init__(self, backend: Backend = "auto"):
+    def __init__(self, backend: Backend = "auto", split: CausalSplit = CausalSplit()):
         if backend not in ("auto", "cudnn", "flash"):
             raise ValueError(f"backend must be 'auto', 'cudnn' or 'flash', got {backend!r}")
         self.backend = backend
+        self.split = split
 
     # -- support ----------------------------------------------------------------------------------
     def _backend_for(self, q: Tensor) -> str:
@@ -161,29 +214,14 @@ class VendorSDPA:
         self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Mask = Mask(),
         q_pos: Positions | None = None, k_pos: Positions | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``q [B, Sq, H, D]``, ``k``/``v [B, Sk, H, D]`` -> ``out [B, Sq, H, D]``,
+        """``q [B, Sq, H, D]``, ``k``/``v [B, Sk, H_kv, D]`` -> ``out [B, Sq, H, D]``,
         ``lse [B, H, Sq]``."""
         mode, backend = self._prepare(q, k, v, mask, q_pos, k_pos)
         B, Sq, H, _ = q.shape
         if mode == "empty":
             out = torch.zeros_like(q)
             return out, torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
-        k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)
-        # the ops take [B, H, S, D]: transposed views of [B, S, H, D], no copy
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        causal = mode == "causal"
-        if backend == "cudnn":
-            res = _aten._scaled_dot_product_cudnn_attention(
-                qt, kt, vt, None, True, 0.0, causal, False, scale=scale
-            )
-            out_t, lse = res[0], res[1].reshape(B, H, Sq)  # [B, H, Sq, 1] -> [B, H, Sq]
-        else:
-            res = _aten._scaled_dot_product_flash_attention(
-                qt, kt, vt, 0.0, causal, False, scale=scale
-            )
-            out_t, lse = res[0], res[1]
-        out = out_t.transpose(1, 2)  # [B, H, Sq, D] -> [B, Sq, H, D]
-        return out, lse.to(torch.float32)
+        return _forward_call(q, k, v, mode == "causal", backend, scale)
 
     # -- backward ---------------------------------------------------------------------------------
     def backward(
@@ -192,39 +230,98 @@ class VendorSDPA:
         k_pos: Positions | None = None, grad_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Gradients from the global ``out``/``lse`` (see the contract), in ``grad_dtype``
-        (default float32); ``grad_dtype=q.dtype`` returns cuDNN's/FA2's own gradients uncast."""
+        (default float32); ``grad_dtype=q.dtype`` returns cuDNN's/FA2's own gradients uncast
+        (for one unsplit call without expanded kv heads)."""
         mode, backend = self._prepare(q, k, v, mask, q_pos, k_pos)
-        B, Sq, H, _ = q.shape
-        Sk = k.shape[1]
+        Sq = q.shape[1]
         dtype = grad_dtype_for(q, grad_dtype)
         if mode == "empty":
             z = lambda t: torch.zeros(t.shape, dtype=dtype, device=t.device)  # noqa: E731
             return z(q), z(k), z(v)
-        kv_heads = k.shape[2]
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, expand_kv_heads(k, H), expand_kv_heads(v, H)))
-        dot, ot = dout.to(q.dtype).transpose(1, 2), out.to(q.dtype).transpose(1, 2)
-        causal = mode == "causal"
-        lse = lse.to(torch.float32)
-        # None = an undefined tensor: no bias, not varlen (a defined cum_seq_* selects varlen).
-        # The dropout RNG state is unused at p = 0 but must be a defined tensor.
-        if backend == "cudnn":
-            if dot.stride() != ot.stride():  # cuDNN wants dout laid out like out
-                dot = torch.empty_like(ot).copy_(dot)
-            seed = torch.zeros((), dtype=torch.long, device=q.device)
-            grads = _aten._scaled_dot_product_cudnn_attention_backward(
-                dot, qt, kt, vt, ot, lse.reshape(B, H, Sq, 1).contiguous(),  # [B, H, Sq, 1]
-                seed, seed, None, None, None, Sq, Sk, 0.0, causal, scale=scale,
-            )
-        else:
-            seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-            offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-            grads = _aten._scaled_dot_product_flash_attention_backward(
-                dot, qt, kt, vt, ot, lse.contiguous(), None, None, Sq, Sk, 0.0, causal,
-                seed, offset, scale=scale,
-            )
-        # [B, H, S, D] -> [B, S, H, D]; float32 (the default) for accumulation over ring steps
-        dq, dk, dv = (g.transpose(1, 2) for g in grads[:3])
-        return dq.to(dtype), sum_kv_groups(dk, kv_heads, dtype), sum_kv_groups(dv, kv_heads, dtype)
+        dout, out, lse = dout.to(q.dtype), out.to(q.dtype), lse.to(torch.float32)
+        spans = self.split.spans(Sq) if mode == "causal" else [(0, Sq)]
+        if len(spans) == 1:
+            grads = _backward_call(dout, q, k, v, out, lse, mode == "causal", backend, scale,
+                                   dtype)
+            return tuple(g.to(dtype) for g in grads)
+        acc = torch.float32  # the pieces' dK/dV (and the two dQ parts) are summed in float32
+        dq = torch.empty(q.shape, dtype=dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for a, b in spans:
+            rows = (dout[:, a:b], q[:, a:b])
+            dq_a, dk_a, dv_a = _backward_call(*rows, k[:, a:b], v[:, a:b], out[:, a:b],
+                                              lse[:, :, a:b], True, backend, scale, acc)
+            dk[:, a:b] += dk_a
+            dv[:, a:b] += dv_a
+            if a:
+                dq_p, dk_p, dv_p = _backward_call(*rows, k[:, :a], v[:, :a], out[:, a:b],
+                                                  lse[:, :, a:b], False, backend, scale, acc)
+                dq_a = dq_a.to(acc) + dq_p
+                dk[:, :a] += dk_p
+                dv[:, :a] += dv_p
+            dq[:, a:b] = dq_a
+        return dq, dk.to(dtype), dv.to(dtype)
+
+
+def _native_gqa(backend: str) -> bool:
+    """cuDNN takes K/V with fewer heads than Q; torch's FlashAttention-2 op needs them expanded."""
+    return backend == "cudnn"
+
+
+def _forward_call(q: Tensor, k: Tensor, v: Tensor, causal: bool, backend: str,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """One vendor call: ``q [B, Sq, H, D]``, ``k``/``v [B, Sk, H_kv, D]`` (any strides) ->
+    ``out [B, Sq, H, D]`` (a transposed view), ``lse [B, H, Sq]`` float32."""
+    B, Sq, H, _ = q.shape
+    if not _native_gqa(backend):
+        k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)
+    # the ops take [B, H, S, D]: transposed views of [B, S, H, D], no copy
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if backend == "cudnn":
+        res = _aten._scaled_dot_product_cudnn_attention(
+            qt, kt, vt, None, True, 0.0, causal, False, scale=scale
+        )
+        out_t, lse = res[0], res[1].reshape(B, H, Sq)  # [B, H, Sq, 1] -> [B, H, Sq]
+    else:
+        res = _aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
+        out_t, lse = res[0], res[1]
+    return out_t.transpose(1, 2), lse.to(torch.float32)  # [B, H, Sq, D] -> [B, Sq, H, D]
+
+
+def _backward_call(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   causal: bool, backend: str, scale: float,
+                   group_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of one :func:`_forward_call` from the given (global) ``out``/``lse``:
+    ``dq [B, Sq, H, D]``, ``dk``/``dv [B, Sk, H_kv, D]`` as the op returns them (transposed views,
+    the input dtype), except dK/dV of expanded kv heads: summed over each group in float32 and
+    returned in ``group_dtype``."""
+    B, Sq, H, _ = q.shape
+    Sk, kv_heads = k.shape[1], k.shape[2]
+    if not _native_gqa(backend):
+        k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)
+    qt, kt, vt, dot, ot = (t.transpose(1, 2) for t in (q, k, v, dout, out))
+    # None = an undefined tensor: no bias, not varlen (a defined cum_seq_* selects varlen).
+    # The dropout RNG state is unused at p = 0 but must be a defined tensor.
+    if backend == "cudnn":
+        if dot.stride() != ot.stride():  # cuDNN wants dout laid out like out
+            dot = torch.empty_like(ot).copy_(dot)
+        seed = torch.zeros((), dtype=torch.long, device=q.device)
+        grads = _aten._scaled_dot_product_cudnn_attention_backward(
+            dot, qt, kt, vt, ot, lse.reshape(B, H, Sq, 1).contiguous(),  # [B, H, Sq, 1]
+            seed, seed, None, None, None, Sq, Sk, 0.0, causal, scale=scale,
+        )
+    else:
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        grads = _aten._scaled_dot_product_flash_attention_backward(
+            dot, qt, kt, vt, ot, lse.contiguous(), None, None, Sq, Sk, 0.0, causal,
+            seed, offset, scale=scale,
+        )
+    dq, dk, dv = (g.transpose(1, 2) for g in grads[:3])  # [B, H, S, D] -> [B, S, H, D]
+    if dk.shape[2] != kv_heads:
+        dk, dv = sum_kv_groups(dk, kv_heads, group_dtype), sum_kv_groups(dv, kv_heads, group_dtype)
+    return dq, dk, dv
 
 
 register_kernel("sdpa", VendorSDPA)
