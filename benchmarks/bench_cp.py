@@ -257,10 +257,15 @@ def profile_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, 
     return {**overlap, "kernels": top_kernels(prof.key_averages(), steps)}
 
 
-def _parse_spec(spec: str) -> tuple[str, str, int | None]:
-    """``strategy:layout`` or ``ulysses:layout:N`` -> (strategy, layout, head chunks or None)."""
-    strategy, layout, *chunks = spec.split(":")
-    return strategy, layout, int(chunks[0]) if chunks else None
+def _parse_spec(spec: str, ulysses: int) -> tuple[str, str, int, int | None]:
+    """``strategy:layout``, ``ulysses:layout:N`` (N pipelined head chunks) or ``hybrid:layout:U``
+    (U ranks per Ulysses group; default ``ulysses``) -> (strategy, layout, Ulysses group size,
+    head chunks or None)."""
+    strategy, layout, *n = spec.split(":")
+    n = int(n[0]) if n else None
+    if strategy == "hybrid":
+        return strategy, layout, n or ulysses, None
+    return strategy, layout, ulysses, n
 
 
 def _label(strategy, layout, ulysses, head_chunks) -> str:
@@ -301,11 +306,11 @@ def _timing_rows(mesh, args, world, u):
                                   timing=args.timing)
             new = [_row(f"longctx {args.kernel} 1 GPU", *common, 1, one, one)]
             for spec in args.strategies:
-                strategy, layout, head_chunks = _parse_spec(spec)
-                times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, args.repeats, u,
+                strategy, layout, uu, head_chunks = _parse_spec(spec, u)
+                times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, args.repeats, uu,
                                  head_chunks, args.timing)
                 slowest = max(times, key=lambda t: t["fwd_bwd"])
-                name = f"longctx {_label(strategy, layout, u, head_chunks)} x{world}"
+                name = f"longctx {_label(strategy, layout, uu, head_chunks)} x{world}"
                 new.append(_row(name, *common, world, slowest, one))
             for spec in args.torch_native:
                 backend, rotate = spec.split(":")
@@ -339,10 +344,10 @@ def _profile_rows(mesh, args, world, u):
         "| --- | --- | --- | --- | --- |",
     ]
     for spec in args.profile:
-        strategy, layout, head_chunks = _parse_spec(spec)
+        strategy, layout, uu, head_chunks = _parse_spec(spec, u)
         per_rank = mesh.run(profile_on_rank, strategy, layout, seq, heads, kv_heads, args.dim,
-                            args.kernel, u, head_chunks)
-        run = f"{_label(strategy, layout, u, head_chunks)} S={seq} H={heads}/{kv_heads}"
+                            args.kernel, uu, head_chunks)
+        run = f"{_label(strategy, layout, uu, head_chunks)} S={seq} H={heads}/{kv_heads}"
         for r, o in enumerate(per_rank):
             frac = o["overlapped_ms"] / o["comm_ms"] if o["comm_ms"] else 1.0
             overlap_rows.append(f"| {run} rank {r} | {o['comm_ms']:.2f} | {o['overlapped_ms']:.2f} ({100 * frac:.0f}%) | {o['compute_ms']:.2f} |")
@@ -372,7 +377,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--strategies", nargs="+",
-        help="strategy:layout, or ulysses:layout:N for N pipelined head chunks",
+        help="strategy:layout; ulysses:layout:N for N pipelined head chunks; hybrid:layout:U for "
+             "U ranks per Ulysses group (default 2)",
         default=["ring:contiguous", "zigzag:zigzag", "striped:striped", "allgather:zigzag", "ulysses:zigzag", "hybrid:zigzag"],
     )
     parser.add_argument("--torch-native", nargs="*", default=["cudnn:alltoall", "cudnn:allgather", "flash:alltoall", "flash:allgather"])

@@ -345,11 +345,24 @@ def test_eval_predictions_under_cp_equal_one_process(mesh4, base):
 
 
 # -- TP x CP x DP on 8 processes -----------------------------------------------------------------
-def test_tp2_cp2_dp2_on_8_processes_matches_one_process(base):
-    """Two full steps (AdamW included) on dp=2 x cp=2 x tp=2 with FSDP2: the same losses."""
-    ref, _ = _train(small_config(base, "train.steps=2"))
-    cfg = small_config(base, "train.steps=2", "parallel.dp=2", "parallel.cp=2", "parallel.tp=2",
-                       "parallel.fsdp=true", "train.grad_accum_steps=1")
+TP_MESHES = {
+    "dp2-cp2-tp2": ["parallel.dp=2", "parallel.cp=2", "train.grad_accum_steps=1"],
+    # the 8B config's shape of parallelism: Ulysses inside each TP rank's heads, untied output
+    # weights, full recomputation
+    "cp4-tp2-ulysses-untied-full-ac": [
+        "parallel.cp=4", "parallel.strategy=ulysses", "parallel.activation_checkpointing=full",
+    ],
+}
+TP_MODEL = ["model.num_attention_heads=8", "model.untie_embeddings_and_output_weights=true"]
+
+
+@pytest.mark.parametrize("name", list(TP_MESHES))
+def test_tp2_on_8_processes_matches_one_process(base, name):
+    """Two full steps (AdamW included) with tp=2 and FSDP2 on 8 processes: the same losses."""
+    model = TP_MODEL if "untied" in name else []
+    ref, _ = _train(small_config(base, "train.steps=2", *model))
+    cfg = small_config(base, "train.steps=2", "parallel.tp=2", "parallel.fsdp=true", *model,
+                       *TP_MESHES[name])
     with SimulatedMesh(8) as mesh8:
         results = mesh8.run(_rank_train, cfg)
     for losses, final_step in results:
