@@ -10,13 +10,13 @@ bf16, B=1, causal, median ms of ``--repeats`` synced repeats after a warm-up.  P
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+from timing import time_synced_ms  # benchmarks/timing.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,17 +30,9 @@ SPLIT_SHAPES = [(32768, 4, 1, 128), (65536, 8, 2, 64), (131072, 8, 2, 64), (1310
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median synced ms of ``fn`` after one warm-up call."""
     fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_synced_ms(fn, repeats)
 
 
 def randn_bhsd(heads: int, seq: int, dim: int) -> torch.Tensor:
