@@ -101,10 +101,11 @@ def attention(
 
 
 def choose_strategy(q: Tensor, k: Tensor, mesh_or_group=None, *, layout=None, mask=None) -> str:
-    """The strategy ``strategy="auto"`` runs, from the 4x H200 measurements in RESULTS.md.
+    """The strategy ``strategy="auto"`` runs, from the 4x and 8x H200 measurements in RESULTS.md.
 
-    Ulysses when the heads split over the group (it led at every length and head layout we
-    measured: one all-to-all pair instead of P ring steps, one long kernel call); otherwise the
+    Ulysses when the heads split over the group (on one group it led at every length and head
+    layout we measured, 32k to 512k: one all-to-all pair instead of P ring steps, one long kernel
+    call; only the 2-D hybrid, which needs a mesh, beat it: at 512k on 8 GPUs, by 3%); otherwise the
     ring variant that balances causal work on the inputs' layout (zigzag, striped), else the ring.
 
     Example::
