@@ -124,7 +124,9 @@ class CausalSplit:
 
     def __post_init__(self) -> None:
         if self.min_queries is not None and self.min_queries < 1:
-            raise ValueError(f"CausalSplit.min_queries must be >= 1 or None, got {self.min_queries}")
+            raise ValueError(
+                f"CausalSplit.min_queries must be >= 1 or None, got {self.min_queries}"
+            )
         if self.chunk < 1:
             raise ValueError(f"CausalSplit.chunk must be >= 1, got {self.chunk}")
 
