@@ -21,7 +21,8 @@ to one of those on global positions:
 GQA (``H = g * Hkv``): cuDNN takes the grouped K/V as they are and returns dK/dV per kv head;
 FlashAttention-2 runs with K/V expanded to ``H`` heads (one copy of K and V per call; dK/dV summed
 back over each group in float32).  Measured on an H100 (torch 2.11, cuDNN 9.19), cuDNN's own GQA
-beats expanding by 4-20% in the forward and 0-14% in the backward, most at short lengths.
+beats expanding by 4-20% in the forward and by up to 14% in the backward (equal at 128k),
+most at short lengths.
 
 The backward of a long aligned-causal call is split by query chunks (:class:`CausalSplit`): chunk
 ``i`` is the backward of one causal call on its own keys and of one full call on every earlier
