@@ -88,7 +88,7 @@ def time_fwd_bwd(group, strategy, layout, seq, heads, kv_heads, dim, kernel, rep
 def timing_table(mesh: SimulatedMesh, seq: int, kernels: list[str]) -> list[str]:
     heads, kv_heads, dim = 16, 16, 128
     flops_fwd = 4 * seq * seq * heads * dim / 2  # causal
-    rows = [f"| kernel | run | total S | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s per GPU |",
+    rows = ["| kernel | run | total S | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s per GPU |",
             "| --- | --- | --- | --- | --- | --- |"]
     for kernel in kernels:
         one = time_fwd_bwd(None, "ring", "contiguous", seq, heads, kv_heads, dim, kernel)
