@@ -134,8 +134,8 @@ def _category(name: str) -> str:
     low = name.lower()
     for category, fragments in KERNEL_CATEGORIES:
         if any(f in low for f in fragments):
-            if category == "nccl":  # ncclDevKernel_AllGather_RING_LL -> nccl AllGather
-                parts = name.split("_")
+            if category == "nccl":  # ncclDevKernel_AllGather_RING_LL(...) -> nccl AllGather
+                parts = name.split("(")[0].split("_")
                 return f"nccl {parts[1]}" if len(parts) > 1 else "nccl"
             return category
     return "other"
