@@ -16,9 +16,7 @@ import torch.distributed as dist
 import longctx
 from longctx.parallel.comm import AllToAllComm
 from longctx.parallel.layout import Layout
-from longctx.parallel.strategies.ulysses import (
-    gather_tokens, head_chunks, split_lse_tokens, split_tokens, token_order, ulysses_attention,
-)
+from longctx.parallel.strategies.ulysses import head_chunks, token_order, ulysses_attention
 from longctx.testing import MASK_KINDS, CPCase, SimulatedMesh, check_cp_case
 from longctx.testing.cp_check import errors_against_reference
 
@@ -138,20 +136,30 @@ def test_token_order_gather_and_scatter_are_one_step_sorts(layout, world):
 
 
 def _check_gather_and_scatter(order, world, S, s):
+    def sort(x, dim):  # gathered (rank order) -> sorted, by the permutation itself
+        return x if order.perm is None else x.index_select(dim, order.perm)
+
+    def unsort(x, dim):
+        return x if order.perm is None else x.index_select(dim, torch.argsort(order.perm))
+
     g = torch.Generator().manual_seed(world)
     recv = torch.randn(world, 2, s, 3, 4, generator=g)  # [P(src), B, s, m, D]
-    assert torch.equal(order.gather(recv), order.sort(gather_tokens(recv)))
+    # [P, B, s, m, D] -> [B, P*s, m, D], rank order
+    assert torch.equal(order.gather(recv), sort(recv.movedim(0, 1).reshape(2, S, 3, 4), 1))
     lse_recv = torch.randn(world, 2, 3, s, generator=g)  # [P(src), B, m, s]
-    want = order.sort(lse_recv.permute(1, 2, 0, 3).reshape(2, 3, S), dim=2)
+    want = sort(lse_recv.permute(1, 2, 0, 3).reshape(2, 3, S), 2)
     assert torch.equal(order.gather(lse_recv, dim=2), want)
     x = torch.randn(2, S, 3, 4, generator=g, dtype=torch.float64)  # sorted [B, S, m, D]
     slots = torch.empty(world, 2, s, 3, 4)  # float32: scatter casts
     order.scatter(x, slots)
-    assert torch.equal(slots, split_tokens(order.unsort(x), world).to(slots.dtype))
+    # [B, S, m, D] rank order -> [P(dst), B, s, m, D]
+    want = unsort(x, 1).reshape(2, world, s, 3, 4).movedim(1, 0)
+    assert torch.equal(slots, want.to(slots.dtype))
     lse = torch.randn(2, 3, S, generator=g)  # [B, m, S]
     lse_slots = torch.empty(world, 2, 3, s)
     order.scatter(lse, lse_slots, dim=2)
-    assert torch.equal(lse_slots, split_lse_tokens(order.unsort(lse, dim=2), world))
+    # [B, m, S] rank order -> [P(dst), B, m, s]
+    assert torch.equal(lse_slots, unsort(lse, 2).reshape(2, 3, world, s).permute(2, 0, 1, 3))
 
 
 def _ulysses_chunks_on_rank(group, case: CPCase, chunks: int) -> dict[str, torch.Tensor]:

@@ -59,12 +59,12 @@ def hybrid_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     comm = AllToAllComm(cp.hybrid.ulysses)
     H = q.shape[2]
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q.device)
-    q_h = order.sort(seq_to_heads(q, comm))  # [B, U*S/P, H/U, D], global order
-    k_h = order.sort(kv_seq_to_heads(k, H, comm))
-    v_h = order.sort(kv_seq_to_heads(v, H, comm))
+    q_h = seq_to_heads(q, comm, order)  # [B, U*S/P, H/U, D], global order
+    k_h = kv_seq_to_heads(k, H, comm, order)
+    v_h = kv_seq_to_heads(v, H, comm, order)
     out_h, lse_h = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm))
-    out = heads_to_seq(order.unsort(out_h), comm)
-    lse = lse_heads_to_seq(order.unsort(lse_h, dim=2), comm)
+    out = heads_to_seq(out_h, comm, order)
+    lse = lse_heads_to_seq(lse_h, comm, order)
     return out, lse, (q_h, k_h, v_h, out_h, lse_h)
 
 
@@ -74,11 +74,11 @@ def hybrid_backward(dout: Tensor, saved: tuple[Tensor, ...], kv_heads: int, cp: 
     comm = AllToAllComm(cp.hybrid.ulysses)
     H = q_h.shape[2] * comm.world_size
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q_h.device)
-    dout_h = order.sort(seq_to_heads(dout, comm))
+    dout_h = seq_to_heads(dout, comm, order)
     dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, _ring_context(cp, comm))
-    dq = heads_to_seq(order.unsort(dq_h), comm)
-    dk = kv_heads_to_seq(order.unsort(dk_h), H, kv_heads, comm)
-    dv = kv_heads_to_seq(order.unsort(dv_h), H, kv_heads, comm)
+    dq = heads_to_seq(dq_h, comm, order)
+    dk = kv_heads_to_seq(dk_h, H, kv_heads, comm, order)
+    dv = kv_heads_to_seq(dv_h, H, kv_heads, comm, order)
     return dq, dk, dv
 
 

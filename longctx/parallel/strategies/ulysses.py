@@ -156,17 +156,10 @@ class TokenOrder:
 
     positions: Positions
     perm: Tensor | None  # sorted = gathered[:, perm]
-    inverse: Tensor | None  # gathered = sorted[:, inverse]
     src: tuple[Tensor, Tensor] | None = None  # (slot, index in slot) per sorted token
     # the same as a few block moves (zigzag: 2P - 1), when there are few: (sorted begin, length,
     # slot, index in slot) each; None: move token by token through ``src``
     blocks: tuple[tuple[int, int, int, int], ...] | None = None
-
-    def sort(self, x: Tensor, dim: int = 1) -> Tensor:
-        return x if self.perm is None else x.index_select(dim, self.perm)
-
-    def unsort(self, x: Tensor, dim: int = 1) -> Tensor:
-        return x if self.inverse is None else x.index_select(dim, self.inverse)
 
     def gather(self, recv: Tensor, dim: int = 1) -> Tensor:
         """``recv [P(src), ..., s, ...]`` (token dim ``dim + 1``) -> ``[..., P*s, ...]`` sorted
@@ -227,15 +220,13 @@ def token_order(
     """
     gathered = Positions.cat([layout.positions(seq_len, world_size, r) for r in members])
     if len(gathered.segments) == 1:
-        return TokenOrder(gathered, None, None)
+        return TokenOrder(gathered, None)
     idx = gathered.materialize()
     perm = torch.argsort(idx)
     shard = seq_len // world_size
     src = ((perm // shard).to(device), (perm % shard).to(device))
     blocks = _blocks(perm, shard, _MAX_BLOCKS)
-    return TokenOrder(
-        _runs(idx[perm]), perm.to(device), torch.argsort(perm).to(device), src, blocks
-    )
+    return TokenOrder(_runs(idx[perm]), perm.to(device), src, blocks)
 
 
 # --- pure reshapes: what each rank sends, and what it makes of what it receives ---------------
@@ -270,24 +261,6 @@ def split_kv_heads(
     return torch.stack([x[:, :, sl.start + lo : sl.start + hi] for sl in slices])  # [P, B, s, m, D]
 
 
-def gather_tokens(recv: Tensor) -> Tensor:
-    """``[P(src), B, s, m, D]`` -> ``[B, P*s, m, D]``: the sources' tokens, in rank order."""
-    P, B, s, m, D = recv.shape
-    return recv.permute(1, 0, 2, 3, 4).reshape(B, P * s, m, D)  # [B, P, s, m, D] -> [B, S, m, D]
-
-
-def split_tokens(x: Tensor, degree: int) -> Tensor:
-    """``[B, S, m, D]`` -> ``[P(dst), B, S/P, m, D]``: the tokens rank ``j`` holds (a view)."""
-    B, S, m, D = x.shape
-    return x.reshape(B, degree, S // degree, m, D).permute(1, 0, 2, 3, 4)  # [B, P, S/P, m, D] -> ..
-
-
-def split_lse_tokens(lse: Tensor, degree: int) -> Tensor:
-    """``[B, m, S]`` -> ``[P(dst), B, m, S/P]`` (a view)."""
-    B, m, S = lse.shape
-    return lse.reshape(B, m, degree, S // degree).permute(2, 0, 1, 3)  # [B, m, P, S/P] -> ..
-
-
 def _place_kv_heads(
     dst: Tensor, recv: Tensor, heads: int, lo: int, hi: int, accumulate: bool = True
 ) -> None:
@@ -305,37 +278,54 @@ def _place_kv_heads(
 # --- the whole exchange in one step (hybrid uses these) ---------------------------------------
 
 
-def seq_to_heads(x: Tensor, comm: AllToAllComm) -> Tensor:
-    """``[B, S/P, H, D]`` sequence shard -> ``[B, S, H/P, D]`` head shard (rank order of tokens)."""
-    return gather_tokens(comm.all_to_all(split_heads(x, comm.world_size)))
+def seq_to_heads(x: Tensor, comm: AllToAllComm, order: TokenOrder) -> Tensor:
+    """``[B, S/P, H, D]`` sequence shard -> ``[B, S, H/P, D]`` head shard in ``order``'s global
+    token order (sorted as it arrives: one copy)."""
+    return order.gather(comm.all_to_all(split_heads(x, comm.world_size)))
 
 
-def heads_to_seq(x: Tensor, comm: AllToAllComm) -> Tensor:
-    """``[B, S, H/P, D]`` head shard -> ``[B, S/P, H, D]`` sequence shard."""
+def kv_seq_to_heads(x: Tensor, heads: int, comm: AllToAllComm, order: TokenOrder) -> Tensor:
+    """``[B, S/P, H_kv, D]`` -> ``[B, S, n, D]``: the kv heads this rank's query heads use, in
+    ``order``'s global token order."""
+    return order.gather(comm.all_to_all(split_kv_heads(x, heads, comm.world_size)))
+
+
+def _tokens_home(x: Tensor, comm: AllToAllComm, order: TokenOrder, dim: int = 1) -> Tensor:
+    """``x`` with its token dim ``dim`` (``S``) in ``order``'s global order -> ``[P(src head
+    group), ..., S/P, ...]``: every rank's own tokens, unsorted straight into the send buffer."""
+    P = comm.world_size
+    shape = list(x.shape)
+    shape[dim] //= P
+    send = comm.send_buffer([((P, *shape), x.dtype)], x.device)
+    order.scatter(x, send.slots[0], dim)  # [P(dst), ..., S/P, ...]
+    (recv,) = send.start().wait()
+    return recv
+
+
+def heads_to_seq(x: Tensor, comm: AllToAllComm, order: TokenOrder) -> Tensor:
+    """``[B, S, H/P, D]`` head shard in ``order``'s global order -> ``[B, S/P, H, D]``."""
     P = comm.world_size
     B, S, h, D = x.shape
-    recv = comm.all_to_all(split_tokens(x, P))  # [P(src head group), B, S/P, h, D]
+    recv = _tokens_home(x, comm, order)  # [P(src head group), B, S/P, h, D]
     return recv.permute(1, 2, 0, 3, 4).reshape(B, S // P, P * h, D)
 
 
-def lse_heads_to_seq(lse: Tensor, comm: AllToAllComm) -> Tensor:
-    """``[B, H/P, S]`` -> ``[B, H, S/P]``."""
+def lse_heads_to_seq(lse: Tensor, comm: AllToAllComm, order: TokenOrder) -> Tensor:
+    """``[B, H/P, S]`` in ``order``'s global order -> ``[B, H, S/P]``."""
     P = comm.world_size
     B, h, S = lse.shape
-    recv = comm.all_to_all(split_lse_tokens(lse, P))  # [P(src head group), B, h, S/P]
+    recv = _tokens_home(lse, comm, order, dim=2)  # [P(src head group), B, h, S/P]
     return recv.permute(1, 0, 2, 3).reshape(B, P * h, S // P)
 
 
-def kv_seq_to_heads(x: Tensor, heads: int, comm: AllToAllComm) -> Tensor:
-    """``[B, S/P, H_kv, D]`` -> ``[B, S, n, D]``: the kv heads this rank's query heads use."""
-    return gather_tokens(comm.all_to_all(split_kv_heads(x, heads, comm.world_size)))
-
-
-def kv_heads_to_seq(dx: Tensor, heads: int, kv_heads: int, comm: AllToAllComm) -> Tensor:
-    """Gradient ``[B, S, n, D]`` -> ``[B, S/P, H_kv, D]``, summing replicated kv heads."""
+def kv_heads_to_seq(
+    dx: Tensor, heads: int, kv_heads: int, comm: AllToAllComm, order: TokenOrder
+) -> Tensor:
+    """Gradient ``[B, S, n, D]`` in ``order``'s global order -> ``[B, S/P, H_kv, D]``, summing
+    replicated kv heads."""
     P = comm.world_size
     B, S, n, D = dx.shape
-    recv = comm.all_to_all(split_tokens(dx, P))  # [P(src head group), B, S/P, n, D]
+    recv = _tokens_home(dx, comm, order)  # [P(src head group), B, S/P, n, D]
     out = torch.zeros(B, S // P, kv_heads, D, dtype=dx.dtype, device=dx.device)
     _place_kv_heads(out, recv, heads, 0, n)
     return out
