@@ -50,7 +50,7 @@ Example (on each rank of a process group; ``q [B, S/P, H, Dk]`` contiguous shard
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,22 +137,22 @@ class ShardDocs:
         return ShardDocs(start, n, local_cu, head, rank > 0 and not inside.numel())
 
 
-def shards_passing(cu_seqlens: Tensor | None, seq_len: int, world_size: int) -> Tensor:
-    """bool ``[P]``: ``ShardDocs.build(..., rank=r).passes`` for every rank at once (vectorised)."""
+def shards_passing(cu_seqlens: Tensor | None, seq_len: int, world_size: int) -> tuple[bool, ...]:
+    """``ShardDocs.build(..., rank=r).passes`` for every rank ``r`` at once, on the host (a tuple:
+    without documents no tensor op runs, which keeps the per-call host time down)."""
     Layout("contiguous").check(seq_len, world_size)
-    passes = torch.arange(world_size) > 0  # one document: every shard but the first
-    if cu_seqlens is None or cu_seqlens.numel() <= 2:
-        return passes
+    if cu_seqlens is None or cu_seqlens.numel() <= 2:  # one document: every shard but the first
+        return tuple(r > 0 for r in range(world_size))
     n = seq_len // world_size
     interior = cu_seqlens[1:-1].to(torch.int64)
     starts = torch.arange(world_size, dtype=torch.int64) * n  # [P]
     # number of interior boundaries in [start, start + n) of each shard
     count = torch.searchsorted(interior, starts + n) - torch.searchsorted(interior, starts)
-    return passes & (count == 0)
+    return tuple(((torch.arange(world_size) > 0) & (count == 0)).tolist())
 
 
-def carry_weights(passes: Tensor, tokens_per_rank: int, log_decay: Tensor | None, heads: int,
-                  dtype: torch.dtype = torch.float64) -> Tensor:
+def carry_weights(passes: Sequence[bool] | Tensor, tokens_per_rank: int, log_decay: Tensor | None,
+                  heads: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """``W [P + 1, P, H]``: the state entering rank ``r`` is ``sum_j W[r, j] s_j`` (row ``P``: the
     final state), ``s_j`` being rank ``j``'s local final state.
 
@@ -163,14 +163,14 @@ def carry_weights(passes: Tensor, tokens_per_rank: int, log_decay: Tensor | None
 
     Example (4 ranks of 6 tokens, a document starting inside rank 2)::
 
-        >>> W = carry_weights(torch.tensor([False, True, False, True]), 6, None, heads=1)
+        >>> W = carry_weights((False, True, False, True), 6, None, heads=1)
         >>> W[..., 0].tolist()  # rows: entering ranks 0..3, then the final state
         [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
     """
-    P = passes.numel()
     g = torch.zeros(heads, dtype=dtype) if log_decay is None else log_decay.detach().to(dtype)
     device = g.device
-    passes = passes.to(device)
+    passes = torch.as_tensor(passes, dtype=torch.bool, device=device)
+    P = passes.numel()
     blocked = torch.cat([passes.new_zeros(1, dtype=torch.int64),
                          (~passes).to(torch.int64).cumsum(0)])
     r = torch.arange(P + 1, device=device)[:, None]  # [P + 1, 1]
@@ -189,7 +189,7 @@ def _carry_weights_on(passes: tuple[bool, ...], tokens_per_rank: int,
     """:func:`carry_weights` of a host-side decay, built on the CPU and copied to ``device`` once
     per configuration (a copy per call would cost host time on every layer)."""
     decay = torch.tensor(log_decay, dtype=torch.float64) if log_decay is not None else None
-    weights = carry_weights(torch.tensor(passes), tokens_per_rank, decay, heads).to(dtype)
+    weights = carry_weights(passes, tokens_per_rank, decay, heads).to(dtype)
     return host_to_device(weights, torch.device(device))
 
 
@@ -268,13 +268,11 @@ def build_linear_context(
         raise ValueError(why)
     docs = ShardDocs.build(cu, seq_len, world, rank)
     acc = acc_dtype(q.dtype)
+    passes = shards_passing(cu, seq_len, world)
     if log_decay is None or log_decay.device.type == "cpu":  # as the models pass it
         decay = tuple(log_decay.tolist()) if log_decay is not None else None
-        passes = tuple(r > 0 for r in range(world)) if cu is None else tuple(
-            shards_passing(cu, seq_len, world).tolist())  # host-cheap without documents
         weights = _carry_weights_on(passes, shape.seq, decay, shape.heads, acc, str(q.device))
     else:
-        passes = shards_passing(cu, seq_len, world)
         weights = carry_weights(passes, shape.seq, args.log_decay, shape.heads).to(acc)
     return LinearCPContext(
         group=group, world_size=world, rank=rank, seq_len=seq_len, kernel=kern,
