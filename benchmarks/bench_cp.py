@@ -30,6 +30,7 @@ import traceback
 import torch
 import torch.distributed as dist
 from timing import (  # benchmarks/timing.py, beside this script
+    merge_intervals,
     time_graph_ms,
     time_stream_ms,
     time_synced_ms,
@@ -185,16 +186,6 @@ def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repe
         return {"error": traceback.format_exc(limit=2).strip().splitlines()[-1][:120]}
 
 
-def _merge_intervals(intervals):
-    merged = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return merged
-
-
 def comm_overlap(events) -> dict:
     """How much NCCL kernel time runs while a compute kernel runs (from profiler GPU events)."""
     comm, compute = [], []
@@ -203,10 +194,10 @@ def comm_overlap(events) -> dict:
             continue
         span = (e.time_range.start, e.time_range.end)
         (comm if "nccl" in e.name.lower() else compute).append(span)
-    busy = _merge_intervals(compute)
-    comm_total = sum(end - start for start, end in _merge_intervals(comm))
+    busy = merge_intervals(compute)
+    comm_total = sum(end - start for start, end in merge_intervals(comm))
     overlapped = 0.0
-    for start, end in _merge_intervals(comm):
+    for start, end in merge_intervals(comm):
         overlapped += sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy)
     return {
         "comm_ms": comm_total / 1e3,

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import merge_intervals  # benchmarks/timing.py, beside this script
+
 from longctx import Mask, attention, shard
 from longctx.models.llama import Attention
 from longctx.train.config import load_config
@@ -141,15 +143,6 @@ def _category(name: str) -> str:
     return "other"
 
 
-def _union_ms(spans) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total / 1e3
-
-
 def profile_step(trainer: Trainer, top: int = 12) -> list[str]:
     """One training step under torch's profiler on this rank: CUDA time per kernel category, the
     time the GPU computes (compute kernels' union, NCCL excluded) against the step's wall time,
@@ -170,7 +163,7 @@ def profile_step(trainer: Trainer, top: int = 12) -> list[str]:
                if not e.name.lower().startswith("nccl")]
     wall_ms = m.seconds * 1e3
     rows = [(f"step wall {wall_ms:.0f} ms; GPU computing (union of non-NCCL kernels) "
-             f"{_union_ms(compute):.0f} ms"), "",
+             f"{sum(b - a for a, b in merge_intervals(compute)) / 1e3:.0f} ms"), "",
             "| category | CUDA ms | of the step |", "| --- | --- | --- |"]
     rows += [f"| {cat} | {ms:.1f} | {100 * ms / wall_ms:.1f}% |"
              for cat, ms in sorted(per_cat.items(), key=lambda kv: -kv[1])]

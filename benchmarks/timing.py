@@ -9,6 +9,8 @@ a step that may hold collectives (a fixed repeat count, so ranks stay in step):
   time to queue one step, which tells whether the figure is host-bound (host >= GPU time).
 - :func:`time_graph_ms`: the step captured once in a CUDA graph and replayed: GPU time with no
   host launch cost at all, what the step costs once the host runs ahead.
+
+:func:`merge_intervals` joins overlapping (start, end) spans, e.g. profiler kernel times.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["time_graph_ms", "time_ms", "time_stream_ms", "time_synced_ms"]
+__all__ = ["merge_intervals", "time_graph_ms", "time_ms", "time_stream_ms", "time_synced_ms"]
 
 
 def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20) -> float:
@@ -104,6 +106,17 @@ def time_graph_ms(fn: Callable[[], object], reps: int,
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def merge_intervals(intervals) -> list[list[float]]:
+    """``(start, end)`` spans joined where they overlap, sorted: the union as disjoint spans."""
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
 
 
 def _events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
