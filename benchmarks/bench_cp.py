@@ -26,6 +26,7 @@ import argparse
 import pathlib
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -59,23 +60,36 @@ def _sync(group) -> None:
     torch.cuda.synchronize()
 
 
-def timed(step, group, repeats: int, timing: str = "synced") -> tuple[float, float | None]:
-    """ms per ``step()`` over a fixed repeat count, after 2 warm-ups, ranks in lock-step, and the
-    host ms per step to queue it (``stream`` only, else ``None``); ``timing`` is one of
-    ``TIMINGS`` (see ``benchmarks/timing.py``)."""
-    if timing not in TIMINGS:
-        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
-    for _ in range(2):
+@dataclass(frozen=True)
+class Schedule:
+    """How every run is timed: ``warmups`` untimed steps, then ``repeats`` timed ones with
+    ``timing`` (one of ``TIMINGS``, see ``benchmarks/timing.py``); the same on every rank."""
+
+    repeats: int = 5
+    timing: str = "synced"
+    warmups: int = 2
+
+    def __post_init__(self):
+        if self.timing not in TIMINGS:
+            raise ValueError(f"timing must be one of {TIMINGS}, got {self.timing!r}")
+        if self.repeats < 1 or self.warmups < 0:
+            raise ValueError(f"need repeats >= 1 and warmups >= 0, got {self}")
+
+
+def timed(step, group, schedule: Schedule) -> tuple[float, float | None]:
+    """ms per ``step()`` over ``schedule``'s fixed repeat count after its warm-ups, ranks in
+    lock-step, and the host ms per step to queue it (``stream`` timing only, else ``None``)."""
+    for _ in range(schedule.warmups):
         step()
 
     def barrier():
         _sync(group)
 
-    if timing == "stream":
-        return time_stream_ms(step, repeats, barrier)
-    if timing == "graph":
-        return time_graph_ms(step, repeats, barrier), None
-    return time_synced_ms(step, repeats, barrier), None
+    if schedule.timing == "stream":
+        return time_stream_ms(step, schedule.repeats, barrier)
+    if schedule.timing == "graph":
+        return time_graph_ms(step, schedule.repeats, barrier), None
+    return time_synced_ms(step, schedule.repeats, barrier), None
 
 
 def _inputs(seq, heads, kv_heads, dim):
@@ -87,12 +101,12 @@ def _inputs(seq, heads, kv_heads, dim):
     return randn(heads), randn(kv_heads), randn(kv_heads)
 
 
-def _fwd_bwd_times(run, group, repeats, timing="synced"):
+def _fwd_bwd_times(run, group, schedule: Schedule):
     """``run(backward: bool)`` timed forward-only and forward+backward, with peak memory;
     ``host_*``: host ms per step to queue it (``stream`` timing, else ``None``)."""
     torch.cuda.reset_peak_memory_stats()
-    fwd, host_fwd = timed(lambda: run(False), group, repeats, timing)
-    fwd_bwd, host_fwd_bwd = timed(lambda: run(True), group, repeats, timing)
+    fwd, host_fwd = timed(lambda: run(False), group, schedule)
+    fwd_bwd, host_fwd_bwd = timed(lambda: run(True), group, schedule)
     return {
         "fwd": fwd,
         "fwd_bwd": fwd_bwd,
@@ -133,17 +147,16 @@ def _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ul
     return run
 
 
-def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, repeats, ulysses=1,
-                    head_chunks=None, timing="synced"):
+def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel,
+                    schedule: Schedule, ulysses=1, head_chunks=None):
     """Rank body: one longctx strategy (``group=None``: the same kernel on one GPU);
     ``head_chunks``: Ulysses' pipelined head chunks instead of its default."""
     run = _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses,
                         head_chunks)
-    return _fwd_bwd_times(run, group, repeats, timing)
+    return _fwd_bwd_times(run, group, schedule)
 
 
-def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repeats,
-                         timing="synced"):
+def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, schedule: Schedule):
     """Rank body: torch's context_parallel over SDPA (``group=None``: plain SDPA on one GPU)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -162,7 +175,7 @@ def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repe
                 if backward:
                     out.backward(torch.ones_like(out))
 
-            return _fwd_bwd_times(run, group, repeats, timing)
+            return _fwd_bwd_times(run, group, schedule)
 
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
@@ -181,7 +194,7 @@ def torch_native_on_rank(group, backend, rotate, seq, heads, kv_heads, dim, repe
                 if backward:
                     out.backward(torch.ones_like(out))
 
-            return _fwd_bwd_times(run, group, repeats, timing)
+            return _fwd_bwd_times(run, group, schedule)
     except Exception:  # noqa: BLE001 -- reported in the table, not hidden
         return {"error": traceback.format_exc(limit=2).strip().splitlines()[-1][:120]}
 
@@ -266,13 +279,14 @@ def _label(strategy, layout, ulysses, head_chunks) -> str:
 
 
 def _row(name, seq, heads, kv_heads, dim, world, times, one):
+    """One table row; ``one``: the one-GPU baseline's times, measured at ``one["seq"]`` tokens."""
     if "error" in times:
         return f"| {name} | {seq} | {heads}/{kv_heads} | failed: {times['error']} | | | | | |"
     tf = causal_flops(seq, heads, dim, True) / times["fwd_bwd"] / 1e9 / world
     tf_fwd = causal_flops(seq, heads, dim, False) / times["fwd"] / 1e9 / world
     eff = ""
     if one is not None and "error" not in one:
-        one_tf = causal_flops(seq, heads, dim, True) / one["fwd_bwd"] / 1e9
+        one_tf = causal_flops(one["seq"], heads, dim, True) / one["fwd_bwd"] / 1e9
         eff = f"{100 * tf / one_tf:.0f}%"
     host = times.get("host_fwd_bwd")
     host = f"{host:.2f}" if host is not None else ""
@@ -283,8 +297,10 @@ def _row(name, seq, heads, kv_heads, dim, world, times, one):
 
 
 def _timing_rows(mesh, args, world, u):
-    """The timing table, printed as it goes: per (seq, heads) the one-GPU baseline, every
-    ``--strategies`` spec and every ``--torch-native`` spec, all with ``--timing``."""
+    """The timing table, printed as it goes: per (seq, heads) the one-GPU baseline (at most
+    ``--baseline-seq`` tokens), every ``--strategies`` spec and every ``--torch-native`` spec, all
+    timed by ``--timing`` after ``--warmups``."""
+    schedule = Schedule(args.repeats, args.timing, args.warmups)
     rows = [
         "| run | total S | H/H_kv | fwd TFLOP/s/GPU | fwd+bwd TFLOP/s/GPU | CP efficiency | fwd+bwd ms | peak GiB/GPU | host ms/step |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -293,23 +309,27 @@ def _timing_rows(mesh, args, world, u):
     for seq in args.seqs:
         for heads, kv_heads in zip(args.heads, args.kv_heads):
             common = (seq, heads, kv_heads, args.dim)
-            one = longctx_on_rank(None, "ring", "contiguous", *common, args.kernel, args.repeats,
-                                  timing=args.timing)
-            new = [_row(f"longctx {args.kernel} 1 GPU", *common, 1, one, one)]
+            # the one-GPU baseline: at the same length, or shorter where one GPU would take minutes
+            base = min(seq, args.baseline_seq or seq)
+            one_common = (base, heads, kv_heads, args.dim)
+            one = longctx_on_rank(None, "ring", "contiguous", *one_common, args.kernel, schedule)
+            one["seq"] = base
+            new = [_row(f"longctx {args.kernel} 1 GPU", *one_common, 1, one, one)]
             for spec in args.strategies:
                 strategy, layout, uu, head_chunks = _parse_spec(spec, u)
-                times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, args.repeats, uu,
-                                 head_chunks, args.timing)
+                times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, schedule,
+                                 uu, head_chunks)
                 slowest = max(times, key=lambda t: t["fwd_bwd"])
                 name = f"longctx {_label(strategy, layout, uu, head_chunks)} x{world}"
                 new.append(_row(name, *common, world, slowest, one))
             for spec in args.torch_native:
                 backend, rotate = spec.split(":")
-                one_t = torch_native_on_rank(None, backend, rotate, *common, args.repeats, args.timing)
-                times = mesh.run(torch_native_on_rank, backend, rotate, *common, args.repeats, args.timing)
+                one_t = torch_native_on_rank(None, backend, rotate, *one_common, schedule)
+                one_t["seq"] = base
+                times = mesh.run(torch_native_on_rank, backend, rotate, *common, schedule)
                 failed = [t for t in times if "error" in t]
                 slowest = failed[0] if failed else max(times, key=lambda t: t["fwd_bwd"])
-                new.append(_row(f"torch SDPA {backend} 1 GPU", *common, 1, one_t, one_t))
+                new.append(_row(f"torch SDPA {backend} 1 GPU", *one_common, 1, one_t, one_t))
                 new.append(_row(f"torch CP {backend} {rotate} x{world}", *common, world, slowest, one_t))
             print("\n".join(new), flush=True)
             rows += new
@@ -359,6 +379,13 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[16, 4])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmups", type=int, default=2, help="untimed steps before the repeats")
+    parser.add_argument(
+        "--baseline-seq", type=int, default=None,
+        help="time the one-GPU baselines at most this many tokens (default: the total S); the "
+             "efficiency then compares TFLOP/s at the two lengths (causal attention's TFLOP/s is "
+             "flat past 128k), for lengths where one GPU would take minutes per step",
+    )
     parser.add_argument(
         "--timing", choices=TIMINGS, default="synced",
         help="synced: median of repeats, each between a barrier and a synchronize; stream: the "
@@ -389,7 +416,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     u = min(world, 2)
     rows = [
-        f"device: {torch.cuda.get_device_name(0)} x{world}, torch {torch.__version__}, bf16, B=1, causal, D={args.dim}, kernel={args.kernel}, timing={args.timing}",
+        f"device: {torch.cuda.get_device_name(0)} x{world}, torch {torch.__version__}, bf16, B=1, causal, D={args.dim}, kernel={args.kernel}, timing={args.timing}, "
+        f"{args.warmups} warm-ups + {args.repeats} repeats"
+        + (f", one-GPU baselines at <= {args.baseline_seq} tokens" if args.baseline_seq else ""),
         "",
     ]
     print("\n".join(rows), flush=True)
