@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from longctx.kernels import available_kernels
-from longctx.testing import CPCase, SimulatedMesh, errors_against_reference, run_cp_case_on_rank
+from longctx.testing import (
+    CPCase,
+    SimulatedMesh,
+    errors_against_reference,
+    host_sync_in_step,
+    run_cp_case_on_rank,
+)
 
 N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [
@@ -64,3 +70,13 @@ def test_bf16_cp_error_close_to_single_gpu(nccl_mesh, strategy, layout, mask, ke
     for name in ("out", "dq", "dk", "dv"):
         assert cp[name] <= 2.0 * one[name] + 1e-4, (name, cp, one)
     assert cp["lse"] < 1e-3, cp
+
+
+@pytest.mark.parametrize("kernel", ["auto", *(k for k in KERNELS if k != "reference")])
+@pytest.mark.parametrize("mask", ["causal", "documents"])
+@pytest.mark.parametrize("strategy,layout", COMBOS, ids=[s for s, _ in COMBOS])
+def test_step_never_waits_for_the_gpu(nccl_mesh, strategy, layout, mask, kernel):
+    """A forward+backward makes no host sync (torch's sync debug mode raises on any), so a
+    training loop's host runs ahead of the GPU; the all-gather strategy's list indexing did."""
+    case = gpu_case(strategy, layout, mask, kernel)
+    assert nccl_mesh.run(host_sync_in_step, case) == [None] * WORLD

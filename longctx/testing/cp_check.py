@@ -35,6 +35,7 @@ __all__ = [
     "MASK_KINDS",
     "CPCase",
     "run_cp_case_on_rank",
+    "host_sync_in_step",
     "reference_grads",
     "tensor_error",
     "errors_against_reference",
@@ -109,11 +110,9 @@ def _hybrid_groups(world_size: int, ulysses: int, device_type: str) -> HybridGro
     return build_mesh(ParallelDims(cp=world_size, ulysses=ulysses), device_type).hybrid_groups()
 
 
-def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
-    """Rank body: shard the case's inputs, run CP attention forward and backward, return shards.
-
-    ``group=None`` runs the case in this process alone (``case.world_size`` must be 1).
-    """
+def _case_step(group, case: CPCase):
+    """This rank's shards ``(q, k, v)`` (leaves) and ``step()``: CP attention forward and
+    backward over them (gradients accumulate), returning ``(out, lse)``."""
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
     if world != case.world_size:
@@ -124,11 +123,26 @@ def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     if case.strategy == "hybrid":
         group = _hybrid_groups(world, case.ulysses, device.type)
-    out, lse = attention(
-        q, k, v, group, strategy=case.strategy, layout=layout, mask=case.make_mask(),
-        kernel=case.kernel, return_lse=True,
-    )
-    out.backward(dout)
+    mask = case.make_mask()
+
+    def step() -> tuple[Tensor, Tensor]:
+        out, lse = attention(
+            q, k, v, group, strategy=case.strategy, layout=layout, mask=mask,
+            kernel=case.kernel, return_lse=True,
+        )
+        out.backward(dout)
+        return out, lse
+
+    return (q, k, v), step
+
+
+def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
+    """Rank body: shard the case's inputs, run CP attention forward and backward, return shards.
+
+    ``group=None`` runs the case in this process alone (``case.world_size`` must be 1).
+    """
+    (q, k, v), step = _case_step(group, case)
+    out, lse = step()
     return {
         "out": out.detach().cpu(),
         "lse": lse.detach().cpu(),
@@ -136,6 +150,29 @@ def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
         "dk": k.grad.cpu(),
         "dv": v.grad.cpu(),
     }
+
+
+def host_sync_in_step(group, case: CPCase) -> str | None:
+    """Rank body (CUDA): after one warm-up step of the case (memoised plans, autotuning), a
+    second forward and backward under ``torch.cuda.set_sync_debug_mode("error")``; returns the
+    error of the first operation that made the host wait for the GPU, or None if none did.
+
+    A step that syncs the host stalls the launch queue every layer, so the GPU idles while the
+    host catches up (e.g. indexing a CUDA tensor with a Python list copies the index to the
+    device and waits for every kernel queued before it).
+    """
+    _, step = _case_step(group, case)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return None
 
 
 def reference_grads(case: CPCase) -> dict[str, Tensor]:

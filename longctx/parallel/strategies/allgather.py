@@ -27,19 +27,37 @@ from .blocks import attend, attend_backward
 __all__ = ["allgather_forward", "allgather_backward", "AllGatherAttention", "allgather_attention"]
 
 
+def _select_slots(x_all: Tensor, sources: list[int]) -> Tensor:
+    """``x_all [P, B, s, ...]`` -> ``[B, n*s, ...]``: the slots of ``sources`` (ascending ranks)
+    along the token dim.  By slicing, never by indexing with a host list: that copies the index to
+    the GPU and so waits for every kernel queued before it (a host sync on every call)."""
+    B, s = x_all.shape[1:3]
+    first = sources[0] if sources else 0
+    if sources == list(range(first, first + len(sources))):  # one run of ranks: causal, zigzag
+        # [n, B, s, ...] -> [B, n*s, ...] (a view when B = 1)
+        return x_all[first : first + len(sources)].transpose(0, 1).flatten(1, 2)
+    return torch.cat([x_all[src] for src in sources], dim=1)  # [B, n*s, ...]
+
+
+def _place_slots(dst_all: Tensor, x_sel: Tensor, sources: list[int]) -> None:
+    """The inverse of :func:`_select_slots`: ``x_sel [B, n*s, ...]`` into the ``sources`` slots
+    of ``dst_all [P, B, s, ...]`` (the other slots are left as they are)."""
+    s = dst_all.shape[2]
+    for i, src in enumerate(sources):
+        dst_all[src].copy_(x_sel.narrow(1, i * s, s))
+
+
 def _gather_needed(k: Tensor, v: Tensor, cp: CPContext):
     """Every rank's K/V, keeping the ranks this rank's queries need.
 
-    Returns ``k_sel``/``v_sel [B, n*S/P, H_kv, D]``, their positions, and the source ranks.
+    Returns ``k_sel``/``v_sel [B, n*S/P, H_kv, D]``, their positions, and the source ranks
+    (ascending).
     """
     comm = GatherComm(cp.group)
     positions = cp.all_positions()
     sources = needed_sources(cp.mask, positions, cp.rank)
-    B, Sk, Hkv, D = k.shape
     k_all, v_all = comm.all_gather(k), comm.all_gather(v)  # [P, B, S/P, H_kv, D]
-    # [n, B, S/P, H_kv, D] -> [B, n*S/P, H_kv, D]
-    k_sel = k_all[sources].transpose(0, 1).reshape(B, len(sources) * Sk, Hkv, D)
-    v_sel = v_all[sources].transpose(0, 1).reshape(B, len(sources) * Sk, Hkv, D)
+    k_sel, v_sel = _select_slots(k_all, sources), _select_slots(v_all, sources)
     k_pos = Positions.cat([positions[s] for s in sources])
     return k_sel, v_sel, k_pos, sources, comm
 
@@ -61,11 +79,11 @@ def allgather_backward(
         dout, q, k_sel, v_sel, out, lse, q_pos, k_pos, cp, grad_dtype=acc
     )
     B, Sk, Hkv, D = k.shape
-    dk_all = torch.zeros(cp.world_size, B, Sk, Hkv, D, dtype=acc, device=k.device)
-    dv_all = torch.zeros_like(dk_all)
-    # [B, n*S/P, H_kv, D] -> [n, B, S/P, H_kv, D], scattered to the source ranks' slots
-    dk_all[sources] = dk_sel.view(B, len(sources), Sk, Hkv, D).transpose(0, 1)
-    dv_all[sources] = dv_sel.view(B, len(sources), Sk, Hkv, D).transpose(0, 1)
+    new = torch.empty if len(sources) == cp.world_size else torch.zeros  # every slot written?
+    dk_all = new(cp.world_size, B, Sk, Hkv, D, dtype=acc, device=k.device)
+    dv_all = new(cp.world_size, B, Sk, Hkv, D, dtype=acc, device=k.device)
+    _place_slots(dk_all, dk_sel, sources)  # [B, n*S/P, H_kv, D] -> the source ranks' slots
+    _place_slots(dv_all, dv_sel, sources)
     return dq, comm.reduce_scatter(dk_all), comm.reduce_scatter(dv_all)
 
 
