@@ -28,6 +28,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ._device import host_to_device
 from .mask import Mask, Positions
 
 __all__ = [
@@ -51,24 +52,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for LSE, merged partial outputs and gradient accumulators."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def host_to_device(x: Tensor, device: torch.device) -> Tensor:
-    """``x`` on ``device`` without stalling the host: a CPU tensor goes through pinned memory
-    with a non-blocking copy (a copy from pageable memory waits for the device's queue).
-
-    Example::
-
-        >>> import torch
-        >>> host_to_device(torch.ones(3), torch.device("cpu")).tolist()
-        [1.0, 1.0, 1.0]
-    """
-    device = torch.device(device)
-    if x.device == device:
-        return x
-    if x.device.type == "cpu" and device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 def expand_kv_heads(x_bshd: Tensor, heads: int) -> Tensor:

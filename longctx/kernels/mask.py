@@ -31,6 +31,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ._device import host_to_device
+
 __all__ = ["Segment", "Positions", "BlockSparse", "Mask"]
 
 _MAX_RUN_PAIRS = 4096  # past this many (q run, k run) pairs, block tests use the runs' hull
@@ -281,11 +283,24 @@ class Mask:
         """``cu_seqlens`` as Python ints, for block-level tests on the host."""
         return tuple(self.cu_seqlens.tolist())
 
+    @functools.cached_property
+    def _cu_seqlens_copies(self) -> dict[torch.device, Tensor]:
+        return {}
+
+    def cu_seqlens_on(self, device: torch.device | str) -> Tensor:
+        """``cu_seqlens`` (int64) on ``device``: copied once per mask and device, without a host
+        sync (a plain ``.to(device)`` from pageable memory waits for the device's queue, on every
+        kernel call of every layer)."""
+        assert self.cu_seqlens is not None
+        device = torch.device(device)
+        if device not in self._cu_seqlens_copies:
+            cu = self.cu_seqlens.to(torch.int64)
+            self._cu_seqlens_copies[device] = host_to_device(cu, device)
+        return self._cu_seqlens_copies[device]
+
     def document_ids(self, pos: Tensor) -> Tensor:
         """Document index of each global position (needs ``cu_seqlens``)."""
-        assert self.cu_seqlens is not None
-        cu = self.cu_seqlens.to(pos.device)
-        return torch.searchsorted(cu, pos, right=True) - 1
+        return torch.searchsorted(self.cu_seqlens_on(pos.device), pos, right=True) - 1
 
     # -- element level ----------------------------------------------------------------------------
     def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:

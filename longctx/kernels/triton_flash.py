@@ -851,10 +851,8 @@ class TritonFlash:
                 sides.append(_Side(0, 1, 0, 0, pos.to(torch.int32), doc))
         cu = None
         if docs:
-            cu = torch.cat([
-                mask.cu_seqlens.to(torch.int64),
-                torch.tensor([_MAX_POSITION], dtype=torch.int64),
-            ]).to(device=device, dtype=torch.int32)
+            end = torch.full((1,), _MAX_POSITION, dtype=torch.int64, device=device)
+            cu = torch.cat([mask.cu_seqlens_on(device), end]).to(torch.int32)
         window = mask.window if mask.window is not None else 1
         return _Plan(
             pos_index=not strided, q=sides[0], k=sides[1], cu=cu,

@@ -48,7 +48,7 @@ class SequenceContext:
         """Positions for RoPE: restart at 0 at every document start when the mask has documents."""
         if self.mask.cu_seqlens is None:
             return self.position_ids
-        cu = self.mask.cu_seqlens.to(self.position_ids.device)
+        cu = self.mask.cu_seqlens_on(self.position_ids.device)
         doc = self.mask.document_ids(self.position_ids)
         return self.position_ids - cu[doc]
 
