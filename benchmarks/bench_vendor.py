@@ -83,7 +83,7 @@ def split_row(S: int, H: int, Hkv: int, D: int, chunks: list[int | None], repeat
     fwd = median_ms(lambda: whole.forward(q, k, v, scale=scale, mask=mask), repeats)
     bwd = []
     for c in chunks:
-        split = CausalSplit(min_queries=None) if c is None else CausalSplit(min_queries=1, chunk=c)
+        split = CausalSplit(min_queries=None) if c is None else CausalSplit(min_queries=1, chunk=c, max_head_dim=None)
         kern = VendorSDPA("cudnn", split)
         bwd.append(median_ms(partial(kern.backward, dout, q, k, v, out, lse, scale=scale,
                                      mask=mask, grad_dtype=torch.bfloat16), repeats))

@@ -8,6 +8,8 @@ GPU (``-m gpu``): real sizes in bfloat16, compared with the float32 reference on
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -375,6 +377,8 @@ def test_causal_split_spans_and_errors():
     assert split.spans(999) == [(0, 999)]  # below min_queries: one call
     assert split.spans(1000) == [(0, 300), (300, 600), (600, 900), (900, 1000)]
     assert CausalSplit(min_queries=None).spans(10**7) == [(0, 10**7)]
+    assert split.spans(1000, head_dim=128) == [(0, 1000)]  # wider than max_head_dim=64
+    assert len(replace(split, max_head_dim=None).spans(1000, head_dim=256)) == 4
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         CausalSplit(chunk=0)
     with pytest.raises(ValueError, match="min_queries must be >= 1 or None"):
@@ -391,9 +395,9 @@ def test_gpu_vendor_causal_split_backward_matches_reference(backend, kv_heads):
     S = 1100
     q, k, v, dout = _inputs(1, S, S, 8, kv_heads, 128, torch.bfloat16, device="cuda", seed=3)
     pos = dict(mask=Mask(causal=True))
-    split = VendorSDPA(backend, CausalSplit(min_queries=512, chunk=384))
+    split = VendorSDPA(backend, CausalSplit(min_queries=512, chunk=384, max_head_dim=None))
     whole = VendorSDPA(backend, CausalSplit(min_queries=None))
-    assert len(split.split.spans(S)) == 3
+    assert len(split.split.spans(S, q.shape[-1])) == 3
     out, lse = split.forward(q, k, v, scale=0.1, **pos)
     f32 = [t.float() for t in (q, k, v, dout)]
     r_out, r_lse = TorchReference().forward(*f32[:3], scale=0.1, **pos)

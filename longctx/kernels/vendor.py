@@ -28,8 +28,9 @@ The backward of a long aligned-causal call is split by query chunks (:class:`Cau
 ``i`` is the backward of one causal call on its own keys and of one full call on every earlier
 key, both from the global ``out``/``lse``, with the pieces' gradients summed in float32.  cuDNN's
 full-mask backward runs faster per FLOP than its long causal one; measured on an H200 (torch 2.11),
-the backward of a 128k-token causal call (8/2 heads, D=64) takes 4% less time in 32k-query
-chunks, 7% at 256k, while at 32k one call is fastest.  The forward always runs as one call: split
+the backward of a 128k-token causal call (8/2 heads, D=64) takes 2-4% less time in 32k-query
+chunks, 4-7% at 256k, while at 32k one call is fastest and at D=128 nothing is gained (a 2% loss
+on an H200), so only calls with head dim up to 64 are split.  The forward always runs as one call: split
 the same way, the merges cost what the kernels gained.
 
 Anything else (windows, documents, block-sparse, striped or offset diagonals), float32/float64,
@@ -111,6 +112,9 @@ class CausalSplit:
     Attributes:
         min_queries: split calls with at least this many queries; None never splits.
         chunk: query tokens per chunk (the last one may be shorter).
+        max_head_dim: split only calls with at most this head dim; None: any.  At D=128 the
+            split measured no gain at 128k on an H100 and a 2% loss on an H200, while at D=64 it
+            gained 2-4% at 128k and 4-7% at 256k (``benchmarks/RESULTS.md``, issue 6).
 
     Example::
 
@@ -118,10 +122,13 @@ class CausalSplit:
         ([(0, 32768)], [(0, 32768), (32768, 65536)])
         >>> CausalSplit(min_queries=1024, chunk=512).spans(1300)
         [(0, 512), (512, 1024), (1024, 1300)]
+        >>> CausalSplit().spans(131072, head_dim=128)  # above max_head_dim: one call
+        [(0, 131072)]
     """
 
     min_queries: int | None = 65536
     chunk: int = 32768
+    max_head_dim: int | None = 64
 
     def __post_init__(self) -> None:
         if self.min_queries is not None and self.min_queries < 1:
@@ -131,10 +138,12 @@ class CausalSplit:
         if self.chunk < 1:
             raise ValueError(f"CausalSplit.chunk must be >= 1, got {self.chunk}")
 
-    def spans(self, queries: int) -> list[tuple[int, int]]:
-        """``[(start, end), ...]`` query chunks of a causal call with ``queries`` queries (one span
-        when it is not split)."""
-        if self.min_queries is None or queries < self.min_queries or queries <= self.chunk:
+    def spans(self, queries: int, head_dim: int | None = None) -> list[tuple[int, int]]:
+        """``[(start, end), ...]`` query chunks of a causal call with ``queries`` queries and
+        ``head_dim`` (None: not checked) -- one span when it is not split."""
+        too_wide = None not in (head_dim, self.max_head_dim) and head_dim > self.max_head_dim
+        if (self.min_queries is None or queries < self.min_queries or queries <= self.chunk
+                or too_wide):
             return [(0, queries)]
         n = math.ceil(queries / self.chunk)
         return [(i * self.chunk, min((i + 1) * self.chunk, queries)) for i in range(n)]
@@ -242,7 +251,7 @@ class VendorSDPA:
             z = lambda t: torch.zeros(t.shape, dtype=dtype, device=t.device)  # noqa: E731
             return z(q), z(k), z(v)
         dout, out, lse = dout.to(q.dtype), out.to(q.dtype), lse.to(torch.float32)
-        spans = self.split.spans(Sq) if mode == "causal" else [(0, Sq)]
+        spans = self.split.spans(Sq, q.shape[-1]) if mode == "causal" else [(0, Sq)]
         if len(spans) == 1:
             grads = _backward_call(dout, q, k, v, out, lse, mode == "causal", backend, scale,
                                    dtype)
