@@ -99,39 +99,70 @@ class LinearCPCase:
         )
 
 
-def _run_on_rank(group, case: LinearCPCase) -> dict[str, torch.Tensor]:
-    """Rank body: shard, run CP linear attention forward and backward, return shards and grads."""
+def _case_step(group, case: LinearCPCase, decay_on_host: bool = False):
+    """This rank's leaves ``{q, k, v[, h0]}`` and ``step()``: CP linear attention forward and
+    backward over its contiguous shards (gradients accumulate), returning ``(out, final)``.
+    ``decay_on_host``: pass the decay on the CPU, as the models do (no read-back per call)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     assert world == case.world_size
     device = torch.device(f"cuda:{rank}") if case.device == "cuda" else torch.device("cpu")
     x = {name: t.to(device) for name, t in case.make_inputs().items()}
     n = case.tokens_per_rank
     local = slice(rank * n, (rank + 1) * n)  # contiguous layout
-    q, k, v = (x[name][:, local].clone().requires_grad_() for name in ("q", "k", "v"))
-    h0 = x["h0"].clone().requires_grad_() if case.initial_state else None
-    interpret = case.kernel == "triton" and case.device == "cpu"
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the kernel runs in the interpreter
-    try:
-        log_decay = case.log_decay().to(device) if case.decay else None
-        result = linear_attention(
-            q, k, v, group, log_decay=log_decay, cu_seqlens=case.cu_seqlens(),
-            initial_state=h0, kernel=case.kernel, return_final_state=case.final_state,
-        )
-        out, final = result if case.final_state else (result, None)
-        loss = (out * x["dout"][:, local].to(out.dtype)).sum()
-        if final is not None:
-            loss = loss + (final * x["dfinal"][rank].to(final.dtype)).sum()
-        loss.backward()
-    finally:
+    leaves = {name: x[name][:, local].clone().requires_grad_() for name in ("q", "k", "v")}
+    if case.initial_state:
+        leaves["h0"] = x["h0"].clone().requires_grad_()
+    log_decay = None
+    if case.decay:
+        log_decay = case.log_decay() if decay_on_host else case.log_decay().to(device)
+
+    def step():
+        interpret = case.kernel == "triton" and case.device == "cpu"
         if interpret:
-            os.environ.pop("TRITON_INTERPRET", None)
-    got = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+            os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the kernel runs in the interpreter
+        try:
+            result = linear_attention(
+                leaves["q"], leaves["k"], leaves["v"], group, log_decay=log_decay,
+                cu_seqlens=case.cu_seqlens(), initial_state=leaves.get("h0"), kernel=case.kernel,
+                return_final_state=case.final_state,
+            )
+            out, final = result if case.final_state else (result, None)
+            loss = (out * x["dout"][:, local].to(out.dtype)).sum()
+            if final is not None:
+                loss = loss + (final * x["dfinal"][rank].to(final.dtype)).sum()
+            loss.backward()
+        finally:
+            if interpret:
+                os.environ.pop("TRITON_INTERPRET", None)
+        return out, final
+
+    return leaves, step
+
+
+def _run_on_rank(group, case: LinearCPCase) -> dict[str, torch.Tensor]:
+    """Rank body: shard, run CP linear attention forward and backward, return shards and grads."""
+    leaves, step = _case_step(group, case)
+    out, final = step()
+    got = {"out": out.detach(), **{f"d{name}": t.grad for name, t in leaves.items()}}
     if final is not None:
         got["final"] = final.detach()
-    if h0 is not None:
-        got["dh0"] = h0.grad
     return {name: t.cpu() for name, t in got.items()}
+
+
+def _host_sync_on_rank(group, case: LinearCPCase) -> str | None:
+    """Rank body (CUDA): a warm-up step, then one under torch's sync debug mode; the error of
+    the first operation that made the host wait for the GPU, or None."""
+    _, step = _case_step(group, case, decay_on_host=True)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return None
 
 
 def _reference(case: LinearCPCase) -> dict[str, torch.Tensor]:
@@ -352,3 +383,16 @@ def test_gpu_nccl_bf16_triton_matches_reference():
         errors = _errors(case, nccl_mesh.run(_run_on_rank, case), metric="rel_l2")
     errors.pop("dh0_elsewhere")
     assert max(errors.values()) < 2e-2, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("docs", ["none", "crossing"])
+def test_gpu_step_never_waits_for_the_gpu(docs):
+    """A CP forward+backward with the decay on the host (as the models pass it) makes no host
+    sync, so the host queues the next layer while the GPU works."""
+    case = LinearCPCase(2, docs=docs, tokens_per_rank=2048, batch=1, heads=4, kv_heads=2,
+                        dk=64, dv=64, dtype="bfloat16", kernel="triton", device="cuda",
+                        initial_state=True, final_state=True)
+    with SimulatedMesh(2, backend="nccl") as nccl_mesh:
+        assert nccl_mesh.run(_host_sync_on_rank, case) == [None, None]
