@@ -29,7 +29,7 @@ from longctx.parallel.strategies.linear import (
     linear_attention,
     shards_passing,
 )
-from longctx.testing import MeshError, SimulatedMesh
+from longctx.testing import MeshError, SimulatedMesh, first_host_sync
 
 WORLD_SIZES = [1, 2, 3, 4, 8]
 TOL = 1e-12
@@ -150,19 +150,8 @@ def _run_on_rank(group, case: LinearCPCase) -> dict[str, torch.Tensor]:
 
 
 def _host_sync_on_rank(group, case: LinearCPCase) -> str | None:
-    """Rank body (CUDA): a warm-up step, then one under torch's sync debug mode; the error of
-    the first operation that made the host wait for the GPU, or None."""
-    _, step = _case_step(group, case, decay_on_host=True)
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    except RuntimeError as e:
-        return str(e).splitlines()[0]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return None
+    """Rank body (CUDA): ``first_host_sync`` of the case's step, the decay on the host."""
+    return first_host_sync(_case_step(group, case, decay_on_host=True)[1])
 
 
 def _reference(case: LinearCPCase) -> dict[str, torch.Tensor]:

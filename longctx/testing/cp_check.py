@@ -35,6 +35,7 @@ __all__ = [
     "MASK_KINDS",
     "CPCase",
     "run_cp_case_on_rank",
+    "first_host_sync",
     "host_sync_in_step",
     "reference_grads",
     "tensor_error",
@@ -152,16 +153,15 @@ def run_cp_case_on_rank(group, case: CPCase) -> dict[str, Tensor]:
     }
 
 
-def host_sync_in_step(group, case: CPCase) -> str | None:
-    """Rank body (CUDA): after one warm-up step of the case (memoised plans, autotuning), a
-    second forward and backward under ``torch.cuda.set_sync_debug_mode("error")``; returns the
-    error of the first operation that made the host wait for the GPU, or None if none did.
+def first_host_sync(step) -> str | None:
+    """Run ``step()`` once to warm up (memoised plans, autotuning), then again under
+    ``torch.cuda.set_sync_debug_mode("error")``: the error of the first operation that made the
+    host wait for the GPU, or None if none did.
 
     A step that syncs the host stalls the launch queue every layer, so the GPU idles while the
     host catches up (e.g. indexing a CUDA tensor with a Python list copies the index to the
     device and waits for every kernel queued before it).
     """
-    _, step = _case_step(group, case)
     step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -171,8 +171,12 @@ def host_sync_in_step(group, case: CPCase) -> str | None:
         return str(e).splitlines()[0]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
     return None
+
+
+def host_sync_in_step(group, case: CPCase) -> str | None:
+    """Rank body (CUDA): :func:`first_host_sync` of the case's forward and backward."""
+    return first_host_sync(_case_step(group, case)[1])
 
 
 def reference_grads(case: CPCase) -> dict[str, Tensor]:
