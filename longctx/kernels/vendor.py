@@ -30,8 +30,8 @@ key, both from the global ``out``/``lse``, with the pieces' gradients summed in 
 full-mask backward runs faster per FLOP than its long causal one; measured on an H200 (torch 2.11),
 the backward of a 128k-token causal call (8/2 heads, D=64) takes 2-4% less time in 32k-query
 chunks, 4-7% at 256k, while at 32k one call is fastest and at D=128 nothing is gained (a 2% loss
-on an H200), so only calls with head dim up to 64 are split.  The forward always runs as one call: split
-the same way, the merges cost what the kernels gained.
+on an H200), so only calls with head dim up to 64 are split.  The forward always runs as one
+call: split the same way, the merges cost what the kernels gained.
 
 Anything else (windows, documents, block-sparse, striped or offset diagonals), float32/float64,
 or CPU tensors is refused with the reason; :func:`longctx.kernels.dispatch.select_kernel` asks

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import random
+import traceback
 from dataclasses import dataclass, replace
 
 import torch
@@ -168,7 +169,10 @@ def first_host_sync(step) -> str | None:
     try:
         step()
     except RuntimeError as e:
-        return str(e).splitlines()[0]
+        # the deepest frame in longctx says where (the message itself does not)
+        ours = [f for f in traceback.extract_tb(e.__traceback__) if "longctx" in f.filename]
+        where = f" at {ours[-1].filename}:{ours[-1].lineno} ({ours[-1].name})" if ours else ""
+        return str(e).splitlines()[0] + where
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return None
