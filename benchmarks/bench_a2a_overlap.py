@@ -63,7 +63,7 @@ class CopyEngineA2A:
         self.recv = symm_mem.empty(numel, dtype=dtype, device="cuda")
         self.handle = symm_mem.rendezvous(self.recv, group.group_name)
         self.P, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.numel, self.dtype = numel, dtype
+        self.dtype = dtype
         self.streams = [torch.cuda.Stream() for _ in range(self.P)]
         self.comm = torch.cuda.Stream()
 

@@ -61,7 +61,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import check_qkv, default_positions, register_kernel
+from .base import check_qkv, default_positions, grad_dtype_for, register_kernel
 from .mask import Mask, Positions
 
 from ._triton_runtime import interpreting as _interpreting
@@ -926,7 +926,7 @@ class TritonFlash:
         dk = torch.empty(B, Sk, Hkv, D, **f32)
         dv = torch.empty(B, Sk, Hkv, D, **f32)
         if Sq == 0 or Sk == 0 or B * H == 0:
-            return _cast_grads((dq.zero_(), dk.zero_(), dv.zero_()), grad_dtype)
+            return tuple(g.zero_().to(grad_dtype_for(q, grad_dtype)) for g in (dq, dk, dv))
 
         delta = torch.empty(B, H, Sq, **f32)  # rowsum(dout * out) with the global out
         pre_block = 64 if D <= 128 else 32
@@ -970,14 +970,7 @@ class TritonFlash:
                 HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, **plan.flags(q.dtype),
                 num_warps=qt.num_warps, num_stages=qt.num_stages,
             )
-        return _cast_grads((dq, dk, dv), grad_dtype)
-
-
-def _cast_grads(grads: tuple[Tensor, Tensor, Tensor], grad_dtype: torch.dtype | None):
-    """The kernel's float32 gradients in ``grad_dtype`` (None: as they are)."""
-    if grad_dtype is None or grad_dtype == torch.float32:
-        return grads
-    return tuple(g.to(grad_dtype) for g in grads)
+        return tuple(g.to(grad_dtype_for(q, grad_dtype)) for g in (dq, dk, dv))
 
 
 register_kernel("triton", TritonFlash)

@@ -31,7 +31,6 @@ def _select_slots(x_all: Tensor, sources: list[int]) -> Tensor:
     """``x_all [P, B, s, ...]`` -> ``[B, n*s, ...]``: the slots of ``sources`` (ascending ranks)
     along the token dim.  By slicing, never by indexing with a host list: that copies the index to
     the GPU and so waits for every kernel queued before it (a host sync on every call)."""
-    B, s = x_all.shape[1:3]
     first = sources[0] if sources else 0
     if sources == list(range(first, first + len(sources))):  # one run of ranks: causal, zigzag
         # [n, B, s, ...] -> [B, n*s, ...] (a view when B = 1)
