@@ -9,6 +9,8 @@ GPU (``-m gpu``): real sizes in bfloat16 against the float32 reference on the GP
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -323,6 +325,8 @@ def test_config_and_kernel_name_errors():
         LinearTritonConfig(state_num_warps=3)
     with pytest.raises(ValueError, match=r"state_num_stages must be >= 1, got 0"):
         LinearTritonConfig(state_num_stages=0)
+    with pytest.raises(ValueError, match=r"sum_segment must be a multiple of chunk=64, got 96"):
+        LinearTritonConfig(sum_segment=96)
     with pytest.raises(ValueError, match=r"mode must be 'chunked' or 'recurrent'"):
         LinearReferenceConfig(mode="parallel")
     with pytest.raises(ValueError, match=r"unknown linear attention kernel 'fast'; available"):
@@ -410,6 +414,19 @@ def test_exchange_matches_definition(interpret, impl, cu, decay, with_h0, with_e
     state handed to the exchange (from ``initial_state`` only), the entering state's gradient
     handed back, and every gradient (float32 against the float64 recurrence)."""
     kern = LinearTriton(TINY) if impl == "triton" else LinearReference()
+    _check_exchange(kern, cu, decay, with_h0, with_entering, with_dfinal)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 5, 20, 40], [0, 0, 17, 40], [0, 33, 40]],
+                         ids=["one-doc", "doc-in-chunk-0", "doc-at-0", "doc-late"])
+def test_exchange_state_sums_over_segments(interpret, cu):
+    """The Triton kernel's parallel state sums (the final state handed to the exchange, the
+    entering state's gradient handed back) over three 16-token segments, the last one partial:
+    the segment bounds and the sum of the partial states."""
+    _check_exchange(LinearTriton(replace(TINY, sum_segment=16)), cu, True, True, True, True)
+
+
+def _check_exchange(kern, cu, decay, with_h0, with_entering, with_dfinal):
     q, k, v, h0, dout, dfinal = _inputs(2, 40, 4, 2, 16, 16, seed=5)
     g = retnet_log_decay(4) if decay else None
     args = LinearArgs.build(q, k, v, log_decay=g,

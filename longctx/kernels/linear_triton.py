@@ -29,12 +29,13 @@ compiles without them.  GQA: k/v are read in place; dk/dv are accumulated per qu
 and summed over each kv head's group on the host.  Documents (``cu_seqlens``) are evaluated from
 per-token document ids inside the kernels, so chunks need not align with documents.
 
-Context parallelism (``forward_exchange`` / ``backward_exchange``): a state that enters before
-token 0 but is known only after the state pass (it is all-gathered from the other ranks), and
-the final-state gradient likewise, are not run through the sequential state kernels again: the
-output and dq/dk/dv kernels add ``coef_c * state`` to each stored per-chunk state as they load it
-(``coef_c`` the decay from token 0 to the chunk, 0 past a document start), so the exchange costs
-no extra pass over the sequence.
+Context parallelism (``forward_exchange`` / ``backward_exchange``): the exchange needs the
+shard's final state before the state walk (and, backward, the entering state's gradient before the
+backward walk), so a sixth kernel, ``state sum`` (grid ``(Dk/BK, Dv/BV, segments * B*H)``), sums
+``lambda^e_t k_t^T v_t`` (or ``scale lambda^(t+1) q_t^T do_t``) over segments of tokens in
+parallel, with no chunk-to-chunk dependency.  What the exchange returns, the entering state or the
+final-state gradient, then starts the state walk like an initial state (or its gradient), so the
+output and dq/dk/dv kernels run exactly as on one device.
 
 Runs on CUDA GPUs and, for tests, on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``,
 read at each launch).  Inputs float16 / bfloat16 / float32 (float32 uses full-precision IEEE dots);
@@ -113,6 +114,10 @@ class LinearTritonConfig:
             tiles put more of the GPU to work on short-batch, few-head shapes.
         num_warps, num_stages: as in ``triton.Config``; ``state_num_warps`` and
             ``state_num_stages`` for the two sequential kernels.
+        sum_block, sum_segment: the ``[sum_block, sum_block]`` state tile (clipped to the head
+            dims) and the tokens per program of the parallel state sums that context parallelism
+            needs before the sequential kernels (a shard's final state, the entering state's
+            gradient); ``sum_segment`` a multiple of ``chunk``.
 
     All blocks are powers of two >= 16 (the smallest ``tl.dot``).  The defaults come from timing
     on an H200 at head dim 128 (``benchmarks/bench_linear.py --sweep``, ``benchmarks/RESULTS.md``);
@@ -132,11 +137,18 @@ class LinearTritonConfig:
     state_num_warps: int = 8
     num_stages: int = 3
     state_num_stages: int = 4
+    sum_block: int = 128
+    sum_segment: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("chunk", "block_k", "block_v", "dq_block_k", "state_block_k",
-                     "state_block_v"):
+                     "state_block_v", "sum_block"):
             _pow2_at_least_16(name, getattr(self, name))
+        if self.sum_segment < self.chunk or self.sum_segment % self.chunk:
+            raise ValueError(
+                f"LinearTritonConfig.sum_segment must be a multiple of chunk={self.chunk}, "
+                f"got {self.sum_segment}"
+            )
         for name in ("num_warps", "state_num_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(
@@ -156,7 +168,8 @@ class LinearTritonConfig:
         return LinearBlocks(
             chunk=self.chunk, k=min(self.block_k, pad(dk)), v=min(self.block_v, pad(dv)),
             dq_k=min(self.dq_block_k, pad(dk)), state_k=min(self.state_block_k, pad(dk)),
-            state_v=min(self.state_block_v, pad(dv)),
+            state_v=min(self.state_block_v, pad(dv)), sum_k=min(self.sum_block, pad(dk)),
+            sum_v=min(self.sum_block, pad(dv)),
         )
 
 
@@ -169,6 +182,8 @@ class LinearBlocks(NamedTuple):
     dq_k: int
     state_k: int
     state_v: int
+    sum_k: int
+    sum_v: int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,45 +280,6 @@ if triton is not None:
             g = 0.0
         return g
 
-    @_jit
-    def _entering_coef(g, DOC, t0, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr):
-        """Share of a state entering before token 0 that is in the state before the chunk at
-        ``t0``: ``lambda^t0``, or 0 once a document has started (as the state kernel carries an
-        initial state)."""
-        if HAS_DECAY:
-            coef = tl.exp(g * t0.to(tl.float32))
-        else:
-            coef = (t0 * 0 + 1).to(tl.float32)
-        if HAS_DOCS:
-            carry = tl.load(DOC + tl.maximum(t0 - 1, 0))
-            coef = tl.where((t0 == 0) | (carry == 0), coef, 0.0)
-        return coef
-
-    @_jit
-    def _leaving_coef(g, DOC, t0, S, BT: tl.constexpr, HAS_DECAY: tl.constexpr,
-                      HAS_DOCS: tl.constexpr):
-        """Share of the gradient of the state after the last token that is in the gradient of the
-        state after the chunk at ``t0``: ``lambda^(S - t1)`` (``t1`` the chunk's end), or 0 when
-        a document starts after the chunk (as the backward state kernel carries a final-state
-        gradient)."""
-        t1 = tl.minimum(t0 + BT, S)
-        if HAS_DECAY:
-            coef = tl.exp(g * (S - t1).to(tl.float32))
-        else:
-            coef = (t1 * 0 + 1).to(tl.float32)
-        if HAS_DOCS:
-            coef = tl.where(tl.load(DOC + S - 1) == tl.load(DOC + t1 - 1), coef, 0.0)
-        return coef
-
-    @_jit
-    def _fold_state(tile, X, bh, offs_k, offs_v, coef, DK: tl.constexpr, DV: tl.constexpr):
-        """``tile + coef * X[bh]`` (the ``[BK, BV]`` block of a ``[DK, DV]`` state stored like
-        the per-chunk states), in the tile's dtype: a stored per-chunk state plus the share of a
-        state known only later."""
-        ptrs, mask = _state_ptrs(X, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
-        extra = tl.load(ptrs, mask=mask, other=0.0)
-        return (tile.to(tl.float32) + coef * extra.to(tl.float32)).to(tile.dtype)
-
     # ---------------------------------------------------------------------------------- forward
     @_jit
     def _state_fwd_kernel(K, V, G, DOC, H0, HBUF, HT, S, H, GQ, NT,
@@ -339,13 +315,44 @@ if triton is not None:
         tl.store(ht_ptrs, state, mask=ht_mask)
 
     @_jit
-    def _out_fwd_kernel(Q, K, V, G, DOC, HBUF, P, O, scale, S, H, GQ, NT,
+    def _state_sum_kernel(A, B, G, OUT, lo, hi, mult, c0, c1, S, H, GQ, BH, SEG,
+                          DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, HAS_DECAY: tl.constexpr, IEEE: tl.constexpr):
+        """Grid ``(cdiv(DK, BK), cdiv(DV, BV), cdiv(S, SEG) * BH)``: ``OUT[seg, bh]`` (float32) =
+        ``sum_t mult * lambda^(c0 + c1 t) * a_t^T b_t`` over the tokens ``t`` of segment ``seg``
+        (``SEG`` tokens) that lie in ``[lo, hi)``; ``a_t``, ``b_t`` are the rows of head
+        ``h // GQ`` of ``A [B, S, H / GQ, DK]`` and ``B [B, S, H / GQ, DV]``.  No sequential
+        dependency: every token's weight is absolute (``c0 + c1 t >= 0`` over the range)."""
+        i_k, i_v, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        seg, bh = pid // BH, pid % BH
+        b, h = bh // H, bh % H
+        offs_k = i_k * BK + tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        g = _load_g(G, h, HAS_DECAY)
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for i in range(0, SEG, BT):
+            offs_t = seg * SEG + i + tl.arange(0, BT)
+            inside = (offs_t >= lo) & (offs_t < hi)
+            if HAS_DECAY:
+                w = tl.exp(g * (c0 + c1 * offs_t).to(tl.float32)) * mult
+            else:
+                w = tl.full([BT], 1.0, tl.float32) * mult
+            w = tl.where(inside, w, 0.0)
+            a_ptrs, a_mask = _rows(A, b, offs_t, h // GQ, offs_k, S, H // GQ, DK)
+            b_ptrs, b_mask = _rows(B, b, offs_t, h // GQ, offs_v, S, H // GQ, DV)
+            a = tl.load(a_ptrs, mask=a_mask & inside[:, None], other=0.0)
+            x = tl.load(b_ptrs, mask=b_mask & inside[:, None], other=0.0)
+            aw = (a * w[:, None]).to(x.dtype)  # [BT, BK]
+            acc = _dot(tl.trans(aw), x, acc, IEEE)
+        o_ptrs, o_mask = _state_ptrs(OUT, pid.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
+        tl.store(o_ptrs, acc, mask=o_mask)
+
+    @_jit
+    def _out_fwd_kernel(Q, K, V, G, DOC, HBUF, O, scale, S, H, GQ, NT,
                         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                        HAS_P: tl.constexpr, IEEE: tl.constexpr):
-        """Grid ``(NT, cdiv(DV, BV), B*H)``: one ``[BT, BV]`` output tile.  ``P [B*H, DK, DV]``
-        (in HBUF's dtype, if HAS_P): a state entering before token 0 that the per-chunk states do
-        not hold yet (context parallelism), added to them here."""
+                        IEEE: tl.constexpr):
+        """Grid ``(NT, cdiv(DV, BV), B*H)``: one ``[BT, BV]`` output tile."""
         c, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
@@ -353,8 +360,6 @@ if triton is not None:
         offs_t = t0 + tl.arange(0, BT)
         offs_v = i_v * BV + tl.arange(0, BV)
         g = _load_g(G, h, HAS_DECAY)
-        if HAS_P:
-            p_coef = _entering_coef(g, DOC, t0, HAS_DECAY, HAS_DOCS)
         scores = tl.zeros([BT, BT], dtype=tl.float32)  # q k^T
         acc = tl.zeros([BT, BV], dtype=tl.float32)  # q h_c
         for i_k in range(tl.cdiv(DK, BK)):
@@ -367,8 +372,6 @@ if triton is not None:
             hb_ptrs, hb_mask = _state_ptrs(HBUF, (bh.to(tl.int64) * NT + c) * DK * DV,
                                            offs_k, offs_v, DK, DV)
             hb = tl.load(hb_ptrs, mask=hb_mask, other=0.0)
-            if HAS_P:
-                hb = _fold_state(hb, P, bh, offs_k, offs_v, p_coef, DK, DV)
             acc = _dot(q, hb, acc, IEEE)
         row, _, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
@@ -380,19 +383,22 @@ if triton is not None:
 
     # --------------------------------------------------------------------------------- backward
     @_jit
-    def _state_bwd_kernel(Q, DO, G, DOC, DHBUF, DH0, scale, S, H, NT,
+    def _state_bwd_kernel(Q, DO, G, DOC, DHT, DHBUF, DH0, scale, S, H, NT,
                           DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                          IEEE: tl.constexpr):
-        """Grid ``(cdiv(DK, BK), cdiv(DV, BV), B*H)``, chunks in reverse: ``DHBUF[bh, c]`` =
-        dL/d(state after chunk c), ``DH0[bh]`` = dL/d(initial state) (float32), both through
-        the outputs only (the final-state gradient is added by the dq/dk/dv kernels)."""
+                          HAS_DHT: tl.constexpr, IEEE: tl.constexpr):
+        """Grid ``(cdiv(DK, BK), cdiv(DV, BV), B*H)``, chunks in reverse from ``DHT[bh]`` (the
+        final-state gradient, if HAS_DHT): ``DHBUF[bh, c]`` = dL/d(state after chunk c),
+        ``DH0[bh]`` = dL/d(initial state) (float32)."""
         i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         offs_k = i_k * BK + tl.arange(0, BK)
         offs_v = i_v * BV + tl.arange(0, BV)
         g = _load_g(G, h, HAS_DECAY)
         dh = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_DHT:
+            dht_ptrs, dht_mask = _state_ptrs(DHT, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
+            dh = tl.load(dht_ptrs, mask=dht_mask, other=0.0).to(tl.float32)
         for cc in range(NT):
             c = NT - 1 - cc
             t0 = c * BT
@@ -411,14 +417,11 @@ if triton is not None:
         tl.store(h0_ptrs, dh, mask=h0_mask)
 
     @_jit
-    def _dqk_bwd_kernel(Q, K, V, DO, G, DOC, HBUF, DHBUF, P, DHT, DQ, DKH, scale, S, H, GQ, NT,
+    def _dqk_bwd_kernel(Q, K, V, DO, G, DOC, HBUF, DHBUF, DQ, DKH, scale, S, H, GQ, NT,
                         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                        HAS_P: tl.constexpr, HAS_DHT: tl.constexpr, IEEE: tl.constexpr):
-        """Grid ``(NT, cdiv(DK, BK), B*H)``: ``[BT, BK]`` tiles of dq and of dk per query head.
-        ``P`` (if HAS_P): an entering state folded into the stored states, as in the output
-        kernel; ``DHT [B*H, DK, DV]`` (if HAS_DHT): the final-state gradient, folded into the
-        stored state gradients."""
+                        IEEE: tl.constexpr):
+        """Grid ``(NT, cdiv(DK, BK), B*H)``: ``[BT, BK]`` tiles of dq and of dk per query head."""
         c, i_k, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
@@ -426,10 +429,6 @@ if triton is not None:
         offs_t = t0 + tl.arange(0, BT)
         offs_k = i_k * BK + tl.arange(0, BK)
         g = _load_g(G, h, HAS_DECAY)
-        if HAS_P:
-            p_coef = _entering_coef(g, DOC, t0, HAS_DECAY, HAS_DOCS)
-        if HAS_DHT:
-            dht_coef = _leaving_coef(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         dov = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T
         do_h = tl.zeros([BT, BK], dtype=tl.float32)  # do h_c^T (state before the chunk)
         v_dh = tl.zeros([BT, BK], dtype=tl.float32)  # v dh_c^T (grad of the state after it)
@@ -443,13 +442,9 @@ if triton is not None:
             dov = _dot(do, tl.trans(v), dov, IEEE)
             s_ptrs, s_mask = _state_ptrs(HBUF, state_base, offs_k, offs_v, DK, DV)
             hb = tl.load(s_ptrs, mask=s_mask, other=0.0)
-            if HAS_P:
-                hb = _fold_state(hb, P, bh, offs_k, offs_v, p_coef, DK, DV)
             do_h = _dot(do, tl.trans(hb), do_h, IEEE)
             s_ptrs, s_mask = _state_ptrs(DHBUF, state_base, offs_k, offs_v, DK, DV)
             dhb = tl.load(s_ptrs, mask=s_mask, other=0.0)
-            if HAS_DHT:
-                dhb = _fold_state(dhb, DHT, bh, offs_k, offs_v, dht_coef, DK, DV)
             v_dh = _dot(v, tl.trans(dhb), v_dh, IEEE)
         row, col, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
@@ -467,12 +462,11 @@ if triton is not None:
         tl.store(dk_ptrs, dk.to(DKH.dtype.element_ty), mask=dk_mask)
 
     @_jit
-    def _dv_bwd_kernel(Q, K, DO, G, DOC, DHBUF, DHT, DVH, scale, S, H, GQ, NT,
+    def _dv_bwd_kernel(Q, K, DO, G, DOC, DHBUF, DVH, scale, S, H, GQ, NT,
                        DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DOCS: tl.constexpr,
-                       HAS_DHT: tl.constexpr, IEEE: tl.constexpr):
-        """Grid ``(NT, cdiv(DV, BV), B*H)``: ``[BT, BV]`` tiles of dv per query head (``DHT``
-        folded in as in the dq/dk kernel)."""
+                       IEEE: tl.constexpr):
+        """Grid ``(NT, cdiv(DV, BV), B*H)``: ``[BT, BV]`` tiles of dv per query head."""
         c, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         hk = h // GQ
@@ -480,8 +474,6 @@ if triton is not None:
         offs_t = t0 + tl.arange(0, BT)
         offs_v = i_v * BV + tl.arange(0, BV)
         g = _load_g(G, h, HAS_DECAY)
-        if HAS_DHT:
-            dht_coef = _leaving_coef(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         qk = tl.zeros([BT, BT], dtype=tl.float32)  # q k^T
         k_dh = tl.zeros([BT, BV], dtype=tl.float32)  # k dh_c (grad of the state after the chunk)
         state_base = (bh.to(tl.int64) * NT + c) * DK * DV
@@ -494,8 +486,6 @@ if triton is not None:
             qk = _dot(q, tl.trans(k), qk, IEEE)
             s_ptrs, s_mask = _state_ptrs(DHBUF, state_base, offs_k, offs_v, DK, DV)
             dhb = tl.load(s_ptrs, mask=s_mask, other=0.0)
-            if HAS_DHT:
-                dhb = _fold_state(dhb, DHT, bh, offs_k, offs_v, dht_coef, DK, DV)
             k_dh = _dot(k, dhb, k_dh, IEEE)
         _, col, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
@@ -553,7 +543,7 @@ class LinearTriton:
         return shape
 
     def _meta(self, shape: LinearShape, args: LinearArgs, dtype: torch.dtype) -> dict:
-        """Launch arguments shared by the five kernels (the parallel kernels' tiles)."""
+        """Launch arguments shared by the kernels (the parallel kernels' tiles)."""
         blocks = self.config.blocks(shape.dk, shape.dv)
         return dict(
             DK=shape.dk, DV=shape.dv, BT=blocks.chunk, BK=blocks.k, BV=blocks.v,
@@ -591,40 +581,98 @@ class LinearTriton:
         )
         return hbuf, final
 
+    def _state_sum(self, a: Tensor, b: Tensor, g: Tensor, shape: LinearShape, meta: dict, *,
+                   tokens: tuple[int, int], mult: float, exponent: tuple[int, int],
+                   group: int) -> Tensor:
+        """``[B, H, Dk, Dv]`` float32: ``sum_{lo <= t < hi} mult * lambda_h^(c0 + c1 t) *
+        a_t^T b_t`` with ``(lo, hi) = tokens``, ``(c0, c1) = exponent``, ``a``/``b`` read at head
+        ``h // group``; parallel over segments of ``config.sum_segment`` tokens, whose float32
+        partial sums are added here (a fixed order: deterministic)."""
+        B, S, H, _, Dk, Dv = shape
+        segment = min(self.config.sum_segment, triton.cdiv(S, meta["BT"]) * meta["BT"])
+        n_seg = triton.cdiv(S, segment)
+        partial = torch.empty(n_seg, B * H, Dk, Dv, dtype=torch.float32, device=a.device)
+        blocks = self.config.blocks(Dk, Dv)
+        grid = (triton.cdiv(Dk, blocks.sum_k), triton.cdiv(Dv, blocks.sum_v), n_seg * B * H)
+        launch = {key: value for key, value in meta.items() if key != "HAS_DOCS"}
+        _launch(_state_sum_kernel, grid, a, b, g, partial, *tokens, mult, *exponent, S, H, group,
+                B * H, segment, **{**launch, "BK": blocks.sum_k, "BV": blocks.sum_v})
+        total = partial[0] if n_seg == 1 else partial.sum(0)  # [B * H, Dk, Dv]
+        return total.view(B, H, Dk, Dv)
+
+    def _local_final(self, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, args: LinearArgs,
+                     shape: LinearShape, meta: dict) -> Tensor:
+        """The state after the last token from ``h0`` (float32), summed in parallel over the
+        tokens of the last document rather than walked chunk by chunk: the state an exchange
+        needs before the state kernel can run."""
+        S = shape.seq
+        last_start = 0  # the last document's first token: the largest boundary before token S
+        if args.cu_seqlens is not None:
+            last_start = max((int(e) for e in args.cu_seqlens[1:-1] if int(e) < S), default=0)
+        final = self._state_sum(k, v, g, shape, meta, tokens=(last_start, S), mult=1.0,
+                                exponent=(S - 1, -1), group=shape.group)
+        if h0 is not None:  # h0 reaches the end decayed by lambda^S, unless a document starts
+            reach = passing_decay(args, S, shape.heads, torch.float32, k.device)  # [H]
+            final = final + reach[:, None, None] * h0
+        return final
+
+    def _entering_grad(self, q: Tensor, dout: Tensor, g: Tensor, args: LinearArgs,
+                       shape: LinearShape, meta: dict) -> Tensor:
+        """Gradient of a state entering before token 0 through the outputs (float32):
+        ``sum_{t < T} scale * lambda^(t+1) q_t^T dout_t`` over the first document's ``T``
+        tokens, summed in parallel (no backward state walk)."""
+        S = shape.seq
+        first_end = S if args.cu_seqlens is None else min(S, int(args.cu_seqlens[1]))
+        return self._state_sum(q, dout, g, shape, meta, tokens=(0, first_end), mult=args.scale,
+                               exponent=(1, 1), group=1)
+
+    def _output(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, docs: Tensor,
+                h0: Tensor | None, args: LinearArgs, shape: LinearShape,
+                meta: dict) -> tuple[Tensor, Tensor]:
+        """The state kernel from ``h0``, then the output kernel: ``out`` and the final state."""
+        B, S, H, _, _, Dv = shape
+        out = torch.empty(B, S, H, Dv, dtype=q.dtype, device=q.device)
+        hbuf, final = self._states(k, v, g, docs, h0, shape, meta)
+        NT = hbuf.shape[1]
+        _launch(
+            _out_fwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
+            q, k, v, g, docs, hbuf, out, args.scale, S, H, shape.group, NT, **meta,
+        )
+        return out, final
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``out [B, S, H, Dv]`` (q.dtype), ``final_state [B, H, Dk, Dv]`` (float32)."""
-        out, final, _ = self.forward_exchange(q, k, v, args, initial_state, _no_state)
-        return out, final
+        shape = self._check(q, k, v, initial_state)
+        h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+        if _empty(shape):
+            return q.new_empty(*shape[:3], shape.dv), _empty_final(h0, shape, q.device)
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        meta = self._meta(shape, args, q.dtype)
+        g, docs = self._decay_and_docs(args, shape, q)
+        return self._output(q, k, v, g, docs, h0, args, shape, meta)
 
     def forward_exchange(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
                          initial_state: Tensor | None, exchange: StateExchange,
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Fused :func:`~longctx.kernels.linear_reference.forward_with_exchange`: the state
-        kernel, then ``exchange(final_state)``, then the output kernel with the entering state
-        added to its per-chunk states (no extra pass over q or out)."""
+        """Fused :func:`~longctx.kernels.linear_reference.forward_with_exchange`: the final state
+        from ``initial_state`` summed in parallel over the tokens, then ``exchange(final)``,
+        then the one-device kernels from ``initial_state + entering`` (the entering state starts
+        the state kernel, so the output kernel does no extra work)."""
         shape = self._check(q, k, v, initial_state)
-        B, S, H, _, _, Dv = shape
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
-        out = torch.empty(B, S, H, Dv, dtype=q.dtype, device=q.device)
-        if S == 0 or B * H == 0:
-            final = h0.clone() if h0 is not None else q.new_zeros(shape.state, dtype=torch.float32)
+        if _empty(shape):
+            final = _empty_final(h0, shape, q.device)
             entering = _checked_state(resolve_state(exchange(final)), "entering state", shape,
                                       q.device)
-            return out, final, entering
+            return q.new_empty(*shape[:3], shape.dv), final, entering
         q, k, v = (t.contiguous() for t in (q, k, v))
         meta = self._meta(shape, args, q.dtype)
-        g, docs = self._decay_and_docs(args, shape, out)
-        hbuf, final = self._states(k, v, g, docs, h0, shape, meta)
+        g, docs = self._decay_and_docs(args, shape, q)
+        final = self._local_final(k, v, g, h0, args, shape, meta)
         entering = _checked_state(resolve_state(exchange(final)), "entering state", shape,
                                   q.device)
-        NT = hbuf.shape[1]
-        _launch(
-            _out_fwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
-            q, k, v, g, docs, hbuf, _as_chunk_state(entering, hbuf), out, args.scale, S, H,
-            shape.group, NT,
-            HAS_P=entering is not None, **meta,
-        )
+        out, _ = self._output(q, k, v, g, docs, _plus(h0, entering), args, shape, meta)
         return out, final, entering
 
     def backward(self, dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
@@ -635,17 +683,25 @@ class LinearTriton:
         ``grad_dtype`` (default float32; written by the kernels in that dtype, so a 16-bit
         ``grad_dtype`` saves the casts) and float32 ``dinitial [B, H, Dk, Dv]`` (None when
         ``initial_state`` is None)."""
-        return self.backward_exchange(dout, q, k, v, args, initial_state, None,
-                                      lambda _d_entering: dfinal, grad_dtype)
+        return self._backward(dout, q, k, v, args, initial_state, None, dfinal, grad_dtype)
 
     def backward_exchange(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
                           initial_state: Tensor | None, entering: Tensor | None,
                           exchange: StateExchange, grad_dtype: torch.dtype | None = None,
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Fused :func:`~longctx.kernels.linear_reference.backward_with_exchange`: the backward
-        state kernel gives the entering state's gradient through the outputs, then
-        ``exchange`` returns the final-state gradient, which the dq/dk/dv kernels add to their
-        per-chunk state gradients (as they add ``entering`` to the per-chunk states)."""
+        """Fused :func:`~longctx.kernels.linear_reference.backward_with_exchange`: the entering
+        state's gradient through the outputs, summed in parallel over the first document, goes
+        to ``exchange``, which may run while the chunk states are recomputed (from
+        ``initial_state + entering``); the final-state gradient it returns then starts the
+        backward state kernel, so the dq/dk/dv kernels are the one-device ones."""
+        return self._backward(dout, q, k, v, args, initial_state, entering, exchange, grad_dtype)
+
+    def _backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
+                  initial_state: Tensor | None, entering: Tensor | None,
+                  dfinal: Tensor | StateExchange | None, grad_dtype: torch.dtype | None,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """:meth:`backward` (``dfinal`` a tensor or None) and :meth:`backward_exchange`
+        (``dfinal`` the exchange that gives it)."""
         grad_dtype = grad_dtype or torch.float32
         shape = self._check(q, k, v, initial_state)
         entering = _checked_state(entering, "entering state", shape, q.device)
@@ -657,10 +713,11 @@ class LinearTriton:
             )
         f32 = dict(dtype=torch.float32, device=q.device)
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
-        if S == 0 or B * H == 0:
-            d_entering = torch.zeros(shape.state, **f32)
-            dfinal = _checked_state(resolve_state(exchange(d_entering)), "dfinal", shape,
-                                    q.device)
+        exchange = dfinal if callable(dfinal) else None
+        if _empty(shape):
+            if exchange is not None:
+                dfinal = resolve_state(exchange(torch.zeros(shape.state, **f32)))
+            dfinal = _checked_state(dfinal, "dfinal", shape, q.device)
             dh0 = torch.zeros(shape.state, **f32)
             if dfinal is not None:  # nothing in between: the final state is the initial state
                 dh0 = dfinal.to(torch.float32, copy=True)
@@ -670,18 +727,22 @@ class LinearTriton:
         dout = dout.to(q.dtype).contiguous()
         meta = self._meta(shape, args, q.dtype)
         g, docs = self._decay_and_docs(args, shape, dout)
-        NT = triton.cdiv(S, meta["BT"])
+        if exchange is not None:
+            # a pending exchange runs while the chunk states are recomputed
+            pending = exchange(self._entering_grad(q, dout, g, args, shape, meta))
+        hbuf, _ = self._states(k, v, g, docs, _plus(h0, entering), shape, meta)  # recomputed
+        if exchange is not None:
+            dfinal = resolve_state(pending)
+        dfinal = _checked_state(dfinal, "dfinal", shape, q.device)
+        dht = dfinal.to(torch.float32).contiguous() if dfinal is not None else None
+        NT = hbuf.shape[1]
         dhbuf = torch.empty(B * H, NT, Dk, Dv, dtype=k.dtype, device=k.device)
-        d_entering = torch.empty(shape.state, **f32)  # through the outputs only
+        dh0 = torch.empty(shape.state, **f32)  # through the outputs and the final state
         grid, state_meta = self._state_meta(shape, meta)
         _launch(
-            _state_bwd_kernel, grid, q, dout, g, docs, dhbuf, d_entering, args.scale, S, H, NT,
-            **state_meta,
+            _state_bwd_kernel, grid, q, dout, g, docs, dht if dht is not None else dh0, dhbuf,
+            dh0, args.scale, S, H, NT, HAS_DHT=dht is not None, **state_meta,
         )
-        pending = exchange(d_entering)  # a pending exchange runs while the states are recomputed
-        hbuf, _ = self._states(k, v, g, docs, h0, shape, meta)  # recomputed, not kept from forward
-        dfinal = _checked_state(resolve_state(pending), "dfinal", shape, q.device)
-        dht = _as_chunk_state(dfinal, dhbuf)
         # dk/dv per query head, summed over GQA groups below (in float32 when there are groups)
         per_head = grad_dtype if shape.group == 1 else torch.float32
         dq = torch.empty(B, S, H, Dk, dtype=grad_dtype, device=q.device)
@@ -690,28 +751,35 @@ class LinearTriton:
         dq_bk = self.config.blocks(Dk, Dv).dq_k
         _launch(
             _dqk_bwd_kernel, (NT, triton.cdiv(Dk, dq_bk), B * H),
-            q, k, v, dout, g, docs, hbuf, dhbuf, _as_chunk_state(entering, hbuf), dht, dq, dk,
-            args.scale, S, H, shape.group, NT,
-            HAS_P=entering is not None, HAS_DHT=dfinal is not None, **{**meta, "BK": dq_bk},
+            q, k, v, dout, g, docs, hbuf, dhbuf, dq, dk, args.scale, S, H, shape.group, NT,
+            **{**meta, "BK": dq_bk},
         )
         _launch(
             _dv_bwd_kernel, (NT, triton.cdiv(Dv, meta["BV"]), B * H),
-            q, k, dout, g, docs, dhbuf, dht, dv, args.scale, S, H, shape.group, NT,
-            HAS_DHT=dfinal is not None, **meta,
+            q, k, dout, g, docs, dhbuf, dv, args.scale, S, H, shape.group, NT, **meta,
         )
         dk, dv = (sum_kv_groups(x, Hkv, grad_dtype) for x in (dk, dv))  # -> [B, S, Hkv, D]
-        if h0 is None:
-            return dq, dk, dv, None
-        if dfinal is None:
-            return dq, dk, dv, d_entering
-        # the initial state reaches the final state decayed by lambda^S, if no document starts
-        reach = passing_decay(args, S, H, torch.float32, q.device)  # [H]
-        return dq, dk, dv, d_entering + reach[:, None, None] * dfinal.to(torch.float32)
+        return dq, dk, dv, dh0 if h0 is not None else None
 
 
-def _no_state(_state: Tensor) -> None:
-    """The exchange of a call on one device: no state enters later."""
-    return None
+def _empty(shape: LinearShape) -> bool:
+    """A call with no tokens or no heads: the kernels have nothing to run."""
+    return shape.seq == 0 or shape.batch * shape.heads == 0
+
+
+def _empty_final(h0: Tensor | None, shape: LinearShape, device: torch.device) -> Tensor:
+    """The final state of a call without tokens: the initial state (float32)."""
+    if h0 is not None:
+        return h0.clone()
+    return torch.zeros(shape.state, dtype=torch.float32, device=device)
+
+
+def _plus(h0: Tensor | None, entering: Tensor | None) -> Tensor | None:
+    """``h0 + entering`` (float32, contiguous), either of which may be None."""
+    if entering is None:
+        return h0
+    entering = entering.to(torch.float32).contiguous()
+    return entering if h0 is None else h0 + entering
 
 
 def _checked_state(state: Tensor | None, name: str, shape: LinearShape,
@@ -719,15 +787,6 @@ def _checked_state(state: Tensor | None, name: str, shape: LinearShape,
     """``state`` as given, after :func:`check_state` (None passes)."""
     check_state(state, shape, device, name)
     return state
-
-
-def _as_chunk_state(state: Tensor | None, chunk_states: Tensor) -> Tensor:
-    """A state to fold into ``chunk_states`` as the kernels read it (contiguous, in the
-    per-chunk states' dtype: half the loads of float32, and the sum is rounded to it anyway), or
-    ``chunk_states`` itself as the pointer of an unused argument."""
-    if state is None:
-        return chunk_states
-    return state.to(chunk_states.dtype).contiguous()
 
 
 def linear_attention_triton(

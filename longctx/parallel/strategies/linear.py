@@ -5,28 +5,30 @@ With the contiguous layout rank ``r`` holds tokens ``[a_r, a_r + n)``.  Causal l
 enters the shard, which is a decayed sum of the earlier shards' own final states::
 
     forward on rank r
-      1. s_r = kernel state pass over k_r, v_r from a zero state   # (rank 0: from initial_state)
+      1. s_r = sum_t lambda^(n-1-t) k_t^T v_t over the shard       # (rank 0: + from initial_state)
       2. s = all_gather(s_r)                                  # [P, B, H, Dk, Dv], the ONE collective
       3. P_r = sum_{j<r} W[r, j] s_j                          # the state entering rank r
          W[r, j] = prod_{j<i<r} A_i,  A_i = lambda^n if no document starts in shard i, else 0
-      4. out_r = kernel output pass with P_r added to its per-chunk states
+      4. out_r = the one-device kernel from the initial state P_r
       final_state = sum_j W[P, j] s_j                          # the state after the last token
 
 Steps 2-3 run in the middle of the local kernel: the kernel contract's ``forward_exchange``
-(:func:`~longctx.kernels.linear_reference.forward_with_exchange`) calls back between its state
-pass and its output pass, so the Triton kernel adds ``lambda^t0 P_r`` to each chunk's stored
-state as it reads it and makes no extra pass over q or out (a kernel without the fused form gets
-the torch correction ``out[t] += scale * lambda^(t+1) q[t] P_r`` after a zero-state forward).
+(:func:`~longctx.kernels.linear_reference.forward_with_exchange`) calls back once it has ``s_r``.
+The Triton kernel sums ``s_r`` in parallel over the tokens (no sequential walk), and ``P_r`` then
+starts its state walk like an initial state, so the rest of the call costs what it costs on one
+device (a kernel without the fused form gets the torch correction
+``out[t] += scale * lambda^(t+1) q[t] P_r`` after a zero-state forward).
 The decays are not communicated: the per-head ``lambda`` and the document boundaries are known on
 every rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` and the decay
 (:func:`shards_passing`, :func:`carry_weights`).
 
 The backward mirrors it with one all-gather, again inside the kernel
-(``backward_exchange``): the backward state pass gives ``dP_r``, the gradient of the entering
-state through the outputs; the ``dP`` of all ranks (and each rank's gradient of the replicated
-final state) are gathered, and rank ``j`` gets the gradient of its local final state
-``ds_j = sum_{r>j} W[r, j] dP_r + W[P, j] sum_ranks dfinal``, which the dq/dk/dv kernels add to
-their per-chunk state gradients.
+(``backward_exchange``): ``dP_r = sum_t scale lambda^(t+1) q_t^T dout_t`` over the shard's head,
+the gradient of the entering state through the outputs, is summed in parallel; the ``dP`` of all
+ranks (and each rank's gradient of the replicated final state) are gathered while the kernel
+recomputes its chunk states, and rank ``j`` gets the gradient of its local final state
+``ds_j = sum_{r>j} W[r, j] dP_r + W[P, j] sum_ranks dfinal``, which starts the backward state walk
+like a final-state gradient on one device.
 
 Documents (``cu_seqlens``, global boundaries ``[0, e_1, ..., S]``): the local kernel runs with the
 boundaries that fall in the shard; a shard in which a document starts stops the earlier state
@@ -346,6 +348,9 @@ def linear_forward(
     ``out [B, n, H, Dv]`` (q.dtype), the global ``final_state`` and this rank's entering state
     (both ``[B, H, Dk, Dv]``, accumulation dtype; the entering state None where no token sees
     it)."""
+    if cp.world_size == 1:  # nothing to exchange: the one-device kernel as it is
+        out, final = cp.kernel.forward(q, k, v, cp.args, initial_state)
+        return out, final, None
     own_initial = initial_state if cp.rank == 0 else None  # rank 0 owns token 0
     gather = StateGather(cp)
     out, _, entering = forward_with_exchange(cp.kernel, q, k, v, cp.args, own_initial,
@@ -360,6 +365,9 @@ def linear_backward(
     """Gradients of the local shards (in q's dtype) and of ``initial_state`` (rank 0, zeros
     elsewhere; accumulation dtype).  ``dfinal`` is this rank's gradient of the replicated final
     state."""
+    if cp.world_size == 1:
+        return cp.kernel.backward(dout, dfinal, q, k, v, cp.args, initial_state,
+                                  grad_dtype=q.dtype)
     own_initial = initial_state if cp.rank == 0 else None
     dq, dk, dv, dh0 = backward_with_exchange(
         cp.kernel, dout, q, k, v, cp.args, own_initial, entering,
