@@ -338,12 +338,14 @@ if triton is not None:
             else:
                 w = tl.full([BT], 1.0, tl.float32) * mult
             w = tl.where(inside, w, 0.0)
-            a_ptrs, a_mask = _rows(A, b, offs_t, h // GQ, offs_k, S, H // GQ, DK)
-            b_ptrs, b_mask = _rows(B, b, offs_t, h // GQ, offs_v, S, H // GQ, DV)
-            a = tl.load(a_ptrs, mask=a_mask & inside[:, None], other=0.0)
-            x = tl.load(b_ptrs, mask=b_mask & inside[:, None], other=0.0)
-            aw = (a * w[:, None]).to(x.dtype)  # [BT, BK]
-            acc = _dot(tl.trans(aw), x, acc, IEEE)
+            row = (b.to(tl.int64) * S + offs_t) * (H // GQ) + h // GQ  # [BT]
+            # a read as its transpose [BK, BT]: the weighted tile is the dot's left operand as is
+            a_t = tl.load(A + row[None, :] * DK + offs_k[:, None],
+                          mask=(offs_k < DK)[:, None] & inside[None, :], other=0.0)
+            x = tl.load(B + row[:, None] * DV + offs_v[None, :],
+                        mask=inside[:, None] & (offs_v < DV)[None, :], other=0.0)
+            aw_t = (a_t * w[None, :]).to(x.dtype)  # [BK, BT]
+            acc = _dot(aw_t, x, acc, IEEE)
         o_ptrs, o_mask = _state_ptrs(OUT, pid.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
         tl.store(o_ptrs, acc, mask=o_mask)
 
