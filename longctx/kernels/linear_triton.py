@@ -610,7 +610,7 @@ class LinearTriton:
         S = shape.seq
         last_start = 0  # the last document's first token: the largest boundary before token S
         if args.cu_seqlens is not None:
-            last_start = max((int(e) for e in args.cu_seqlens[1:-1] if int(e) < S), default=0)
+            last_start = max((e for e in args.cu_seqlens[1:-1].tolist() if e < S), default=0)
         final = self._state_sum(k, v, g, shape, meta, tokens=(last_start, S), mult=1.0,
                                 exponent=(S - 1, -1), group=shape.group)
         if h0 is not None:  # h0 reaches the end decayed by lambda^S, unless a document starts
@@ -685,7 +685,8 @@ class LinearTriton:
         ``grad_dtype`` (default float32; written by the kernels in that dtype, so a 16-bit
         ``grad_dtype`` saves the casts) and float32 ``dinitial [B, H, Dk, Dv]`` (None when
         ``initial_state`` is None)."""
-        return self._backward(dout, q, k, v, args, initial_state, None, dfinal, grad_dtype)
+        return self._backward(dout, q, k, v, args, initial_state, None, dfinal, None,
+                              grad_dtype)
 
     def backward_exchange(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
                           initial_state: Tensor | None, entering: Tensor | None,
@@ -696,14 +697,16 @@ class LinearTriton:
         to ``exchange``, which may run while the chunk states are recomputed (from
         ``initial_state + entering``); the final-state gradient it returns then starts the
         backward state kernel, so the dq/dk/dv kernels are the one-device ones."""
-        return self._backward(dout, q, k, v, args, initial_state, entering, exchange, grad_dtype)
+        return self._backward(dout, q, k, v, args, initial_state, entering, None, exchange,
+                              grad_dtype)
 
     def _backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
                   initial_state: Tensor | None, entering: Tensor | None,
-                  dfinal: Tensor | StateExchange | None, grad_dtype: torch.dtype | None,
+                  dfinal: Tensor | None, exchange: StateExchange | None,
+                  grad_dtype: torch.dtype | None,
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """:meth:`backward` (``dfinal`` a tensor or None) and :meth:`backward_exchange`
-        (``dfinal`` the exchange that gives it)."""
+        """:meth:`backward` (``dfinal`` given) and :meth:`backward_exchange` (``exchange``
+        gives ``dfinal`` from the entering state's gradient)."""
         grad_dtype = grad_dtype or torch.float32
         shape = self._check(q, k, v, initial_state)
         entering = _checked_state(entering, "entering state", shape, q.device)
@@ -715,7 +718,6 @@ class LinearTriton:
             )
         f32 = dict(dtype=torch.float32, device=q.device)
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
-        exchange = dfinal if callable(dfinal) else None
         if _empty(shape):
             if exchange is not None:
                 dfinal = resolve_state(exchange(torch.zeros(shape.state, **f32)))
