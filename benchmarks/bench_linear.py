@@ -371,13 +371,14 @@ def main() -> None:
         g = None
     configs = {"default": LinearTritonConfig()}
     if args.sweep:
-        configs |= {  # stages and warps of the sequential state kernels and of the parallel ones
+        configs |= {  # around the default: the state kernels' tiles, stages and warps, then
+            # the parallel kernels'
+            "state32x32": LinearTritonConfig(state_block_v=32),
+            "state32x128": LinearTritonConfig(state_block_v=128),
+            "state64": LinearTritonConfig(state_block_k=64),
             "state-stages3": LinearTritonConfig(state_num_stages=3),
             "state-stages5": LinearTritonConfig(state_num_stages=5),
-            "state64-w4": LinearTritonConfig(state_block_k=64, state_block_v=64),
-            "state64-w8": LinearTritonConfig(state_block_k=64, state_block_v=64, state_num_warps=8),
-            "state32-w8": LinearTritonConfig(state_num_warps=8),
-            "state32x64": LinearTritonConfig(state_block_v=64),
+            "state-w4": LinearTritonConfig(state_num_warps=4),
             "dq32": LinearTritonConfig(dq_block_k=32),
             "stages4": LinearTritonConfig(num_stages=4),
             "w4": LinearTritonConfig(num_warps=4),

@@ -303,10 +303,14 @@ class StateGather:
         cp = self.cp
         # [B, H, Dk, Dv] on every rank -> [P, B, H, Dk, Dv]
         states = GatherComm(cp.group).all_gather(local_final.to(cp.weights.dtype))
-        self.final = torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.world_size], states)
+        P = cp.world_size
+        # rows rank and P of the weights (a strided view: no index tensor to copy to the device)
+        # [2, P, H] x [P, B, H, Dk, Dv] -> [2, B, H, Dk, Dv]: the entering and the final state
+        entering, self.final = torch.einsum("ijh,jbhkv->ibhkv", cp.weights[cp.rank::P - cp.rank],
+                                            states)
         if not cp.docs.head:  # rank 0, or a document starts at the shard's first token
             return None
-        return torch.einsum("jh,jbhkv->bhkv", cp.weights[cp.rank], states)
+        return entering
 
     def backward(self, d_entering: Tensor) -> Callable[[], Tensor | None]:
         """Starts the all-gather and returns the pending ``ds_r`` (the kernel recomputes its
