@@ -263,6 +263,13 @@ class LinearArgs:
         cu = check_cu_seqlens(cu_seqlens, shape.seq) if cu_seqlens is not None else None
         return LinearArgs(scale, g, cu)
 
+    def first_doc_end(self, seq_len: int) -> int:
+        """Tokens of the first document: those that see a state entering before token 0
+        (``seq_len`` without documents; read from the host-side boundaries, no device sync)."""
+        if self.cu_seqlens is None:
+            return seq_len
+        return min(seq_len, int(self.cu_seqlens[1]))
+
     def doc_ids(self, seq_len: int, device: torch.device) -> Tensor | None:
         """int64 ``[S]``: index of each token's document, counted as the number of interior
         boundaries ``cu_seqlens[1:-1]`` at or before it (None without documents).
@@ -383,9 +390,7 @@ def entering_weight(args: LinearArgs, seq_len: int, heads: int, dtype: torch.dty
                     device: torch.device) -> Tensor:
     """``[T, H]`` in ``dtype``: ``scale * lambda_h^(t+1)``, the weight of a state entering
     before token 0 in the output of token ``t``, for the ``T`` tokens of the first document."""
-    T = seq_len
-    if args.cu_seqlens is not None:
-        T = min(seq_len, int(args.cu_seqlens[1]))  # host-side boundaries: no device sync
+    T = args.first_doc_end(seq_len)
     if args.log_decay is None:
         return torch.full((T, heads), args.scale, dtype=dtype, device=device)
     t = torch.arange(1, T + 1, dtype=dtype, device=device)  # t + 1 for t = 0..T-1

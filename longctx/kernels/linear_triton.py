@@ -628,8 +628,7 @@ class LinearTriton:
         """Gradient of a state entering before token 0 through the outputs (float32):
         ``sum_{t < T} scale * lambda^(t+1) q_t^T dout_t`` over the first document's ``T``
         tokens, summed in parallel (no backward state walk)."""
-        S = shape.seq
-        first_end = S if args.cu_seqlens is None else min(S, int(args.cu_seqlens[1]))
+        first_end = args.first_doc_end(shape.seq)
         return self._state_sum(q, dout, g, shape, meta, tokens=(0, first_end), mult=args.scale,
                                exponent=(1, 1), group=1)
 
