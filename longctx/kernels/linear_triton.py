@@ -115,8 +115,8 @@ class LinearTritonConfig:
             tile is read by ``Dv / BV`` (``Dk / BK``) programs, so smaller tiles also read more.
             At head dim 128 and H = 16 the 32 x 64 tile is the fastest of 32 x 32, 64 x 32,
             32 x 64 and 64 x 64 on an H200 (fwd+bwd 4-12% faster than 32 x 32 at 32k and 128k
-            tokens).  Its walk from an initial state is slower than from zero (about 316 vs 247
-            us at 32k), which the ranks after the first pay under context parallelism.
+            tokens).  Under context parallelism its 128 programs (one wave at H = 16) slow
+            down when an all-gather waiting for its peers holds SMs at the same time.
         num_warps, num_stages: as in ``triton.Config``; ``state_num_warps`` and
             ``state_num_stages`` for the two sequential kernels.
         sum_block, sum_segment: the ``[sum_block, sum_block]`` state tile (clipped to the head
