@@ -343,8 +343,10 @@ class StateGather:
 
 def _weighted_sum(weights: Tensor, states: Tensor) -> Tensor:
     """``sum_j weights[..., j, h] * states[j, b, h]``: ``[..., P, H]`` and ``[P, B, H, Dk, Dv]``
-    -> ``[..., B, H, Dk, Dv]``, as a product and a sum (an einsum runs this as a GEMM with a
-    handful of rows, several times slower)."""
+    -> ``[..., B, H, Dk, Dv]``, as a product and a sum.  An einsum ran it as a cuBLAS GEMM with a
+    handful of rows (26 us per step at H = 16 on an H200, between the all-gather and the state
+    walk); this form made the CP step 1-5% faster in GPU time (``benchmarks/RESULTS.md``,
+    session 11)."""
     return (weights[..., None, :, None, None] * states).sum(-5)  # [..., P, B, H, Dk, Dv] summed
 
 
