@@ -574,6 +574,13 @@ class LinearTriton:
         docs = docs.to(torch.int32).contiguous() if docs is not None else dummy
         return g, docs
 
+    def _prepare(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs, shape: LinearShape):
+        """What every call starts with: contiguous ``q, k, v``, the launch arguments of the
+        parallel kernels, the float32 decays and the int32 document ids."""
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        g, docs = self._decay_and_docs(args, shape, q)
+        return q, k, v, self._meta(shape, args, q.dtype), g, docs
+
     def _states(self, k: Tensor, v: Tensor, g: Tensor, docs: Tensor, h0: Tensor | None,
                 shape: LinearShape, meta: dict) -> tuple[Tensor, Tensor]:
         """Run the state kernel: per-chunk states ``[B*H, NT, Dk, Dv]`` and the final state."""
@@ -653,9 +660,7 @@ class LinearTriton:
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         if _empty(shape):
             return q.new_empty(*shape[:3], shape.dv), _empty_final(h0, shape, q.device)
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        meta = self._meta(shape, args, q.dtype)
-        g, docs = self._decay_and_docs(args, shape, q)
+        q, k, v, meta, g, docs = self._prepare(q, k, v, args, shape)
         return self._output(q, k, v, g, docs, h0, args, shape, meta)
 
     def forward_exchange(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
@@ -672,9 +677,7 @@ class LinearTriton:
             entering = _checked_state(resolve_state(exchange(final)), "entering state", shape,
                                       q.device)
             return q.new_empty(*shape[:3], shape.dv), final, entering
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        meta = self._meta(shape, args, q.dtype)
-        g, docs = self._decay_and_docs(args, shape, q)
+        q, k, v, meta, g, docs = self._prepare(q, k, v, args, shape)
         final = self._local_final(k, v, g, h0, args, shape, meta)
         entering = _checked_state(resolve_state(exchange(final)), "entering state", shape,
                                   q.device)
@@ -731,10 +734,8 @@ class LinearTriton:
                 dh0 = dfinal.to(torch.float32, copy=True)
             grads = (torch.zeros(t.shape, dtype=grad_dtype, device=q.device) for t in (q, k, v))
             return (*grads, dh0 if h0 is not None else None)
-        q, k, v = (t.contiguous() for t in (q, k, v))
+        q, k, v, meta, g, docs = self._prepare(q, k, v, args, shape)
         dout = dout.to(q.dtype).contiguous()
-        meta = self._meta(shape, args, q.dtype)
-        g, docs = self._decay_and_docs(args, shape, dout)
         if exchange is not None:
             # a pending exchange runs while the chunk states are recomputed
             pending = exchange(self._entering_grad(q, dout, g, args, shape, meta))
