@@ -325,8 +325,8 @@ def test_config_and_kernel_name_errors():
         LinearTritonConfig(state_num_warps=3)
     with pytest.raises(ValueError, match=r"state_num_stages must be >= 1, got 0"):
         LinearTritonConfig(state_num_stages=0)
-    with pytest.raises(ValueError, match=r"sum_segment must be a multiple of chunk=64, got 96"):
-        LinearTritonConfig(sum_segment=96)
+    with pytest.raises(ValueError, match=r"segment must be a multiple of chunk=64, got 96"):
+        LinearTritonConfig(segment=96)
     with pytest.raises(ValueError, match=r"mode must be 'chunked' or 'recurrent'"):
         LinearReferenceConfig(mode="parallel")
     with pytest.raises(ValueError, match=r"unknown linear attention kernel 'fast'; available"):
@@ -417,13 +417,19 @@ def test_exchange_matches_definition(interpret, impl, cu, decay, with_h0, with_e
     _check_exchange(kern, cu, decay, with_h0, with_entering, with_dfinal)
 
 
-@pytest.mark.parametrize("cu", [None, [0, 5, 20, 40], [0, 0, 17, 40], [0, 33, 40]],
-                         ids=["one-doc", "doc-in-chunk-0", "doc-at-0", "doc-late"])
-def test_exchange_state_sums_over_segments(interpret, cu):
-    """The Triton kernel's parallel state sums (the final state handed to the exchange, the
-    entering state's gradient handed back) over three 16-token segments, the last one partial:
-    the segment bounds and the sum of the partial states."""
-    _check_exchange(LinearTriton(replace(TINY, sum_segment=16)), cu, True, True, True, True)
+@pytest.mark.parametrize("cu", [None, [0, 5, 20, 40], [0, 0, 17, 40], [0, 16, 40], [0, 33, 40]],
+                         ids=["one-doc", "doc-in-chunk-0", "doc-at-0", "doc-at-segment",
+                              "doc-late"])
+@pytest.mark.parametrize("segment", [16, 32], ids=["1-chunk-segments", "2-chunk-segments"])
+@pytest.mark.parametrize("with_h0,with_entering,with_dfinal",
+                         [(True, True, True), (False, True, False)], ids=["all-states", "entering"])
+def test_exchange_over_segments(interpret, cu, segment, with_h0, with_entering, with_dfinal):
+    """The Triton kernel's exchange path over segments of 16 and 32 tokens (16-token chunks; 40
+    tokens, so the last segment is partial): the parallel sums per segment, their scan (the
+    final state handed to the exchange, the entering state's gradient handed back), and the
+    state walks of every segment from its chained start (the output and every gradient)."""
+    _check_exchange(LinearTriton(replace(TINY, segment=segment)), cu, True, with_h0,
+                    with_entering, with_dfinal)
 
 
 def _check_exchange(kern, cu, decay, with_h0, with_entering, with_dfinal):
