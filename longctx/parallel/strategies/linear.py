@@ -14,10 +14,11 @@ enters the shard, which is a decayed sum of the earlier shards' own final states
 
 Steps 2-3 run in the middle of the local kernel: the kernel contract's ``forward_exchange``
 (:func:`~longctx.kernels.linear_reference.forward_with_exchange`) calls back once it has ``s_r``.
-The Triton kernel sums ``s_r`` in parallel over the tokens (no sequential walk), and ``P_r`` then
-starts its state walk like an initial state, so the rest of the call costs what it costs on one
-device (a kernel without the fused form gets the torch correction
-``out[t] += scale * lambda^(t+1) q[t] P_r`` after a zero-state forward).
+The Triton kernel sums ``s_r`` in parallel over segments of the shard and chains the segment
+sums with a scan (no sequential walk); ``P_r`` then completes the start of every segment, whose
+state walks run in parallel, so the rest of the call costs less than a one-device call's walk
+(a kernel without the fused form gets the torch correction ``out[t] += scale * lambda^(t+1) q[t]
+P_r`` after a zero-state forward).
 The decays are not communicated: the per-head ``lambda`` and the document boundaries are known on
 every rank, so ``W`` is a pure function of ``(cu_seqlens, seq_len, world_size)`` and the decay
 (:func:`shards_passing`, :func:`carry_weights`).
@@ -27,8 +28,8 @@ The backward mirrors it with one all-gather, again inside the kernel
 the gradient of the entering state through the outputs, is summed in parallel; the ``dP`` of all
 ranks (and each rank's gradient of the replicated final state) are gathered while the kernel
 recomputes its chunk states, and rank ``j`` gets the gradient of its local final state
-``ds_j = sum_{r>j} W[r, j] dP_r + W[P, j] sum_ranks dfinal``, which starts the backward state walk
-like a final-state gradient on one device.
+``ds_j = sum_{r>j} W[r, j] dP_r + W[P, j] sum_ranks dfinal``, which completes the starts of the
+backward state walk's segments like a final-state gradient.
 
 Documents (``cu_seqlens``, global boundaries ``[0, e_1, ..., S]``): the local kernel runs with the
 boundaries that fall in the shard; a shard in which a document starts stops the earlier state
