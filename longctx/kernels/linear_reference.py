@@ -90,7 +90,6 @@ __all__ = [
     "forward_with_exchange",
     "backward_with_exchange",
     "entering_weight",
-    "passing_decay",
     "apply_state_reference",
     "state_grad_reference",
     "retnet_log_decay",
@@ -395,17 +394,6 @@ def entering_weight(args: LinearArgs, seq_len: int, heads: int, dtype: torch.dty
         return torch.full((T, heads), args.scale, dtype=dtype, device=device)
     t = torch.arange(1, T + 1, dtype=dtype, device=device)  # t + 1 for t = 0..T-1
     return torch.exp(t[:, None] * args.log_decay.to(dtype)[None, :]) * args.scale
-
-
-def passing_decay(args: LinearArgs, seq_len: int, heads: int, dtype: torch.dtype,
-                  device: torch.device) -> Tensor:
-    """``[H]`` in ``dtype``: the factor of the initial state in the final state of a
-    ``seq_len``-token call, ``lambda_h^S``, or 0 when a document starts inside the call."""
-    if args.cu_seqlens is not None and bool((args.cu_seqlens[1:-1] < seq_len).any()):
-        return torch.zeros(heads, dtype=dtype, device=device)  # host-side boundaries
-    if args.log_decay is None:
-        return torch.ones(heads, dtype=dtype, device=device)
-    return torch.exp(args.log_decay.to(dtype) * seq_len)
 
 
 def _state_matmul_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -241,6 +241,12 @@ if triton is not None:
         return ptrs, mask
 
     @_jit
+    def _entering_doc(DOC, t0):
+        """The document of the state that enters at token ``t0``: that of token ``t0 - 1``, and
+        document 0 (the initial state's) at ``t0 = 0``."""
+        return tl.where(t0 > 0, tl.load(DOC + tl.maximum(t0 - 1, 0)), 0)
+
+    @_jit
     def _chunk_weights(g, DOC, t0, S, BT: tl.constexpr, HAS_DECAY: tl.constexpr,
                        HAS_DOCS: tl.constexpr):
         """Decay weights of the chunk starting at token ``t0`` (local index ``i``):
@@ -264,8 +270,7 @@ if triton is not None:
             total = (L * 0 + 1).to(tl.float32)
         if HAS_DOCS:
             d = tl.load(DOC + offs_t, mask=valid, other=-1)
-            carry = tl.load(DOC + tl.maximum(t0 - 1, 0))
-            carry = tl.where(t0 > 0, carry, 0)  # the initial state belongs to document 0
+            carry = _entering_doc(DOC, t0)
             d_last = tl.load(DOC + t0 + L - 1)
             row = tl.where(d == carry, row, 0.0)
             col = tl.where(d == d_last, col, 0.0)
@@ -353,9 +358,7 @@ if triton is not None:
         else:
             a = (L * 0 + 1).to(tl.float32)
         if HAS_DOCS:
-            carry = tl.load(DOC + tl.maximum(s0 - 1, 0))
-            carry = tl.where(s0 > 0, carry, 0)  # the initial state belongs to document 0
-            a = tl.where(tl.load(DOC + s0 + L - 1) == carry, a, 0.0)
+            a = tl.where(tl.load(DOC + s0 + L - 1) == _entering_doc(DOC, s0), a, 0.0)
         return a
 
     @_jit
@@ -386,7 +389,7 @@ if triton is not None:
             if FROM_END:
                 ref = tl.load(DOC + s1 - 1)
             else:
-                ref = tl.where(s0 > 0, tl.load(DOC + tl.maximum(s0 - 1, 0)), 0)
+                ref = _entering_doc(DOC, s0)
         acc = tl.zeros([BK, BV], dtype=tl.float32)
         for i in range(0, SEG, BT):
             offs_t = s0 + i + tl.arange(0, BT)
@@ -436,33 +439,21 @@ if triton is not None:
         write_coef = (bh < H) & (blk == 0)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         coef = 1.0
-        if REVERSE:
-            tl.store(OUT + (NSEG * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
-            if write_coef:
-                tl.store(COEF + NSEG * H + h, coef)
+        # the zero start: before segment 0 (forward) or after the last segment (REVERSE)
+        start = NSEG if REVERSE else 0
+        tl.store(OUT + (start * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
+        if write_coef:
+            tl.store(COEF + start * H + h, coef)
         for i in range(NSEG):
-            if REVERSE:
-                s = NSEG - 1 - i
-            else:
-                s = i
+            s = NSEG - 1 - i if REVERSE else i
             a = _segment_decay(g, DOC, s * SEG, S, SEG, HAS_DECAY, HAS_DOCS)
             x = tl.load(X + (s * BH + bh).to(tl.int64) * N + offs, mask=mask, other=0.0)
-            if REVERSE:
-                acc = x + a * acc
-                coef = coef * a
-                tl.store(OUT + (s * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
-                if write_coef:
-                    tl.store(COEF + s * H + h, coef)
-            else:
-                tl.store(OUT + (s * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
-                if write_coef:
-                    tl.store(COEF + s * H + h, coef)
-                acc = a * acc + x
-                coef = coef * a
-        if not REVERSE:
-            tl.store(OUT + (NSEG * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
+            acc = a * acc + x  # through segment s: entering s + 1 (forward) or entering s
+            coef = coef * a
+            at = s if REVERSE else s + 1
+            tl.store(OUT + (at * BH + bh).to(tl.int64) * N + offs, acc, mask=mask)
             if write_coef:
-                tl.store(COEF + NSEG * H + h, coef)
+                tl.store(COEF + at * H + h, coef)
 
     @_jit
     def _weighted_sum_kernel(W, X, OUT, P, H, BH, N, sw_r, sw_p, sw_h, BLOCK: tl.constexpr):
@@ -946,7 +937,7 @@ def _chain_args(chained: _Chained | None, dummy: Tensor, chunks: int) -> tuple:
     return chained.base, chained.coef, chained.segments.chunks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -982,8 +973,9 @@ def weighted_state_sum(weights: Tensor, states: Tensor) -> Tensor:
     """``sum_j weights[..., j, h] * states[j, b, h]``: ``weights [..., P, H]`` and
     ``states [P, B, H, Dk, Dv]`` -> ``[..., B, H, Dk, Dv]`` (how context parallelism combines
     gathered states).  One Triton kernel for float32 CUDA tensors (and in the interpreter);
-    elsewhere a torch product and sum.  On an H200 the kernel made a 2-GPU linear CP step 0.5% faster than
-    the product and sum, which are two kernels and write the ``[..., P, B, H, Dk, Dv]`` product.
+    elsewhere a torch product and sum.  On an H200 the kernel made a 2-GPU linear CP step 0.5%
+    faster than the product and sum, which are two kernels and write the ``[..., P, B, H, Dk,
+    Dv]`` product.
 
     Example::
 
