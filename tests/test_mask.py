@@ -33,7 +33,7 @@ def brute_pair(
     causal: bool = False,
     window: int | None = None,
     cu: list[int] | None = None,
-    block: tuple[int, list[list[bool]]] | None = None,
+    block: tuple[int, int, list[list[bool]]] | None = None,
 ) -> bool:
     if causal and not k <= q:
         return False
@@ -46,8 +46,8 @@ def brute_pair(
     if cu is not None and _doc_of(cu, q) != _doc_of(cu, k):
         return False
     if block is not None:
-        b, table = block
-        if not table[q // b][k // b]:
+        qb, kb, table = block
+        if q // qb >= len(table) or k // kb >= len(table[0]) or not table[q // qb][k // kb]:
             return False
     return True
 
@@ -64,7 +64,9 @@ def brute_kwargs(mask: Mask) -> dict:
     if mask.cu_seqlens is not None:
         kw["cu"] = [int(x) for x in mask.cu_seqlens.tolist()]
     if mask.block_sparse is not None:
-        kw["block"] = (mask.block_sparse.block_size, mask.block_sparse.table.tolist())
+        bs = mask.block_sparse
+        assert not bs.per_head  # per-head masks are checked in tests/test_block_sparse.py
+        kw["block"] = (bs.q_block, bs.kv_block, bs.to_table()[0, 0].tolist())
     return kw
 
 
@@ -191,32 +193,36 @@ def test_block_sparse_from_indices_with_padding():
         ],
         dtype=torch.bool,
     )
-    assert bs.block_size == 4
-    assert bs.table.dtype == torch.bool
-    assert torch.equal(bs.table, expected)
+    assert bs.q_block == bs.kv_block == 4
+    assert bs.to_table().dtype == torch.bool
+    assert torch.equal(bs.to_table()[0, 0], expected)
+    assert bs.kv_num_blocks.tolist() == [[[1, 2, 0, 3]]]
 
 
 def test_block_sparse_from_indices_rectangular_and_other_negative_pads():
     idx = torch.tensor([[5, -2], [-7, 0]], dtype=torch.int32)
     bs = BlockSparse.from_indices(2, idx, num_kv_blocks=6)
-    assert bs.table.shape == (2, 6)
-    assert bs.table[0].tolist() == [False] * 5 + [True]
-    assert bs.table[1].tolist() == [True] + [False] * 5
+    table = bs.to_table()[0, 0]
+    assert table.shape == (2, 6)
+    assert table[0].tolist() == [False] * 5 + [True]
+    assert table[1].tolist() == [True] + [False] * 5
     empty = BlockSparse.from_indices(3, torch.empty(4, 0, dtype=torch.int64))
-    assert empty.table.shape == (4, 4) and not empty.table.any()
+    assert empty.to_table().shape == (1, 1, 4, 4) and not empty.to_table().any()
 
 
 def test_block_sparse_errors():
     with pytest.raises(ValueError, match="num_kv_blocks"):
         BlockSparse.from_indices(4, torch.tensor([[0, 2], [1, -1]]))  # default: 2 key blocks
-    with pytest.raises(ValueError, match=r"\[num_q_blocks, max_nnz\]"):
+    with pytest.raises(ValueError, match=r"\[n_q_blocks, max_nnz\]"):
         BlockSparse.from_indices(4, torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="block_size must be >= 1"):
-        BlockSparse(0, torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="q_block must be an int >= 1"):
+        BlockSparse.from_table(0, torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="from_indices"):
-        BlockSparse(2, torch.ones(2, 2, dtype=torch.int64))
-    with pytest.raises(ValueError, match="2-D bool"):
-        BlockSparse(2, torch.ones(4, dtype=torch.bool))
+        BlockSparse(torch.ones(2, dtype=torch.int32), torch.ones(2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="bool tensor"):
+        BlockSparse.from_table(2, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool tensor"):
+        BlockSparse.from_table(2, torch.ones(2, 2, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +234,7 @@ BS_INDICES = torch.tensor(
     [[0, -1, -1], [1, 0, -1], [-1, -1, -1], [3, 1, -1], [4, 2, 0], [5, -1, -1]]
 )
 BS = BlockSparse.from_indices(4, BS_INDICES)  # 6 blocks of 4 = 24 tokens
-BS_TABLE = BlockSparse(
+BS_TABLE = BlockSparse.from_table(
     3, torch.tensor([[(i * 7 + j * 3) % 4 != 0 for j in range(8)] for i in range(8)])
 )
 
@@ -405,14 +411,14 @@ def test_validate_length_mismatch():
 
 
 def test_validate_block_sparse_too_small():
-    m = Mask(block_sparse=BlockSparse(4, torch.ones(3, 3, dtype=torch.bool)))
+    m = Mask(block_sparse=BlockSparse.from_table(4, torch.ones(3, 3, dtype=torch.bool)))
     m.validate(12)
     m.validate(9)
-    with pytest.raises(ValueError, match="covers fewer than the 4 blocks") as e:
+    with pytest.raises(ValueError, match="cover 3 query blocks of 4 tokens, fewer than the 4") as e:
         m.validate(13)
-    assert "block_size 4" in str(e.value)
-    wide = Mask(block_sparse=BlockSparse(4, torch.ones(4, 2, dtype=torch.bool)))
-    with pytest.raises(ValueError, match="covers fewer"):
+    assert "build the lists for 4 query blocks" in str(e.value)
+    wide = Mask(block_sparse=BlockSparse.from_table(4, torch.ones(4, 2, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="cover 2 key blocks"):
         wide.validate(16)
     Mask(causal=True, window=3).validate(5)  # nothing to check
 
@@ -439,7 +445,7 @@ def _random_mask(rng: random.Random, n: int) -> Mask:
         nb = -(-n // b)
         density = rng.choice([0.0, 0.1, 0.3, 0.7])
         table = torch.tensor([[rng.random() < density for _ in range(nb)] for _ in range(nb)])
-        m = m & Mask(block_sparse=BlockSparse(b, table.view(nb, nb)))
+        m = m & Mask(block_sparse=BlockSparse.from_table(b, table.view(nb, nb)))
     return m
 
 
@@ -506,7 +512,7 @@ def _single_condition_masks(rng: random.Random, n: int) -> list[Mask]:
         Mask(window=rng.randint(1, n)),
         Mask(window=rng.randint(1, n), causal=True),
         Mask(cu_seqlens=torch.tensor(_random_cu(rng, n))),
-        Mask(block_sparse=BlockSparse(b, table.view(nb, nb))),
+        Mask(block_sparse=BlockSparse.from_table(b, table.view(nb, nb))),
         Mask(),
     ]
 
@@ -554,10 +560,10 @@ def test_any_allowed_clearly_empty_cases():
     assert not docs.any_allowed(k, q)
     assert docs.any_allowed(Positions.contiguous(7, 2), Positions.contiguous(0, 1))
     # block-sparse with an empty table / empty row
-    empty = Mask(block_sparse=BlockSparse(4, torch.zeros(4, 4, dtype=torch.bool)))
+    empty = Mask(block_sparse=BlockSparse.from_table(4, torch.zeros(4, 4, dtype=torch.bool)))
     assert not empty.any_allowed(q, k)
     assert not empty.any_allowed(q, q)
-    only_diag = Mask(block_sparse=BlockSparse(4, torch.eye(4, dtype=torch.bool)))
+    only_diag = Mask(block_sparse=BlockSparse.from_table(4, torch.eye(4, dtype=torch.bool)))
     assert not only_diag.any_allowed(Positions.contiguous(0, 4), Positions.contiguous(4, 12))
     assert only_diag.any_allowed(Positions.contiguous(0, 4), Positions.contiguous(3, 12))
     # empty shards

@@ -106,7 +106,7 @@ def test_plan_calls_empty_when_nothing_allowed():
     assert plan_calls(Mask(causal=True), a, b) == []
     assert plan_calls(Mask(causal=True, window=3), Positions.contiguous(20, 4), a) == []
     assert plan_calls(Mask(cu_seqlens=torch.tensor([0, 8, 16])), a, b) == []
-    empty_bs = Mask(block_sparse=BlockSparse(4, torch.zeros(4, 4, dtype=torch.bool)))
+    empty_bs = Mask(block_sparse=BlockSparse.from_table(4, torch.zeros(4, 4, dtype=torch.bool)))
     assert plan_calls(empty_bs, a, a) == []
     pos = zigzag(3, 3)  # rank 0: 0..2, 15..17; rank 2: 6..8, 9..11
     assert plan_calls(Mask(causal=True, window=2), pos[0], pos[2]) == []
@@ -178,7 +178,7 @@ def _random_mask(rng: random.Random, S: int) -> Mask:
         b = rng.choice([2, 3, 5])
         nb = -(-S // b)
         t = torch.rand(nb, nb, generator=torch.Generator().manual_seed(rng.randint(0, 10**6)))
-        m = m & Mask(block_sparse=BlockSparse(b, t < rng.choice([0.1, 0.4])))
+        m = m & Mask(block_sparse=BlockSparse.from_table(b, t < rng.choice([0.1, 0.4])))
     return m
 
 

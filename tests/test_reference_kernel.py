@@ -78,7 +78,7 @@ def _close(actual, expected, atol=ATOL, what=""):
 S = 13  # odd length
 CU = torch.tensor([0, 4, 4, 9, 13])  # zero-length second document
 BS = BlockSparse.from_indices(4, torch.tensor([[0, -1], [-1, -1], [2, 0], [3, 1]]))  # block 1 empty
-BS_TABLE = BlockSparse(
+BS_TABLE = BlockSparse.from_table(
     3, torch.tensor([[(i + 2 * j) % 3 != 1 for j in range(5)] for i in range(5)])
 )
 ALL = Positions.contiguous(0, S)

@@ -212,7 +212,7 @@ def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
     [
         (torch.float32, 48, Mask(), "head_dim 48"),
         (torch.float64, 16, Mask(), "float64"),
-        (torch.float32, 16, Mask(block_sparse=BlockSparse(4, torch.ones(2, 2, dtype=torch.bool))),
+        (torch.float32, 16, Mask(block_sparse=BlockSparse.from_table(4, torch.ones(2, 2, dtype=torch.bool))),
          "block-sparse"),
     ],
 )
@@ -421,7 +421,7 @@ def test_gpu_dispatch_explains_choice():
     assert kernel.name == "triton" and "vendor" in why
     kernel, why = select_kernel(q, Mask(causal=True), kv_heads=2, explain=True)
     assert kernel.name == "sdpa", why  # GQA: cuDNN's own, FA2 through expanded K/V
-    bs = BlockSparse(128, torch.ones(2, 2, dtype=torch.bool))
+    bs = BlockSparse.from_table(128, torch.ones(2, 2, dtype=torch.bool))
     kernel, why = select_kernel(q, Mask(block_sparse=bs), explain=True)
     assert kernel.name == "reference" and "block-sparse" in why
 

@@ -49,23 +49,30 @@ class TorchReference:
             raise ValueError(f"block sizes must be >= 1, got {config}")
         self.config = config
 
-    def _tiles(self, mask: Mask, qp: Tensor, kp: Tensor):
+    def _tiles(self, mask: Mask, qp: Tensor, kp: Tensor, heads: int, kv_heads: int):
         """Yield ``(qs, qe, ks, ke, allowed)`` for every tile with an allowed pair.
 
-        ``allowed`` is a bool ``[q, k]`` tile, or None when every pair is allowed.
+        ``allowed`` is a bool tile ``[Bm, Hkv or 1, G or 1, q, k]`` (``Bm``: 1 or the batch of
+        the block-sparse lists), or None when every pair is allowed.
         """
+        G = heads // kv_heads
         for qs, qe in _blocks(qp.numel(), self.config.block_q):
             for ks, ke in _blocks(kp.numel(), self.config.block_k):
                 if mask.is_full:
                     yield qs, qe, ks, ke, None
                     continue
-                ok = mask.allowed(qp[qs:qe], kp[ks:ke])
+                ok = mask.allowed(qp[qs:qe], kp[ks:ke], heads=heads, kv_heads=kv_heads)
+                if ok.shape[1] == heads:  # [Bm, H, q, k] -> [Bm, Hkv, G, q, k]
+                    ok = ok.view(ok.shape[0], kv_heads, G, qe - qs, ke - ks)
+                else:  # one mask head for all: [Bm, 1, q, k] -> [Bm, 1, 1, q, k]
+                    ok = ok.unsqueeze(2)
                 if bool(ok.any()):
                     yield qs, qe, ks, ke, ok
 
     @staticmethod
     def _scores(q5: Tensor, k: Tensor, scale: float, ok: Tensor | None) -> Tensor:
-        """``q5 [B, q, Hkv, G, D]``, ``k [B, k, Hkv, D]`` -> scores ``[B, Hkv, G, q, k]``."""
+        """``q5 [B, q, Hkv, G, D]``, ``k [B, k, Hkv, D]`` -> scores ``[B, Hkv, G, q, k]``
+        (``ok`` broadcasts against them)."""
         s = torch.einsum("bqhgd,bkhd->bhgqk", q5, k) * scale
         if ok is not None:
             s = s.masked_fill(~ok, float("-inf"))
@@ -81,12 +88,14 @@ class TorchReference:
         Hkv = k.shape[2]
         G = H // Hkv
         acc = acc_dtype(q.dtype)
+        if mask.block_sparse is not None:
+            mask.block_sparse.check_call(B, H, Hkv, q.device)
         qp, kp = q_pos.materialize(q.device), k_pos.materialize(q.device)
 
         out = torch.zeros(B, Sq, H, D, dtype=acc, device=q.device)
         lse = torch.full((B, H, Sq), float("-inf"), dtype=acc, device=q.device)
         q5 = q.view(B, Sq, Hkv, G, D)  # head h = hkv * G + g uses kv head hkv
-        for qs, qe, ks, ke, ok in self._tiles(mask, qp, kp):
+        for qs, qe, ks, ke, ok in self._tiles(mask, qp, kp, H, Hkv):
             s = self._scores(q5[:, qs:qe].to(acc), k[:, ks:ke].to(acc), scale, ok)
             tile_lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, q]; -inf for empty rows
             finite = torch.where(torch.isneginf(tile_lse), 0.0, tile_lse)
@@ -111,6 +120,8 @@ class TorchReference:
         Sk, Hkv = k.shape[1], k.shape[2]
         G = H // Hkv
         acc = acc_dtype(q.dtype)
+        if mask.block_sparse is not None:
+            mask.block_sparse.check_call(B, H, Hkv, q.device)
         qp, kp = q_pos.materialize(q.device), k_pos.materialize(q.device)
 
         q5 = q.view(B, Sq, Hkv, G, D).to(acc)
@@ -123,7 +134,7 @@ class TorchReference:
         dq = torch.zeros(B, Sq, Hkv, G, D, dtype=acc, device=q.device)
         dk = torch.zeros(B, Sk, Hkv, D, dtype=acc, device=q.device)
         dv = torch.zeros(B, Sk, Hkv, D, dtype=acc, device=q.device)
-        for qs, qe, ks, ke, ok in self._tiles(mask, qp, kp):
+        for qs, qe, ks, ke, ok in self._tiles(mask, qp, kp, H, Hkv):
             kb, vb = k[:, ks:ke].to(acc), v[:, ks:ke].to(acc)
             s = self._scores(q5[:, qs:qe], kb, scale, ok)
             p = torch.exp(s - lse5[..., qs:qe].unsqueeze(-1))  # [B, Hkv, G, q, k]

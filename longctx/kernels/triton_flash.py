@@ -810,8 +810,8 @@ class TritonFlash:
             )
         if mask.block_sparse is not None:
             return (
-                "block-sparse masks are not implemented in the Triton kernel yet; use "
-                "kernel='reference' (or kernel='auto', which routes them there)"
+                "block-sparse masks run on their own kernel: use kernel='block_sparse' (or "
+                "kernel='auto', which routes them there; kernel='reference' on CPU)"
             )
         return None
 

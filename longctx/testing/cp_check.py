@@ -98,7 +98,7 @@ class CPCase:
             n = -(-S // block)
             table = torch.rand(n, n, generator=torch.Generator().manual_seed(self.seed)) < 0.4
             table[0] = False
-            return Mask(causal=True, block_sparse=BlockSparse(block, table))
+            return Mask(causal=True, block_sparse=BlockSparse.from_table(block, table))
         raise ValueError(f"unknown mask kind {self.mask!r}; choose one of {MASK_KINDS}")
 
 

@@ -1,0 +1,623 @@
+"""Triton block-sparse flash attention (forward + backward) on the local kernel contract.
+
+Implements :class:`~longctx.kernels.base.AttentionKernel` for masks with block-sparse lists
+(:class:`~longctx.kernels.mask.BlockSparse`), registered as ``"block_sparse"``:
+
+    forward(q, k, v, *, scale, mask, q_pos, k_pos) -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq]
+    backward(dout, q, k, v, out, lse, *, scale, mask, q_pos, k_pos) -> dq, dk, dv (float32)
+
+- One tile is one sparse block: ``q_block x kv_block`` (16 to 128, powers of two; 64 and 128
+  are the sizes meant for GPUs).  The forward and the dQ pass loop over the listed key blocks of
+  their query block; the dK/dV pass loops over the query blocks that list its key block (the
+  mask's transposed lists, made once per mask on the device).  Nothing else is visited, and no
+  list is read back to the host.
+- Global positions: the query and key shards are each one contiguous run (``start .. start+S-1``)
+  starting on a block boundary, so a local tile is a global block (``block = start / size +
+  tile``); list entries outside the key shard are skipped.  A ring step is one call.
+- Causal, window and documents apply inside the listed blocks: each tile tests from its position
+  bounds whether they allow no pair (skipped), every pair (no element mask) or some (masked).
+- GQA is read in place (query head ``h`` uses kv head ``h // (H / H_kv)``); the lists may be
+  shared by all heads, per query head or per kv head, and shared by the batch or per row.
+- A row with no allowed key gets ``out = 0`` and ``lse = -inf``; no NaN, forward or backward.
+- Backward takes the **global** ``out``/``lse``; dQ comes from its own query-major pass (no
+  atomics: deterministic), dK/dV from a key-major pass over all ``G`` query heads of a kv head.
+
+Runs on CUDA (sm_90+, TMA descriptors) and on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1``, for tests).
+
+Example (on a GPU)::
+
+    >>> import torch
+    >>> from longctx.kernels.mask import Mask
+    >>> from longctx.kernels.sparse_patterns import sliding_window_with_sinks
+    >>> bs = sliding_window_with_sinks(4096, window_blocks=4, sink_blocks=1, block=128,
+    ...                                device="cuda")
+    >>> mask = Mask(causal=True, block_sparse=bs)
+    >>> q = torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)
+    >>> k = v = torch.randn(1, 4096, 4, 128, device="cuda", dtype=torch.bfloat16)
+    >>> out, lse = BlockSparseTriton().forward(q, k, v, scale=128 ** -0.5, mask=mask)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._triton_runtime import interpreting as _interpreting  # noqa: F401  (see _launch)
+from ._triton_runtime import jit as _jit
+from ._triton_runtime import launch as _launch
+from ._triton_runtime import tl, triton
+from ._triton_runtime import unavailable_reason as _unavailable_reason
+from .base import check_qkv, default_positions, grad_dtype_for, register_kernel
+from .mask import Mask, Positions
+from .triton_flash import _bwd_delta_kernel, _rows_desc, _tma_ready
+
+__all__ = ["BlockSparseTritonConfig", "BlockSparseTriton"]
+
+_LOG2E = 1.4426950408889634
+_MAX_POSITION = 2**30
+_HEAD_DIMS = (16, 32, 64, 128)
+_BLOCKS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class BlockSparseTritonConfig:
+    """Warps and pipelining of the three kernels (``None``: by tile area and head dim)."""
+
+    fwd_warps: int | None = None
+    bwd_warps: int | None = None
+    num_stages: int | None = None
+
+    def resolve(self, q_block: int, kv_block: int, head_dim: int) -> tuple[int, int, int]:
+        """``(fwd_warps, bwd_warps, num_stages)``."""
+        big = q_block * kv_block >= 128 * 128 or head_dim >= 128
+        fwd = self.fwd_warps or (8 if big else 4)
+        bwd = self.bwd_warps or (8 if q_block * kv_block >= 64 * 128 else 4)
+        stages = self.num_stages or (2 if big else 3)
+        for name, w in (("fwd_warps", fwd), ("bwd_warps", bwd)):
+            if w not in (1, 2, 4, 8, 16):
+                raise ValueError(f"BlockSparseTritonConfig.{name} must be 1, 2, 4, 8 or 16, got {w}")
+        if stages < 1:
+            raise ValueError(f"BlockSparseTritonConfig.num_stages must be >= 1, got {stages}")
+        return fwd, bwd, stages
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @_jit
+    def _mm(a, b, acc, IEEE: tl.constexpr):
+        """``acc + a @ b`` in float32 (full-precision float32 products when ``IEEE``)."""
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @_jit
+    def _rows(desc, b, row, col, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """``[ROWS, HEAD_DIM]`` tile at (batch ``b``, token ``row``, column ``col``)."""
+        return tl.reshape(desc.load([b, row, col]), [ROWS, HEAD_DIM])
+
+    @_jit
+    def _tile_flags(q_lo, q_hi, k_lo, k_hi, qd_lo, qd_hi, kd_lo, kd_hi, window,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+        """``(any, full)``: may causal / window / documents allow some pair of the tile of query
+        positions ``[q_lo, q_hi]`` and key positions ``[k_lo, k_hi]``; do they allow all?"""
+        any_ = q_lo <= q_hi
+        full = any_
+        if CAUSAL:
+            any_ = any_ & (k_lo <= q_hi)
+            full = full & (k_hi <= q_lo)
+        if HAS_WINDOW:
+            any_ = any_ & (q_lo - k_hi < window)
+            full = full & (q_hi - k_lo < window)
+            if not CAUSAL:
+                any_ = any_ & (k_lo - q_hi < window)
+                full = full & (k_hi - q_lo < window)
+        if HAS_DOCS:
+            any_ = any_ & (qd_lo <= kd_hi) & (kd_lo <= qd_hi)
+            full = full & (qd_lo == qd_hi) & (kd_lo == kd_hi) & (qd_lo == kd_lo)
+        return any_, full
+
+    @_jit
+    def _element_ok(qp, kp, qd, kd, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_DOCS: tl.constexpr):
+        """Element mask from broadcastable positions / document ids."""
+        ok = (qp >= 0) & (kp >= 0)
+        if CAUSAL:
+            ok = ok & (kp <= qp)
+        if HAS_WINDOW:
+            ok = ok & (qp - kp < window)
+            if not CAUSAL:
+                ok = ok & (kp - qp < window)
+        if HAS_DOCS:
+            ok = ok & (qd == kd)
+        return ok
+
+    @_jit
+    def _fwd_kernel(
+        desc_q, desc_k, desc_v, desc_o, Lse, CNT, IDX, QD, KD,
+        qk_scale, window, q_start, k_start, q_blk0, k_blk0,
+        Sq, Sk, H, G, head_div, s_cb, s_ch, s_ib, s_ih, width,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Grid ``(cdiv(Sq, BLOCK_M), B * H)``: one query block of one head over its listed key
+        blocks."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hm = h // head_div
+        col_k = (h // G) * HEAD_DIM
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Sq
+        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+        qp = q_start + offs_m
+        q_lo = q_start + start_m
+        q_hi = q_start + last_m
+        if HAS_DOCS:
+            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+            qd_lo = tl.load(QD + start_m)
+            qd_hi = tl.load(QD + last_m)
+        else:
+            qd = qp
+            qd_lo = q_lo
+            qd_hi = q_hi
+
+        gq = q_blk0 + pid_m  # global query block
+        n = tl.load(CNT + b * s_cb + hm * s_ch + gq)
+        row = IDX + b.to(tl.int64) * s_ib + hm.to(tl.int64) * s_ih + gq.to(tl.int64) * width
+
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for i in range(0, n):
+            start_n = (tl.load(row + i) - k_blk0) * BLOCK_N  # local first key of the block
+            if (start_n >= 0) & (start_n < Sk):
+                last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
+                if HAS_DOCS:
+                    kd_lo = tl.load(KD + start_n)
+                    kd_hi = tl.load(KD + last_n)
+                else:
+                    kd_lo = k_start + start_n
+                    kd_hi = k_start + last_n
+                any_, full = _tile_flags(q_lo, q_hi, k_start + start_n, k_start + last_n,
+                                         qd_lo, qd_hi, kd_lo, kd_hi, window,
+                                         CAUSAL, HAS_WINDOW, HAS_DOCS)
+                if any_:
+                    k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+                    qk = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+                    qk = qk * qk_scale
+                    if (full == 0) | (start_n + BLOCK_N > Sk):
+                        offs_n = start_n + tl.arange(0, BLOCK_N)
+                        k_valid = offs_n < Sk
+                        kp = k_start + offs_n
+                        if HAS_DOCS:
+                            kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+                        else:
+                            kd = kp
+                        ok = _element_ok(qp[:, None], kp[None, :], qd[:, None], kd[None, :],
+                                         window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+                        qk = tl.where(ok, qk, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(qk, 1))
+                    # rows with nothing allowed yet subtract 0, not -inf (-inf - -inf is NaN)
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    p = tl.math.exp2(qk - m_use[:, None])
+                    alpha = tl.math.exp2(m_i - m_use)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+                    acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+                    m_i = m_new
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        desc_o.store([b, start_m, h * HEAD_DIM],
+                     tl.reshape(out.to(desc_o.dtype), [1, BLOCK_M, HEAD_DIM]))
+        tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_valid)
+
+    @_jit
+    def _bwd_q_kernel(
+        desc_q, desc_k, desc_v, desc_do, desc_dq, Lse, Delta, CNT, IDX, QD, KD,
+        qk_scale, scale, window, q_start, k_start, q_blk0, k_blk0,
+        Sq, Sk, H, G, head_div, s_cb, s_ch, s_ib, s_ih, width,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Grid ``(cdiv(Sq, BLOCK_M), B * H)``: dQ of one query block over its listed key
+        blocks."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hm = h // head_div
+        col_k = (h // G) * HEAD_DIM
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Sq
+        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+        do = _rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=float("inf"))
+        # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=0.0)
+        qp = q_start + offs_m
+        q_lo = q_start + start_m
+        q_hi = q_start + last_m
+        if HAS_DOCS:
+            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+            qd_lo = tl.load(QD + start_m)
+            qd_hi = tl.load(QD + last_m)
+        else:
+            qd = qp
+            qd_lo = q_lo
+            qd_hi = q_hi
+
+        gq = q_blk0 + pid_m
+        n = tl.load(CNT + b * s_cb + hm * s_ch + gq)
+        row = IDX + b.to(tl.int64) * s_ib + hm.to(tl.int64) * s_ih + gq.to(tl.int64) * width
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for i in range(0, n):
+            start_n = (tl.load(row + i) - k_blk0) * BLOCK_N
+            if (start_n >= 0) & (start_n < Sk):
+                last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
+                if HAS_DOCS:
+                    kd_lo = tl.load(KD + start_n)
+                    kd_hi = tl.load(KD + last_n)
+                else:
+                    kd_lo = k_start + start_n
+                    kd_hi = k_start + last_n
+                any_, full = _tile_flags(q_lo, q_hi, k_start + start_n, k_start + last_n,
+                                         qd_lo, qd_hi, kd_lo, kd_hi, window,
+                                         CAUSAL, HAS_WINDOW, HAS_DOCS)
+                if any_:
+                    k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+                    qk = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+                    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+                    if (full == 0) | (start_n + BLOCK_N > Sk):
+                        offs_n = start_n + tl.arange(0, BLOCK_N)
+                        k_valid = offs_n < Sk
+                        kp = k_start + offs_n
+                        if HAS_DOCS:
+                            kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+                        else:
+                            kd = kp
+                        ok = _element_ok(qp[:, None], kp[None, :], qd[:, None], kd[None, :],
+                                         window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+                        p = tl.where(ok, p, 0.0)
+                    v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+                    dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+                    ds = p * (dp - delta[:, None])
+                    dq = _mm(ds.to(k.dtype), k, dq, IEEE)
+        desc_dq.store([b, start_m, h * HEAD_DIM], tl.reshape(dq * scale, [1, BLOCK_M, HEAD_DIM]))
+
+    @_jit
+    def _bwd_kv_kernel(
+        desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, Lse, Delta, OFF, QIDX, QD, KD,
+        qk_scale, scale, window, q_start, k_start, q_blk0, k_blk0,
+        Sq, Sk, H, Hkv, G, head_div, s_ob, s_oh, n_kv_blocks,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``: dK/dV of one key block, over the query blocks
+        that list it, for all ``G`` query heads of its kv head (accumulated in registers)."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_valid = offs_n < Sk
+        last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
+        k = _rows(desc_k, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
+        v = _rows(desc_v, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
+        kp = k_start + offs_n
+        k_lo = k_start + start_n
+        k_hi = k_start + last_n
+        if HAS_DOCS:
+            kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+            kd_lo = tl.load(KD + start_n)
+            kd_hi = tl.load(KD + last_n)
+        else:
+            kd = kp
+            kd_lo = k_lo
+            kd_hi = k_hi
+        gk = k_blk0 + pid_n  # global key block
+
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for g in range(0, G):
+            h = hk * G + g
+            hm = h // head_div
+            lse_ptr = Lse + (b * H + h).to(tl.int64) * Sq
+            delta_ptr = Delta + (b * H + h).to(tl.int64) * Sq
+            r = b * s_ob + hm * s_oh + gk
+            lo = tl.load(OFF + r)
+            hi = tl.load(OFF + r + 1)
+            for i in range(lo, hi):
+                start_m = (tl.load(QIDX + i) - q_blk0) * BLOCK_M
+                if (start_m >= 0) & (start_m < Sq):
+                    last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+                    if HAS_DOCS:
+                        qd_lo = tl.load(QD + start_m)
+                        qd_hi = tl.load(QD + last_m)
+                    else:
+                        qd_lo = q_start + start_m
+                        qd_hi = q_start + last_m
+                    any_, full = _tile_flags(q_start + start_m, q_start + last_m, k_lo, k_hi,
+                                             qd_lo, qd_hi, kd_lo, kd_hi, window,
+                                             CAUSAL, HAS_WINDOW, HAS_DOCS)
+                    if any_:
+                        offs_m = start_m + tl.arange(0, BLOCK_M)
+                        m_valid = offs_m < Sq
+                        q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+                        lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
+                        lse2 = tl.where(lse == float("-inf"), float("inf"),
+                                        lse * 1.4426950408889634)
+                        qkT = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                                  IEEE)
+                        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+                        if full == 0:
+                            qp = q_start + offs_m
+                            if HAS_DOCS:
+                                qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+                            else:
+                                qd = qp
+                            okT = _element_ok(qp[None, :], kp[:, None], qd[None, :], kd[:, None],
+                                              window, CAUSAL, HAS_WINDOW, HAS_DOCS)
+                            pT = tl.where(okT, pT, 0.0)
+                        do = _rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+                        dv = _mm(pT.to(do.dtype), do, dv, IEEE)
+                        delta = tl.load(delta_ptr + offs_m, mask=m_valid, other=0.0)
+                        dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                                  IEEE)
+                        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+                        dk = _mm(dsT, q, dk, IEEE)
+
+        desc_dk.store([b, start_n, hk * HEAD_DIM], tl.reshape(dk * scale, [1, BLOCK_N, HEAD_DIM]))
+        desc_dv.store([b, start_n, hk * HEAD_DIM], tl.reshape(dv, [1, BLOCK_N, HEAD_DIM]))
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+def _contiguous_start(p: Positions) -> int | None:
+    """The first position of a single contiguous run (or of an empty shard: 0); else None."""
+    if p.index is not None:
+        return None
+    segs = [s for s in p.segments if s.length]
+    if not segs:
+        return 0
+    if len(segs) != 1 or (segs[0].stride != 1 and segs[0].length > 1):
+        return None
+    return segs[0].start
+
+
+class BlockSparseTriton:
+    """Triton block-sparse attention on the local kernel contract (see the module docstring).
+
+    Supported: CUDA tensors on Hopper or newer (or CPU tensors with ``TRITON_INTERPRET=1``) in
+    float16, bfloat16 or float32, head dims 16 to 128, masks with block-sparse lists of blocks
+    16 to 128 (64 and 128 on GPUs) plus any causal / window / documents, contiguous query and
+    key shards starting on block boundaries.  :meth:`unsupported_reason` says why a call is
+    refused, before calling.
+    """
+
+    name = "block_sparse"
+
+    def __init__(self, config: BlockSparseTritonConfig = BlockSparseTritonConfig()):
+        self.config = config
+
+    # -- support ----------------------------------------------------------------------------------
+    @staticmethod
+    def unsupported_reason(
+        q: Tensor, mask: Mask, q_pos: Positions | None = None, k_pos: Positions | None = None,
+        kv_heads: int | None = None,
+    ) -> str | None:
+        """Why this kernel cannot run ``q [B, Sq, H, D]`` under ``mask`` at these positions
+        (None when it can).  Shapes and descriptions only: no device work."""
+        if mask.block_sparse is None:
+            return "the mask has no block-sparse lists: use kernel='triton' (dense tile skipping)"
+        if (reason := _unavailable_reason(q)) is not None:
+            return reason
+        if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (9, 0):
+            return ("the block-sparse Triton kernel reads tiles with TMA descriptors (sm_90+); "
+                    "use kernel='reference'")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return (f"dtype {q.dtype} is not supported by the block-sparse Triton kernel "
+                    "(float16, bfloat16, float32); use kernel='reference' for float64")
+        if q.shape[-1] not in _HEAD_DIMS:
+            return (f"head_dim {q.shape[-1]} is not supported by the block-sparse Triton kernel "
+                    f"(supported: {_HEAD_DIMS}); use kernel='reference'")
+        bs = mask.block_sparse
+        for name, size in (("q_block", bs.q_block), ("kv_block", bs.kv_block)):
+            if size not in _BLOCKS:
+                return (f"the block-sparse Triton kernel needs {name} in {_BLOCKS} (64 or 128 on "
+                        f"GPUs), got {size}; rebuild the lists with such blocks or use "
+                        "kernel='reference'")
+        for name, p, size in (("q_pos", q_pos, bs.q_block), ("k_pos", k_pos, bs.kv_block)):
+            if p is None:
+                continue
+            start = _contiguous_start(p)
+            if start is None:
+                return (f"{name} is not one contiguous run; the block-sparse Triton kernel takes "
+                        "contiguous shards (split striped / zigzag shards per run, or use "
+                        "kernel='reference')")
+            if start % size:
+                return (f"{name} starts at global position {start}, not a multiple of the block "
+                        f"size {size}: shards must start on a block boundary (choose shard sizes "
+                        "divisible by the block size)")
+        return None
+
+    def supports(self, q: Tensor, mask: Mask, q_pos=None, k_pos=None) -> bool:
+        return self.unsupported_reason(q, mask, q_pos, k_pos) is None
+
+    def _prepare(self, q, k, v, scale, mask, q_pos, k_pos):
+        check_qkv(q, k, v)
+        q_pos, k_pos = default_positions(q, k, q_pos, k_pos)
+        reason = self.unsupported_reason(q, mask, q_pos, k_pos)
+        if reason is not None:
+            raise ValueError(reason)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+        B, Sq, H, _ = q.shape
+        Sk, Hkv = k.shape[1], k.shape[2]
+        bs = mask.block_sparse
+        div = bs.check_call(B, H, Hkv, q.device)
+        q_start, k_start = _contiguous_start(q_pos), _contiguous_start(k_pos)
+        for side, start, n, size, n_blocks in (
+            ("query", q_start, Sq, bs.q_block, bs.n_q_blocks),
+            ("key", k_start, Sk, bs.kv_block, bs.n_kv_blocks),
+        ):
+            end = start + n
+            if end > n_blocks * size:
+                raise ValueError(
+                    f"the {side} shard reaches global position {end - 1} but the block-sparse "
+                    f"lists cover {n_blocks} {side} blocks of {size} ({n_blocks * size} tokens); "
+                    "build the lists for the whole sequence"
+                )
+            if n % size and end <= (n_blocks - 1) * size:
+                raise ValueError(
+                    f"the {side} shard [{start}, {end}) holds {n} tokens, not a multiple of the "
+                    f"block size {size}, and does not end in the last block: block sizes must "
+                    "divide the shard (only the sequence's last block may be partial)"
+                )
+            if end >= _MAX_POSITION:
+                raise ValueError(f"global positions reach {end}; the kernel handles below 2**30")
+        docs = mask.cu_seqlens is not None
+        qd = kd = None
+        if docs:
+            qd = mask.document_ids(q_pos.materialize(q.device)).to(torch.int32)
+            kd = mask.document_ids(k_pos.materialize(q.device)).to(torch.int32)
+        common = dict(
+            window=min(mask.window or 1, _MAX_POSITION), q_start=q_start, k_start=k_start,
+            q_blk0=q_start // bs.q_block, k_blk0=k_start // bs.kv_block,
+        )
+        flags = dict(
+            CAUSAL=mask.causal, HAS_WINDOW=mask.window is not None, HAS_DOCS=docs,
+            IEEE=q.dtype == torch.float32,
+        )
+        return q_pos, k_pos, bs, div or 1, div == 0, qd, kd, common, flags
+
+    @staticmethod
+    def _list_args(bs, shared_heads: bool):
+        """Forward lists and their strides (0 where the lists broadcast)."""
+        cnt, idx = bs.kernel_lists
+        Bm, Hm, nq, width = idx.shape
+        s_cb = 0 if Bm == 1 else Hm * nq
+        s_ch = 0 if (Hm == 1 or shared_heads) else nq
+        s_ib = 0 if Bm == 1 else Hm * nq * width
+        s_ih = 0 if (Hm == 1 or shared_heads) else nq * width
+        return cnt, idx, s_cb, s_ch, s_ib, s_ih, width
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Mask = Mask(),
+        q_pos: Positions | None = None, k_pos: Positions | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``q [B, Sq, H, D]``, ``k``/``v [B, Sk, Hkv, D]`` -> ``out [B, Sq, H, D]`` (q.dtype),
+        ``lse [B, H, Sq]`` (float32, natural log; ``-inf`` for rows with no allowed key)."""
+        q_pos, k_pos, bs, div, shared, qd, kd, common, flags = self._prepare(
+            q, k, v, scale, mask, q_pos, k_pos)
+        q, k, v = (_tma_ready(t) for t in (q, k, v))
+        B, Sq, H, D = q.shape
+        Sk, Hkv = k.shape[1], k.shape[2]
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        if Sq == 0 or B * H == 0 or Sk == 0:
+            return out.zero_(), lse.fill_(float("-inf"))
+        cnt, idx, s_cb, s_ch, s_ib, s_ih, width = self._list_args(bs, shared)
+        fwd_warps, _, stages = self.config.resolve(bs.q_block, bs.kv_block, D)
+        _launch(
+            _fwd_kernel, (triton.cdiv(Sq, bs.q_block), B * H),
+            _rows_desc(q, bs.q_block), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
+            _rows_desc(out, bs.q_block), lse, cnt, idx,
+            qd if qd is not None else cnt, kd if kd is not None else cnt,
+            scale * _LOG2E, common["window"], common["q_start"], common["k_start"],
+            common["q_blk0"], common["k_blk0"], Sq, Sk, H, H // Hkv, div,
+            s_cb, s_ch, s_ib, s_ih, width,
+            HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, **flags,
+            num_warps=fwd_warps, num_stages=stages,
+        )
+        return out, lse
+
+    # -- backward ---------------------------------------------------------------------------------
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+        scale: float, mask: Mask = Mask(), q_pos: Positions | None = None,
+        k_pos: Positions | None = None, grad_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients from the **global** ``out [B, Sq, H, D]`` / ``lse [B, H, Sq]``: ``dq``,
+        ``dk``/``dv`` for this key shard only, in ``grad_dtype`` (default float32)."""
+        q_pos, k_pos, bs, div, shared, qd, kd, common, flags = self._prepare(
+            q, k, v, scale, mask, q_pos, k_pos)
+        B, Sq, H, D = q.shape
+        Sk, Hkv = k.shape[1], k.shape[2]
+        if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, Sq):
+            raise ValueError(
+                f"backward needs dout and out shaped like q {tuple(q.shape)} and lse [B, H, Sq] = "
+                f"{(B, H, Sq)}; got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse "
+                f"{tuple(lse.shape)}"
+            )
+        q, k, v, dout = (_tma_ready(t) for t in (q, k, v, dout.to(q.dtype)))
+        out = out if out.stride(-1) == 1 else out.contiguous()
+        lse = lse.to(torch.float32).contiguous()
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dq = torch.empty(B, Sq, H, D, **f32)
+        dk = torch.empty(B, Sk, Hkv, D, **f32)
+        dv = torch.empty(B, Sk, Hkv, D, **f32)
+        if Sq == 0 or Sk == 0 or B * H == 0:
+            return tuple(g.zero_().to(grad_dtype_for(q, grad_dtype)) for g in (dq, dk, dv))
+
+        delta = torch.empty(B, H, Sq, **f32)  # rowsum(dout * out) with the global out
+        _launch(
+            _bwd_delta_kernel, (triton.cdiv(Sq, 64), B * H),
+            out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2), Sq, H,
+            HEAD_DIM=D, BLOCK_M=64,
+        )
+        _, bwd_warps, stages = self.config.resolve(bs.q_block, bs.kv_block, D)
+        cnt, idx, s_cb, s_ch, s_ib, s_ih, width = self._list_args(bs, shared)
+        qd_t = qd if qd is not None else cnt
+        kd_t = kd if kd is not None else cnt
+        _launch(
+            _bwd_q_kernel, (triton.cdiv(Sq, bs.q_block), B * H),
+            _rows_desc(q, bs.q_block), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
+            _rows_desc(dout, bs.q_block), _rows_desc(dq, bs.q_block), lse, delta, cnt, idx,
+            qd_t, kd_t, scale * _LOG2E, scale, common["window"], common["q_start"],
+            common["k_start"], common["q_blk0"], common["k_blk0"], Sq, Sk, H, H // Hkv, div,
+            s_cb, s_ch, s_ib, s_ih, width,
+            HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, **flags,
+            num_warps=bwd_warps, num_stages=stages,
+        )
+        off, qidx = bs.transposed_lists
+        Bm, Hm, _, nk = bs.shape
+        s_ob = 0 if Bm == 1 else Hm * nk
+        s_oh = 0 if (Hm == 1 or shared) else nk
+        _launch(
+            _bwd_kv_kernel, (triton.cdiv(Sk, bs.kv_block), B * Hkv),
+            _rows_desc(q, bs.q_block), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
+            _rows_desc(dout, bs.q_block), _rows_desc(dk, bs.kv_block),
+            _rows_desc(dv, bs.kv_block), lse, delta, off, qidx, qd_t, kd_t,
+            scale * _LOG2E, scale, common["window"], common["q_start"], common["k_start"],
+            common["q_blk0"], common["k_blk0"], Sq, Sk, H, Hkv, H // Hkv, div,
+            s_ob, s_oh, nk,
+            HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, **flags,
+            num_warps=bwd_warps, num_stages=stages,
+        )
+        return tuple(g.to(grad_dtype_for(q, grad_dtype)) for g in (dq, dk, dv))
+
+
+register_kernel("block_sparse", BlockSparseTriton)
