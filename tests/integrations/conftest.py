@@ -1,0 +1,31 @@
+"""Shared helpers of the integration tests: skip without a framework, run README examples."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def require_or_skip(module: str):
+    """Import ``module`` through longctx's adapter check, or skip saying what to install."""
+    from longctx.integrations import SUPPORTED, require
+
+    try:
+        return require(module)
+    except ImportError as exc:
+        dist_name, extra, spec = SUPPORTED[module]
+        pytest.skip(f"{dist_name}{spec} is not installed ({exc}); pip install \"longctx[{extra}]\"")
+
+
+def readme_example(marker: str) -> str:
+    """The ```python block that follows ``<!-- example: {marker} -->`` in README.md."""
+    text = README.read_text()
+    match = re.search(
+        rf"<!-- example: {re.escape(marker)} -->\s*```python\n(.*?)```", text, flags=re.S
+    )
+    assert match is not None, f"README.md has no python block after <!-- example: {marker} -->"
+    return match.group(1)

@@ -1,0 +1,261 @@
+"""megatron-core adapter: LongctxCoreAttention vs megatron's DotProductAttention, CP=2 over gloo.
+
+megatron's DotProductAttention reaches for CUDA on a CPU-only torch (a scratch buffer on
+``torch.cuda.current_device()``, the CUDA RNG tracker around dropout): the workers here point
+both at the CPU. That workaround lives in this test only; the adapter never patches megatron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import readme_example, require_or_skip
+
+require_or_skip("megatron.core")
+
+from longctx.testing import SimulatedMesh  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-10  # float64 throughout
+
+
+class _NoRng:
+    def fork(self, *args, **kwargs):
+        return contextlib.nullcontext()
+
+
+def _megatron_on_cpu() -> None:
+    """Test-only: let megatron's DotProductAttention run on a CPU-only torch."""
+    from megatron.core import tensor_parallel
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: _NoRng()
+
+
+def _causal_mask(seq: int) -> torch.Tensor:
+    """megatron's mask convention, True = masked out: ``[1, 1, s, s]`` (its default is on CUDA)."""
+    return torch.ones(seq, seq, dtype=torch.bool).triu(1)[None, None]
+
+
+def _init(group):
+    from megatron.core import parallel_state
+
+    _megatron_on_cpu()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1, context_parallel_size=2)
+    return parallel_state.get_context_parallel_world_size()
+
+
+def _config(cp: int, heads=4, kv_heads=2, head_dim=8, **kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=kw.pop("num_layers", 1),
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        kv_channels=head_dim,
+        context_parallel_size=cp,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        params_dtype=torch.float64,
+        use_cpu_initialization=True,
+        **kw,
+    )
+
+
+def core_vs_dpa(group, strategy: str | None, seq: int = 16, batch: int = 2):
+    """Each CP rank's LongctxCoreAttention output and q/k/v grads vs megatron's DPA, plain."""
+    import torch.distributed as dist
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longctx.integrations.megatron import LongctxCoreAttention, LongctxSettings
+    from longctx.parallel.layout import shard
+
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(seq, batch, 4, 8, generator=g, dtype=torch.float64)  # [s, b, np, hn]
+    k = torch.randn(seq, batch, 2, 8, generator=g, dtype=torch.float64)  # [s, b, ng, hn]
+    v = torch.randn(seq, batch, 2, 8, generator=g, dtype=torch.float64)
+    dout = torch.randn(seq, batch, 32, generator=g, dtype=torch.float64)  # [s, b, np*hn]
+
+    ref = DotProductAttention(_config(1), 1, AttnMaskType.causal, "self")
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    out_ref = ref(qr, kr, vr, _causal_mask(seq))
+    out_ref.backward(dout)
+
+    ours = LongctxCoreAttention(
+        _config(P), 1, AttnMaskType.causal, "self", settings=LongctxSettings(strategy=strategy)
+    )
+    local = [shard(x, "zigzag", P, rank, dim=0).requires_grad_() for x in (q, k, v)]
+    out = ours(*local, None)
+    out.backward(shard(dout, "zigzag", P, rank, dim=0))
+    pairs = [(out, out_ref)] + [(x.grad, y.grad) for x, y in zip(local, (qr, kr, vr))]
+    return ours.strategy, [
+        float((a - shard(b, "zigzag", P, rank, dim=0)).abs().max()) for a, b in pairs
+    ]
+
+
+def gpt_cp_vs_plain(group, seq: int = 16, batch: int = 2, vocab: int = 64):
+    """megatron GPTModel with gpt_layer_spec() at CP=2 vs the local spec (DPA) on one rank."""
+    import torch.distributed as dist
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from longctx.integrations.megatron import gpt_layer_spec
+    from longctx.parallel.layout import shard
+
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    pos = torch.arange(seq).expand(batch, seq)
+    kw = dict(vocab_size=vocab, max_sequence_length=seq, position_embedding_type="learned_absolute")
+
+    torch.manual_seed(0)
+    plain = GPTModel(_config(1, num_layers=2), get_gpt_layer_local_spec(), **kw).double()
+    cp_model = GPTModel(_config(P, num_layers=2), gpt_layer_spec(), **kw).double()
+    cp_model.load_state_dict(plain.state_dict())
+
+    loss_ref = plain(ids, pos, _causal_mask(seq), labels=labels)  # [b, s] per-token loss
+    loss_ref.sum().backward()
+    local = [shard(x, "zigzag", P, rank) for x in (ids, pos, labels)]
+    loss = cp_model(*local[:2], None, labels=local[2])  # [b, s/P]
+    loss.sum().backward()
+    errs = [float((loss - shard(loss_ref, "zigzag", P, rank)).abs().max())]
+    for (name, p), p_ref in zip(cp_model.named_parameters(), plain.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=group)  # the dp x cp gradient reduction
+        errs.append(float((grad - p_ref.grad).abs().max()))
+    return errs
+
+
+def mismatched_group(group):
+    """A config whose context_parallel_size differs from the CP group must be refused."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longctx.integrations.megatron import LongctxCoreAttention
+
+    try:
+        LongctxCoreAttention(_config(4), 1, AttnMaskType.causal, "self")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with SimulatedMesh(2) as m:
+        assert m.run(_init) == [2, 2]
+        yield m
+
+
+@pytest.mark.parametrize("strategy", [None, "ring", "ulysses", "allgather"])
+def test_core_attention_matches_dot_product_attention(mesh, strategy):
+    for used, errs in mesh.run(core_vs_dpa, strategy):
+        assert used == (strategy or "zigzag")  # cp_comm_type None -> p2p -> zigzag
+        assert max(errs) < TOL, errs
+
+
+def test_gpt_model_cp2_matches_plain(mesh):
+    for errs in mesh.run(gpt_cp_vs_plain):
+        assert len(errs) > 10 and max(errs) < TOL, errs
+
+
+def test_group_config_mismatch_is_refused(mesh):
+    for msg in mesh.run(mismatched_group):
+        assert msg is not None and "context_parallel_size=4" in msg and "2 ranks" in msg
+
+
+def test_thd_packed_documents_cp1():
+    """THD + cu_seqlens: each document attends causally inside itself (no process group)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longctx.integrations.megatron import LongctxCoreAttention
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(12, 4, 8, generator=g, dtype=torch.float64)  # [t, np, hn]
+    k = torch.randn(12, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(12, 2, 8, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    attn = LongctxCoreAttention(_config(1), 1, AttnMaskType.causal, "self")
+    out = attn(q, k, v, None, packed_seq_params=params)  # [t, np*hn]
+    assert out.shape == (12, 32)
+    for lo, hi in [(0, 5), (5, 12)]:  # each document alone through SDPA
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1),
+            k[lo:hi].repeat_interleave(2, 1).transpose(0, 1),
+            v[lo:hi].repeat_interleave(2, 1).transpose(0, 1),
+            is_causal=True,
+        )  # [np, t_doc, hn]
+        assert torch.allclose(out[lo:hi], ref.transpose(0, 1).reshape(hi - lo, 32), atol=TOL)
+
+
+def test_bad_settings_are_refused():
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longctx.integrations.megatron import LongctxCoreAttention, LongctxSettings
+
+    with pytest.raises(ValueError, match="attention_dropout=0.0"):
+        LongctxCoreAttention(
+            _config(1), 1, AttnMaskType.causal, "self", attention_dropout=0.1
+        )
+    with pytest.raises(ValueError, match="cp_comm_type='a2a\\+p2p'"):
+        LongctxCoreAttention(_config(1), 1, AttnMaskType.causal, "self", cp_comm_type="a2a+p2p")
+    with pytest.raises(ValueError, match="unknown layout"):
+        LongctxSettings(layout="diagonal")
+
+
+def test_non_zigzag_layout_under_cp_is_refused(mesh):
+    for msg in mesh.run(_contiguous_layout_error):
+        assert msg is not None and "get_pos_emb_on_this_cp_rank" in msg
+
+
+def _contiguous_layout_error(group):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longctx.integrations.megatron import LongctxCoreAttention, LongctxSettings
+
+    try:
+        LongctxCoreAttention(
+            _config(2), 1, AttnMaskType.causal, "self",
+            settings=LongctxSettings(strategy="ring", layout="contiguous"),
+        )
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_readme_example():
+    """The README's megatron example runs as written (one process, gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", readme_example("megatron")], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_pretrain_script_cp2():
+    """launch/pretrain_megatron.py under torchrun: 2 gloo processes, CP=2, finite losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "launch/pretrain_megatron.py", "--cp", "2", "--steps", "3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [line.split() for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [int(s[1]) for s in steps] == [0, 1, 2], proc.stdout
+    assert all(s[5] == "2" and s[9] == "zigzag" for s in steps), proc.stdout
+    assert all(torch.isfinite(torch.tensor(float(s[3]))) for s in steps), proc.stdout
