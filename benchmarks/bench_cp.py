@@ -39,7 +39,6 @@ from timing import (  # benchmarks/timing.py, beside this script
 
 import longctx
 from longctx.parallel.mesh import ParallelDims, build_mesh
-from longctx.parallel.strategies.ulysses import ulysses_attention
 from longctx.testing import SimulatedMesh
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -116,12 +115,10 @@ def _fwd_bwd_times(run, group, schedule: Schedule):
     }
 
 
-def _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses=1,
-                  head_chunks=None):
+def _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses=1):
     """This rank's q, k, v shards and ``run(backward: bool)``, one longctx attention step over
     them (``group=None``: the same kernel on one GPU; ``hybrid``: over a CP x Ulysses mesh with
-    ``ulysses`` ranks per Ulysses group; ``head_chunks``: Ulysses' pipelined head chunks instead
-    of its default)."""
+    ``ulysses`` ranks per Ulysses group)."""
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
     cp_group = group
@@ -134,13 +131,9 @@ def _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ul
     mask = longctx.Mask(causal=True)
 
     def run(backward):
-        if head_chunks is not None:
-            out = ulysses_attention(q, k, v, cp_group, layout=layout, mask=mask, kernel=kernel,
-                                    chunks=head_chunks)
-        else:
-            out = longctx.attention(
-                q, k, v, cp_group, strategy=strategy, layout=layout, mask=mask, kernel=kernel
-            )
+        out = longctx.attention(
+            q, k, v, cp_group, strategy=strategy, layout=layout, mask=mask, kernel=kernel
+        )
         if backward:
             out.backward(torch.ones_like(out))
 
@@ -148,11 +141,9 @@ def _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ul
 
 
 def longctx_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel,
-                    schedule: Schedule, ulysses=1, head_chunks=None):
-    """Rank body: one longctx strategy (``group=None``: the same kernel on one GPU);
-    ``head_chunks``: Ulysses' pipelined head chunks instead of its default."""
-    run = _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses,
-                        head_chunks)
+                    schedule: Schedule, ulysses=1):
+    """Rank body: one longctx strategy (``group=None``: the same kernel on one GPU)."""
+    run = _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses)
     return _fwd_bwd_times(run, group, schedule)
 
 
@@ -244,11 +235,10 @@ def top_kernels(averages, steps: int, top: int = TOP_KERNELS) -> list[dict]:
 
 
 def profile_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses=1,
-                    head_chunks=None, steps=PROFILED_STEPS):
+                    steps=PROFILED_STEPS):
     """Rank body: ``steps`` profiled forward+backward steps back to back (after 2 warm-ups and a
     barrier); this rank's NCCL/compute overlap per step and its top CUDA kernels."""
-    run = _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses,
-                        head_chunks)
+    run = _longctx_step(group, strategy, layout, seq, heads, kv_heads, dim, kernel, ulysses)
     for _ in range(2):
         run(True)
     _sync(group)
@@ -261,20 +251,17 @@ def profile_on_rank(group, strategy, layout, seq, heads, kv_heads, dim, kernel, 
     return {**overlap, "kernels": top_kernels(prof.key_averages(), steps)}
 
 
-def _parse_spec(spec: str, ulysses: int) -> tuple[str, str, int, int | None]:
-    """``strategy:layout``, ``ulysses:layout:N`` (N pipelined head chunks) or ``hybrid:layout:U``
-    (U ranks per Ulysses group; default ``ulysses``) -> (strategy, layout, Ulysses group size,
-    head chunks or None)."""
+def _parse_spec(spec: str, ulysses: int) -> tuple[str, str, int]:
+    """``strategy:layout`` or ``hybrid:layout:U`` (U ranks per Ulysses group; default
+    ``ulysses``) -> (strategy, layout, Ulysses group size)."""
     strategy, layout, *n = spec.split(":")
-    n = int(n[0]) if n else None
-    if strategy == "hybrid":
-        return strategy, layout, n or ulysses, None
-    return strategy, layout, ulysses, n
+    if n and strategy != "hybrid":
+        raise SystemExit(f"--strategies {spec!r}: only hybrid takes a third field (U)")
+    return strategy, layout, int(n[0]) if n else ulysses
 
 
-def _label(strategy, layout, ulysses, head_chunks) -> str:
+def _label(strategy, layout, ulysses) -> str:
     extra = f", U={ulysses}" if strategy == "hybrid" else ""
-    extra += f", {head_chunks} head chunks" if head_chunks is not None else ""
     return f"{strategy} ({layout}{extra})"
 
 
@@ -316,11 +303,11 @@ def _timing_rows(mesh, args, world, u):
             one["seq"] = base
             new = [_row(f"longctx {args.kernel} 1 GPU", *one_common, 1, one, one)]
             for spec in args.strategies:
-                strategy, layout, uu, head_chunks = _parse_spec(spec, u)
+                strategy, layout, uu = _parse_spec(spec, u)
                 times = mesh.run(longctx_on_rank, strategy, layout, *common, args.kernel, schedule,
-                                 uu, head_chunks)
+                                 uu)
                 slowest = max(times, key=lambda t: t["fwd_bwd"])
-                name = f"longctx {_label(strategy, layout, uu, head_chunks)} x{world}"
+                name = f"longctx {_label(strategy, layout, uu)} x{world}"
                 new.append(_row(name, *common, world, slowest, one))
             for spec in args.torch_native:
                 backend, rotate = spec.split(":")
@@ -355,10 +342,10 @@ def _profile_rows(mesh, args, world, u):
         "| --- | --- | --- | --- | --- |",
     ]
     for spec in args.profile:
-        strategy, layout, uu, head_chunks = _parse_spec(spec, u)
+        strategy, layout, uu = _parse_spec(spec, u)
         per_rank = mesh.run(profile_on_rank, strategy, layout, seq, heads, kv_heads, args.dim,
-                            args.kernel, uu, head_chunks)
-        run = f"{_label(strategy, layout, uu, head_chunks)} S={seq} H={heads}/{kv_heads}"
+                            args.kernel, uu)
+        run = f"{_label(strategy, layout, uu)} S={seq} H={heads}/{kv_heads}"
         for r, o in enumerate(per_rank):
             frac = o["overlapped_ms"] / o["comm_ms"] if o["comm_ms"] else 1.0
             overlap_rows.append(f"| {run} rank {r} | {o['comm_ms']:.2f} | {o['overlapped_ms']:.2f} ({100 * frac:.0f}%) | {o['compute_ms']:.2f} |")
@@ -395,7 +382,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--strategies", nargs="+",
-        help="strategy:layout; ulysses:layout:N for N pipelined head chunks; hybrid:layout:U for "
+        help="strategy:layout; hybrid:layout:U for "
              "U ranks per Ulysses group (default 2)",
         default=["ring:contiguous", "zigzag:zigzag", "striped:striped", "allgather:zigzag", "ulysses:zigzag", "hybrid:zigzag"],
     )

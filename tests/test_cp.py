@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 import longctx
 from longctx.parallel.comm import AllToAllComm
+from longctx.parallel.head_exchange import token_order
 from longctx.parallel.layout import Layout
-from longctx.parallel.strategies.ulysses import head_chunks, token_order, ulysses_attention
 from longctx.testing import MASK_KINDS, CPCase, SimulatedMesh, check_cp_case
 from longctx.testing.cp_check import errors_against_reference
 
@@ -94,33 +94,6 @@ def test_head_split_replicates_kv_heads_when_fewer_than_ranks(mesh, strategy):
     _assert_close(check_cp_case(mesh, case), case)
 
 
-def test_head_chunks_split_whole_groups_or_inside_one():
-    """The pipelining plan: equal chunks, each of whole GQA groups or inside one, else fewer."""
-    def summary(*args):
-        plan = head_chunks(*args)
-        return plan.q, plan.kv, plan.block
-
-    # MHA, 8 heads a rank: kv blocks of their own
-    assert summary(16, 16, 2, 2) == (((0, 4), (4, 8)), ((0, 4), (4, 8)), (0, 1))
-    # groups of 2, 2 heads a chunk: whole groups
-    assert summary(16, 8, 4, 2) == (((0, 2), (2, 4)), ((0, 1), (1, 2)), (0, 1))
-    # groups of 4, 2 heads a chunk: both chunks inside one group share its kv head
-    assert summary(16, 4, 4, 2) == (((0, 2), (2, 4)), ((0, 1),), (0, 0))
-    # groups of 4, 8 heads a rank in 4 chunks: two chunks per kv head
-    four = ((0, 2), (2, 4), (4, 6), (6, 8))
-    assert summary(32, 8, 4, 4) == (four, ((0, 1), (1, 2)), (0, 0, 1, 1))
-    # MQA over more ranks than kv heads: the one (replicated) kv head for both chunks
-    assert summary(8, 1, 4, 2) == (((0, 1), (1, 2)), ((0, 1),), (0, 0))
-    # no clean split: 3 heads of a chunk would straddle groups of 2; one head a rank; 3 % 2
-    assert summary(24, 12, 4, 2) == (((0, 6),), ((0, 3),), (0,))
-    assert summary(4, 4, 4, 2) == (((0, 1),), ((0, 1),), (0,))
-    assert summary(12, 12, 4, 2) == (((0, 3),), ((0, 3),), (0,))
-    # fewer chunks than asked when more do not divide: 6 heads in 3, not 4
-    assert summary(12, 12, 2, 4) == (((0, 2), (2, 4), (4, 6)), ((0, 2), (2, 4), (4, 6)), (0, 1, 2))
-    with pytest.raises(ValueError, match="chunks must be >= 1"):
-        head_chunks(8, 8, 2, 0)
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped", "striped:2"])
 def test_token_order_gather_and_scatter_are_one_step_sorts(layout, world):
@@ -162,73 +135,40 @@ def _check_gather_and_scatter(order, world, S, s):
     assert torch.equal(lse_slots, unsort(lse, 2).reshape(2, 3, world, s).permute(2, 0, 1, 3))
 
 
-def _ulysses_chunks_on_rank(group, case: CPCase, chunks: int) -> dict[str, torch.Tensor]:
-    """Rank body: ``run_cp_case_on_rank`` for Ulysses with ``chunks`` head chunks asked for."""
+def _ulysses_on_rank(group, case: CPCase) -> dict[str, torch.Tensor]:
+    """Rank body: Ulysses on this rank's shards, out, lse and the gradients."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     layout = Layout.parse(case.layout)
     q, k, v, dout = (layout.shard(t, world, rank) for t in case.make_inputs())
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out, lse = ulysses_attention(
-        q, k, v, group, layout=layout, mask=case.make_mask(), kernel=case.kernel,
-        return_lse=True, chunks=chunks,
+    out, lse = longctx.attention(
+        q, k, v, group, strategy="ulysses", layout=layout, mask=case.make_mask(),
+        kernel=case.kernel, return_lse=True,
     )
     out.backward(dout)
     return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-# (query heads, kv heads) per rank of the world, chunks asked for, chunks the plan must use
-ULYSSES_CHUNK_CASES = {
-    "mha-2": (4, 4, 2, 2, "zigzag", "documents"),
-    "mha-4": (4, 4, 4, 4, "striped", "causal"),
-    "gqa-whole-groups": (4, 2, 2, 2, "contiguous", "window"),
-    "gqa-shared-kv": (4, 1, 2, 2, "zigzag", "block_sparse"),
-    "gqa-2-blocks-of-2-chunks": (8, 2, 4, 4, "zigzag", "documents"),
-    "no-pipelining": (4, 2, 1, 1, "zigzag", "documents"),
-    "fallback-straddles-groups": (6, 3, 2, 1, "zigzag", "documents"),
-    "fallback-one-head": (1, 1, 2, 1, "striped", "window_bidir"),
-}
-
-
-@pytest.mark.parametrize("name", list(ULYSSES_CHUNK_CASES))
-def test_ulysses_head_chunks_match_reference(mesh, name):
-    """Ulysses pipelined over head chunks: out, lse and every gradient as the reference."""
-    P = mesh.world_size
-    heads, kv_heads, chunks, expect, layout, mask = ULYSSES_CHUNK_CASES[name]
-    assert len(head_chunks(heads * P, kv_heads * P, P, chunks).q) == expect
-    case = CPCase(
-        "ulysses", layout, mask, world_size=P, heads=heads * P, kv_heads=kv_heads * P, head_dim=4
-    )
-    shards = mesh.run(_ulysses_chunks_on_rank, case, chunks)
-    _assert_close(errors_against_reference(case, shards), case)
-
-
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
-def test_ulysses_head_chunks_replicated_kv_head(mesh, dtype):
-    """MQA over more ranks than kv heads, 2 chunks: the replicas' gradients sum at the owner.
-
-    In bfloat16 the exchanges mix dtypes (bf16 out and dq, float32 lse and summed dk/dv); the
-    result equals the unpipelined one (dk/dv to a bf16 rounding: the chunks' float32 partial
-    sums add in another order) and keeps the inputs' dtypes.
-    """
+def test_ulysses_replicated_kv_head(mesh, dtype):
+    """MQA over more ranks than kv heads: the kv head is replicated to every rank and the
+    replicas' gradients sum at the owner; in bfloat16 the exchanges mix dtypes (bf16 out and dq,
+    float32 lse and summed dk/dv) and the results keep the inputs' dtypes."""
     P = mesh.world_size
     case = CPCase(
         "ulysses", "zigzag", "documents", world_size=P, heads=2 * P, kv_heads=1, head_dim=4,
         dtype=dtype,
     )
-    assert len(head_chunks(2 * P, 1, P, 2).q) == 2
-    piped = mesh.run(_ulysses_chunks_on_rank, case, 2)
+    shards = mesh.run(_ulysses_on_rank, case)
     if dtype == "float64":
-        _assert_close(errors_against_reference(case, piped), case)
+        _assert_close(errors_against_reference(case, shards), case)
         return
-    plain = mesh.run(_ulysses_chunks_on_rank, case, 1)
-    for a, b in zip(piped, plain):
-        assert {n: t.dtype for n, t in a.items()} == {
+    for got in shards:
+        assert {n: t.dtype for n, t in got.items()} == {
             "out": torch.bfloat16, "lse": torch.float32, "dq": torch.bfloat16,
             "dk": torch.bfloat16, "dv": torch.bfloat16,
         }
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-2 if n in ("dk", "dv") else 0)
-    errors = errors_against_reference(case, piped, "rel_l2")
+    errors = errors_against_reference(case, shards, "rel_l2")
     assert max(errors.values()) < 1e-2, errors
 
 
@@ -287,7 +227,10 @@ def _ulysses_without_lse_on_rank(group, case: CPCase) -> dict[str, torch.Tensor]
     layout = Layout.parse(case.layout)
     q, k, v, dout = (layout.shard(t, world, rank) for t in case.make_inputs())
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = ulysses_attention(q, k, v, group, layout=layout, mask=case.make_mask(), kernel=case.kernel)
+    out = longctx.attention(
+        q, k, v, group, strategy="ulysses", layout=layout, mask=case.make_mask(),
+        kernel=case.kernel,
+    )
     assert isinstance(out, torch.Tensor)
     out.backward(dout)
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}

@@ -129,3 +129,76 @@ def test_linear_strategy_through_the_entry():
         longctx.attention(q, k, v, strategy="linear", return_lse=True)
     with pytest.raises(ValueError, match="log_decay is for strategy='linear'"):
         longctx.attention(q, k, v, log_decay=decay)
+
+
+def test_scale_and_heads_and_list_boundaries():
+    q, k, v = qkv()
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match=r"scale must be a finite number > 0"):
+            longctx.attention(q, k, v, scale=bad)
+    with pytest.raises(ValueError, match=r"k/v have 0 heads; they need at least one"):
+        longctx.attention(q, k[:, :, :0], v[:, :, :0])
+    with_list = longctx.Mask(causal=True, cu_seqlens=[0, 5, 16])
+    with_tensor = longctx.Mask(causal=True, cu_seqlens=torch.tensor([0, 5, 16]))
+    assert torch.equal(
+        longctx.attention(q, k, v, mask=with_list), longctx.attention(q, k, v, mask=with_tensor)
+    )
+    with pytest.raises(TypeError, match=r"1-D integer tensor \(or a list\)"):
+        longctx.Mask(cu_seqlens="0,5,16")
+
+
+def test_strategy_capabilities_are_checked():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"strategy 'star' does not take window masks"):
+        longctx.attention(q, k, v, strategy=longctx.Star(2, 2), mask=longctx.Mask(causal=True, window=4))
+    with pytest.raises(ValueError, match=r"cu_seqlens is for strategy='linear', not 'ring'"):
+        longctx.attention(q, k, v, cu_seqlens=torch.tensor([0, 16]))
+
+
+def _refused_then_usable(group, strategy, layout, kernel):
+    """Rank body: a call every rank refuses (a kernel that cannot run CPU tensors), then the same
+    call with a kernel that can: the group must still work (nothing was posted before the error)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8 * world, 4, 8, generator=g, dtype=torch.float64)
+    kv = torch.randn(1, 8 * world, 2, 8, generator=g, dtype=torch.float64)
+    q_l, kv_l = (longctx.shard(t, layout, world, rank) for t in (q, kv))
+    mask = longctx.Mask(causal=True)
+    try:
+        longctx.attention(q_l, kv_l, kv_l, group, strategy=strategy, layout=layout, mask=mask,
+                          kernel=kernel)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    out = longctx.attention(q_l, kv_l, kv_l, group, strategy=strategy, layout=layout, mask=mask)
+    whole = longctx.attention(q, kv, kv, mask=mask)
+    return refused, float((out - longctx.shard(whole, layout, world, rank)).abs().max())
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "triton"])
+@pytest.mark.parametrize(
+    "strategy,layout",
+    [("ring", "contiguous"), ("zigzag", "zigzag"), ("striped", "striped"),
+     ("allgather", "contiguous"), ("ulysses", "zigzag")],
+)
+def test_refused_call_leaves_the_group_usable(mesh2, strategy, layout, kernel):
+    for refused, err in mesh2.run(_refused_then_usable, strategy, layout, kernel):
+        assert refused is not None and f"kernel {kernel!r} cannot run this call" in refused
+        assert err < 1e-12
+
+
+def _shards_of_rank_length(group, check):
+    rank = dist.get_rank(group)
+    q, k, v = qkv(s=8 + 4 * rank)  # rank 1 holds more tokens than rank 0
+    try:
+        longctx.attention(q, k, v, group, strategy="ring", check_shards=check)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_opt_in_equal_shard_check(mesh2):
+    messages = mesh2.run(_shards_of_rank_length, True)
+    for m in messages:
+        assert "ranks hold shards of different shapes" in m and "rank 1: q [1, 12, 4, 8]" in m
+    assert mesh2.run(dist.get_rank) == [0, 1]

@@ -63,7 +63,7 @@ def test_one_block_is_full_causal_attention():
     q, k, v, _ = inputs(16)
     star = longctx.attention(q, k, v, strategy=Star(anchor_len=4, query_len=3))
     full = longctx.attention(q, k, v, mask=longctx.Mask(causal=True))
-    assert torch.equal(star, full)
+    torch.testing.assert_close(star, full, rtol=0, atol=1e-13)  # float64, two merge orders
 
 
 @pytest.mark.parametrize(

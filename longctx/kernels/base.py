@@ -23,6 +23,7 @@ Every local attention kernel (the torch reference, Triton kernels, vendor kernel
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -44,6 +45,8 @@ __all__ = [
     "register_kernel",
     "get_kernel",
     "available_kernels",
+    "kernel_unsupported_reason",
+    "takes_positions",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,6 +136,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"q has head_dim {D} but k has head_dim {k.shape[3]}; project q and k to one head_dim"
         )
+    if k.shape[2] < 1:
+        raise ValueError(
+            f"k/v have {k.shape[2]} heads; they need at least one (num_kv_heads >= 1, dividing "
+            f"the {H} query heads)"
+        )
     if H % k.shape[2] != 0:
         raise ValueError(
             f"q has {H} heads, which is not a multiple of the {k.shape[2]} kv heads; "
@@ -179,3 +187,36 @@ def get_kernel(kernel: "str | AttentionKernel") -> AttentionKernel:
         raise ValueError(
             f"unknown kernel {kernel!r}; available: {available_kernels()}"
         ) from None
+
+
+def takes_positions(kernel: AttentionKernel) -> bool:
+    """Does the kernel's optional ``unsupported_reason`` look at the call's positions?"""
+    fn = getattr(kernel, "unsupported_reason", None)
+    return fn is not None and "q_pos" in inspect.signature(fn).parameters
+
+
+def kernel_unsupported_reason(
+    kernel: AttentionKernel, q: Tensor, mask: Mask, q_pos: Positions | None = None,
+    k_pos: Positions | None = None, *, kv_heads: int | None = None,
+) -> str | None:
+    """Why ``kernel`` cannot run a call (None when it can, or when the kernel does not say).
+
+    A kernel may define ``unsupported_reason(q, mask[, q_pos, k_pos, kv_heads])``, returning a
+    sentence that says what to change; callers ask it before any work or communication.
+
+    Example::
+
+        >>> import torch
+        >>> from longctx.kernels import get_kernel
+        >>> kernel_unsupported_reason(get_kernel("reference"), torch.randn(1, 8, 2, 16), Mask())
+    """
+    fn = getattr(kernel, "unsupported_reason", None)
+    if fn is None:
+        return None
+    params = inspect.signature(fn).parameters
+    kwargs = {}
+    if "q_pos" in params:
+        kwargs.update(q_pos=q_pos, k_pos=k_pos)
+    if "kv_heads" in params:
+        kwargs["kv_heads"] = kv_heads
+    return fn(q, mask, **kwargs)

@@ -9,11 +9,11 @@ from .layout import Layout, document_ids, pad_to_multiple, positions, shard, uns
 from .strategies import STRATEGIES, Star
 
 __all__ = [
+    "STRATEGIES",
     "CPConfig",
     "CPContext",
     "ContextParallelAttention",
     "Layout",
-    "STRATEGIES",
     "Star",
     "attention",
     "build_context",

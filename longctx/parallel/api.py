@@ -10,12 +10,17 @@ from torch import Tensor, nn
 
 from ..kernels.base import AttentionKernel
 from ..kernels.mask import Mask
-from .context import resolve_group
+from .context import check_head_split, resolve_group
 from .layout import Layout
-from .strategies import STRATEGIES, Star, linear_attention, star_attention
-from .strategies.ulysses import check_head_split
+from .strategies import STRATEGIES, Star, get_strategy
 
-__all__ = ["attention", "choose_strategy", "CPConfig", "ContextParallelAttention"]
+__all__ = [
+    "CPConfig",
+    "ContextParallelAttention",
+    "attention",
+    "choose_strategy",
+    "softmax_strategies",
+]
 
 
 def attention(
@@ -24,15 +29,21 @@ def attention(
     v: Tensor,
     mesh_or_group=None,
     *,
-    strategy: "str | Star" = "ring",
-    layout: "str | Layout | None" = None,
+    strategy: str | Star = "ring",
+    layout: str | Layout | None = None,
     mask: Mask | None = None,
-    kernel: "str | AttentionKernel" = "auto",
+    kernel: str | AttentionKernel = "auto",
     scale: float | None = None,
     return_lse: bool = False,
     log_decay: Tensor | None = None,
+    check_shards: bool = False,
+    **options,
 ):
     """Context-parallel attention over the local shards of a sequence.
+
+    Every strategy is an entry of one table, :data:`longctx.parallel.strategies.STRATEGIES`,
+    which says what it supports; a call it cannot run is refused before any communication, on
+    every rank alike, with an error that says what to change.
 
     Args:
         q: ``[B, S/P, H, D]`` this rank's queries, sharded with ``layout``.
@@ -47,8 +58,8 @@ def attention(
             :class:`~longctx.parallel.strategies.star.Star` (star attention with its anchor and
             query lengths).
         layout: how the sequence was sharded (``"contiguous"``, ``"zigzag"``, ``"striped"``,
-            ``"striped:w"``); defaults to the strategy's own layout (contiguous for ring and
-            all-gather).
+            ``"striped:w"``); defaults to the strategy's own layout (``default_layout`` in the
+            table: zigzag and striped for those two, contiguous for the others).
         mask: a :class:`~longctx.kernels.mask.Mask` on global positions (default: full).
         kernel: local kernel name (``longctx.kernels.available_kernels()``) or instance;
             ``"auto"`` picks per call: cuDNN/flash SDPA where they apply, else the Triton kernel
@@ -56,6 +67,10 @@ def attention(
         scale: score scale, default ``1/sqrt(D)``.
         return_lse: also return the float32 log-sum-exp ``[B, H, S/P]`` (softmax strategies).
         log_decay: ``strategy="linear"`` only: per-head log-decays ``[H]`` (<= 0), None = none.
+        check_shards: first check, with one small all-gather, that every rank holds shards of
+            the same shapes and dtype (an error on every rank instead of a hang).
+        **options: the strategy's own options (``STRATEGIES[name].options``), e.g. linear's
+            ``cu_seqlens``, ``initial_state``, ``return_final_state``.
 
     Returns:
         ``out [B, S/P, H, D]`` in q's dtype (and ``lse`` if asked), differentiable in q, k, v.
@@ -68,35 +83,23 @@ def attention(
         >>> out.shape
         torch.Size([1, 16, 4, 8])
     """
-    kwargs = {} if layout is None else {"layout": layout}
     if strategy == "auto":
         strategy = choose_strategy(q, k, mesh_or_group, layout=layout, mask=mask)
+    spec = get_strategy(strategy)
+    options = dict(options)
     if isinstance(strategy, Star):
-        return star_attention(
-            q, k, v, mesh_or_group, star=strategy, mask=mask, kernel=kernel, scale=scale,
-            return_lse=return_lse, **kwargs,
-        )
-    if strategy == "linear":
-        if return_lse:
-            raise ValueError("linear attention has no log-sum-exp: drop return_lse=True")
-        if kernel == "auto":  # the linear kernels: Triton on GPUs, the torch reference on CPUs
-            kernel = "triton" if q.is_cuda else "reference"
-        return linear_attention(
-            q, k, v, mesh_or_group, log_decay=log_decay, mask=mask, kernel=kernel, scale=scale,
-            **kwargs,
-        )
+        options["star"] = strategy
     if log_decay is not None:
-        raise ValueError(f"log_decay is for strategy='linear', not {strategy!r}")
-    try:
-        fn = STRATEGIES[strategy]
-    except KeyError:
+        options["log_decay"] = log_decay
+    for name in sorted(set(options) - set(spec.options)):
+        owners = [s.name for s in STRATEGIES.values() if name in s.options]
         raise ValueError(
-            f"unknown strategy {strategy!r}; choose one of {sorted([*STRATEGIES, 'linear'])} "
-            "or a Star(...)"
-        ) from None
-    return fn(
-        q, k, v, mesh_or_group, mask=mask, kernel=kernel, scale=scale, return_lse=return_lse,
-        **kwargs,
+            f"{name} is for strategy={' or '.join(map(repr, owners))}, not {spec.name!r}"
+            if owners else f"unknown option {name!r} for strategy {spec.name!r}"
+        )
+    return spec.run(
+        q, k, v, mesh_or_group, layout=layout, mask=mask, kernel=kernel, scale=scale,
+        return_lse=return_lse, check_shards=check_shards, **options,
     )
 
 
@@ -127,10 +130,21 @@ def choose_strategy(q: Tensor, k: Tensor, mesh_or_group=None, *, layout=None, ma
     except ValueError:
         pass
     kind = Layout.parse(layout).kind if layout is not None else "contiguous"
-    causal = mask is not None and mask.causal
-    if causal and kind in ("zigzag", "striped"):
-        return kind
+    if mask is not None and mask.causal:  # the ring variant whose own layout this is
+        for name in ("zigzag", "striped"):
+            if STRATEGIES[name].default_layout == kind:
+                return name
     return "ring"
+
+
+# The layout a config with strategy="auto" shards in: every strategy auto picks runs on it, and it
+# balances causal work for the ring family.
+AUTO_LAYOUT = "zigzag"
+
+
+def softmax_strategies() -> list[str]:
+    """The strategies that run with a name and a mask alone (what configs may name)."""
+    return sorted(n for n, s in STRATEGIES.items() if s.kernels == "softmax" and not s.required)
 
 
 @dataclass(frozen=True)
@@ -144,13 +158,31 @@ class CPConfig:
     window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES and self.strategy != "auto":
-            raise ValueError(
-                f"CPConfig.strategy={self.strategy!r}; choose one of {sorted(STRATEGIES)} "
-                "(linear attention has its own entry: longctx.linear_attention)"
-            )
+        if self.strategy != "auto":
+            spec = get_strategy(self.strategy)
+            if spec.kernels != "softmax" or spec.required:
+                raise ValueError(
+                    f"CPConfig.strategy={self.strategy!r} is not a softmax strategy this module "
+                    f"can run with its settings alone; choose one of {softmax_strategies()} or "
+                    "'auto' (linear attention: longctx.linear_attention; star: longctx.attention "
+                    "with strategy=longctx.Star(...))"
+                )
         if self.layout is not None:
-            Layout.parse(self.layout)
+            kind = Layout.parse(self.layout).kind
+            if self.strategy != "auto" and not get_strategy(self.strategy).accepts_layout(kind):
+                raise ValueError(
+                    f"CPConfig: strategy {self.strategy!r} does not run on layout {self.layout!r}; "
+                    f"it runs on {get_strategy(self.strategy).layouts}"
+                )
+
+    @property
+    def resolved_layout(self) -> str:
+        """The layout the shards are in: ``layout``, else the strategy's default (the table)."""
+        if self.layout is not None:
+            return self.layout
+        if self.strategy == "auto":
+            return AUTO_LAYOUT
+        return get_strategy(self.strategy).default_layout
 
 
 class ContextParallelAttention(nn.Module):
@@ -180,7 +212,8 @@ class ContextParallelAttention(nn.Module):
         c = self.config
         mask = Mask(causal=c.causal, window=c.window, cu_seqlens=cu_seqlens)
         return attention(
-            q, k, v, self.group, strategy=c.strategy, layout=c.layout, mask=mask, kernel=c.kernel
+            q, k, v, self.group, strategy=c.strategy, layout=c.resolved_layout, mask=mask,
+            kernel=c.kernel,
         )
 
     def extra_repr(self) -> str:

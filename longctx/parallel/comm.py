@@ -7,13 +7,13 @@ The same code runs on gloo (CPU, the simulated mesh) and NCCL (GPU).  The strate
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RingComm", "GatherComm", "AllToAllComm", "CommRequest", "PackedSend"]
+__all__ = ["AllToAllComm", "CommRequest", "GatherComm", "PackedSend", "RingComm"]
 
 # torch 2.13 renamed the flat-tensor collectives; torch 2.11 has only the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -11,36 +11,33 @@ import functools
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..kernels.base import AttentionKernel, check_qkv, get_kernel
+from ..kernels.base import (
+    AttentionKernel,
+    check_qkv,
+    get_kernel,
+    kernel_unsupported_reason,
+    takes_positions,
+)
 from ..kernels.mask import Mask, Positions
 from .layout import Layout
+from .plan import plan_calls
 
 __all__ = [
     "CPContext",
     "HybridGroups",
     "all_positions",
-    "check_device",
     "build_context",
+    "check_device",
+    "check_equal_shards",
+    "check_head_split",
+    "check_kernel",
     "resolve_group",
     "resolve_hybrid_groups",
-    "STRATEGY_LAYOUTS",
 ]
-
-# The layouts each strategy runs on (None: any layout).
-STRATEGY_LAYOUTS: dict[str, tuple[str, ...] | None] = {
-    "ring": None,
-    "allgather": None,
-    "zigzag": ("zigzag",),
-    "striped": ("striped",),
-    "ulysses": None,
-    "hybrid": None,
-    "star": ("contiguous",),
-    "linear": ("contiguous",),
-}
-
 
 @dataclass(frozen=True, eq=False)
 class HybridGroups:
@@ -72,6 +69,7 @@ class CPContext:
     rank: int
     positions: tuple[Positions, ...]
     hybrid: HybridGroups | None = None
+    need_lse: bool = True
 
     def all_positions(self) -> tuple[Positions, ...]:
         """Global positions held by every rank of the group, in rank order."""
@@ -140,40 +138,120 @@ def check_device(q: Tensor, group: dist.ProcessGroup | None) -> None:
         )
 
 
+def _group_shape(strategy, group, q: Tensor):
+    """(group or None, hybrid groups or None, world size, rank) of the call."""
+    if strategy.groups == "2d":
+        hybrid = resolve_hybrid_groups(group)
+        u_world, u_rank = dist.get_world_size(hybrid.ulysses), dist.get_rank(hybrid.ulysses)
+        r_world, r_rank = dist.get_world_size(hybrid.ring), dist.get_rank(hybrid.ring)
+        check_device(q, hybrid.ulysses)
+        check_device(q, hybrid.ring)
+        return None, hybrid, u_world * r_world, r_rank * u_world + u_rank
+    group = resolve_group(group)
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    check_device(q, group)
+    return group, None, world, rank
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, Tensor) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float (e.g. head_dim ** -0.5); got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"scale must be a finite number > 0 (the default is head_dim ** -0.5 = "
+            f"{head_dim ** -0.5:.4g}); got {scale}"
+        )
+    return float(scale)
+
+
+def check_kernel(
+    kernel: AttentionKernel, q: Tensor, kv_heads: int, mask: Mask,
+    positions: tuple[Positions, ...], whole_sequence: bool,
+) -> None:
+    """Refuse, before any communication and identically on every rank, a kernel that cannot run
+    the calls of this strategy: a wrong device or dtype, a head dim or a mask piece it lacks, or
+    (for kernels that look at positions) the diagonal calls of any rank, or the whole sorted
+    sequence where the strategy attends over it (``whole_sequence``: Ulysses)."""
+    reason = kernel_unsupported_reason(kernel, q, mask, kv_heads=kv_heads)
+    if reason is None and takes_positions(kernel):
+        if whole_sequence:
+            seq = Positions.contiguous(0, sum(len(p) for p in positions))
+            pairs = [(seq, seq)]
+        else:
+            pairs = [
+                (pos.slice(c.q_begin, c.q_end), pos.slice(c.k_begin, c.k_end))
+                for pos in positions
+                for c in plan_calls(mask, pos, pos)
+            ]
+        for q_pos, k_pos in pairs:
+            reason = kernel_unsupported_reason(kernel, q, mask, q_pos, k_pos, kv_heads=kv_heads)
+            if reason is not None:
+                break
+    if reason is not None:
+        raise ValueError(
+            f"kernel {getattr(kernel, 'name', kernel)!r} cannot run this call: {reason}. "
+            "kernel='auto' picks one that can"
+        )
+
+
+def check_equal_shards(q: Tensor, k: Tensor, group: dist.ProcessGroup | None) -> None:
+    """Opt-in (``check_shards=True``): one small all-gather that every rank holds shards of the
+    same shapes and dtype; raises on every rank otherwise (instead of a hang or an abort in the
+    strategy's collectives)."""
+    if group is None:
+        return
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    mine = torch.tensor(
+        [*q.shape, *k.shape, dtypes.index(q.dtype)], dtype=torch.int64, device=q.device
+    )
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    rows = [tuple(t.tolist()) for t in every]
+    if len(set(rows)) > 1:
+        listing = "; ".join(
+            f"rank {r}: q {list(row[:4])}, k {list(row[4:8])}, {dtypes[row[8]]}"
+            for r, row in enumerate(rows)
+        )
+        raise ValueError(
+            "the ranks hold shards of different shapes or dtypes: " + listing + ". Shard one "
+            "global sequence with longctx.shard(x, layout, world_size, rank) on every rank"
+        )
+
+
 def build_context(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     group,
     *,
-    strategy: str,
-    layout: "str | Layout",
+    strategy,
+    layout: str | Layout,
     mask: Mask | None,
-    kernel: "str | AttentionKernel",
+    kernel: str | AttentionKernel,
     scale: float | None,
+    need_lse: bool = True,
+    check_shards: bool = False,
 ) -> CPContext:
-    """Check the local shards and the call, and bundle what the strategy needs."""
+    """Check the local shards and the call, and bundle what the strategy needs.
+
+    ``strategy`` is the :class:`~longctx.parallel.strategies.base.StrategySpec` being run.
+    Every check that can fail runs here, before any communication, and depends only on what
+    every rank shares (shapes, the layout, the mask), so a refused call is refused on every
+    rank and leaves the group usable.  ``check_shards=True`` adds one small collective that
+    compares the ranks' shard shapes (see :func:`check_equal_shards`).
+    """
     check_qkv(q, k, v)
-    hybrid = None
-    if strategy == "hybrid":
-        hybrid = resolve_hybrid_groups(group)
-        group = None
-        u_world, u_rank = dist.get_world_size(hybrid.ulysses), dist.get_rank(hybrid.ulysses)
-        r_world, r_rank = dist.get_world_size(hybrid.ring), dist.get_rank(hybrid.ring)
-        world, rank = u_world * r_world, r_rank * u_world + u_rank
-        check_device(q, hybrid.ulysses)
-    else:
-        group = resolve_group(group)
-        world = dist.get_world_size(group) if group is not None else 1
-        rank = dist.get_rank(group) if group is not None else 0
-        check_device(q, group)
+    group, hybrid, world, rank = _group_shape(strategy, group, q)
     layout = Layout.parse(layout)
-    allowed = STRATEGY_LAYOUTS[strategy]
-    if allowed is not None and layout.kind not in allowed:
+    if not strategy.accepts_layout(layout.kind):
+        first = strategy.layouts[0]
         raise ValueError(
-            f"strategy {strategy!r} runs on layout {allowed[0]!r} but got layout {str(layout)!r}: "
-            f"shard q/k/v with longctx.parallel.shard(x, {allowed[0]!r}, world_size, rank) and pass "
-            f"layout={allowed[0]!r}, or use strategy='ring', which runs on any layout"
+            f"strategy {strategy.name!r} runs on layout {first!r} but got layout {str(layout)!r}: "
+            f"shard q/k/v with longctx.parallel.shard(x, {first!r}, world_size, rank) and pass "
+            f"layout={first!r}, or use strategy='ring', which runs on any layout"
         )
     if q.shape[1] != k.shape[1]:
         raise ValueError(
@@ -188,31 +266,57 @@ def build_context(
             f"{need}; the local shards of {q.shape[1]} tokens make {seq_len}. Pad the global "
             "sequence with longctx.parallel.layout.pad_to_multiple before sharding"
         )
+    if strategy.head_split:
+        degree = world if hybrid is None else dist.get_world_size(hybrid.ulysses)
+        check_head_split(q.shape[2], k.shape[2], degree)
     mask = mask if mask is not None else Mask()
     mask.validate(seq_len)
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = _check_scale(scale, q.shape[-1])
+    kern = get_kernel(kernel)
+    positions = all_positions(layout, seq_len, world)
+    check_kernel(kern, q, k.shape[2], mask, positions, whole_sequence=strategy.name == "ulysses")
+    if check_shards:
+        check_equal_shards(q, k, group if hybrid is None else hybrid.ulysses)
+        if hybrid is not None:
+            check_equal_shards(q, k, hybrid.ring)
     return CPContext(
         group=group,
         layout=layout,
         seq_len=seq_len,
         mask=mask,
-        kernel=get_kernel(kernel),
-        scale=float(scale),
+        kernel=kern,
+        scale=scale,
         world_size=world,
         rank=rank,
-        positions=all_positions(layout, seq_len, world),
+        positions=positions,
         hybrid=hybrid,
+        need_lse=need_lse,
     )
 
 
-def save_for_cp_backward(fn_ctx, cp: CPContext, q, k, v, out, lse) -> None:
-    """Shared body of each strategy's autograd ``forward``: keep what backward needs."""
-    fn_ctx.save_for_backward(q, k, v, out, lse)
-    fn_ctx.cp = cp
-    fn_ctx.mark_non_differentiable(lse)
+def check_head_split(heads: int, kv_heads: int, degree: int) -> None:
+    """Raise a ValueError saying what to change when ``heads``/``kv_heads`` can't split ``degree``
+    ways (Ulysses, and the Ulysses dimension of the hybrid).
 
+    Example::
 
-def cast_grads(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor):
-    """Gradients from the accumulation dtype back to the inputs' dtypes."""
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
+        >>> check_head_split(16, 4, 4)      # 4 query heads per rank, one GQA group each
+        >>> check_head_split(12, 4, 8)
+        Traceback (most recent call last):
+        ...
+        ValueError: ulysses over 8 ranks needs num_heads divisible by 8, got 12 heads; use strategy='ring'/'zigzag'/'striped', or 'hybrid' with a ulysses degree dividing 12
+    """
+    if heads % degree:
+        raise ValueError(
+            f"ulysses over {degree} ranks needs num_heads divisible by {degree}, got {heads} heads; "
+            "use strategy='ring'/'zigzag'/'striped', or 'hybrid' with a ulysses degree dividing "
+            f"{heads}"
+        )
+    per_rank, group = heads // degree, heads // kv_heads
+    if per_rank % group and group % per_rank:
+        raise ValueError(
+            f"ulysses over {degree} ranks gives each rank {per_rank} query heads, which neither "
+            f"cover whole GQA groups of {group} nor fit inside one ({heads} heads, {kv_heads} kv "
+            "heads); choose a degree such that the heads per rank divide or are divided by the "
+            "group size, or use a ring strategy"
+        )

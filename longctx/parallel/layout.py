@@ -40,13 +40,13 @@ from torch import Tensor
 from longctx.kernels.mask import Positions, Segment
 
 __all__ = [
-    "LayoutKind",
     "Layout",
+    "LayoutKind",
+    "document_ids",
+    "pad_to_multiple",
+    "positions",
     "shard",
     "unshard",
-    "positions",
-    "pad_to_multiple",
-    "document_ids",
 ]
 
 LayoutKind = Literal["contiguous", "zigzag", "striped"]

@@ -7,12 +7,12 @@ skipped.  Nothing here touches a device or a process group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..kernels.mask import Mask, Positions
 
-__all__ = ["TileCall", "plan_calls", "ring_steps", "needed_sources"]
+__all__ = ["TileCall", "needed_sources", "plan_calls", "ring_steps"]
 
 _MAX_SPLIT_RUNS = 64  # split a shard pair per run only while this few (q run, k run) pairs exist
 

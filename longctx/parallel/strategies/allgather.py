@@ -8,8 +8,8 @@ keeping ``P`` blocks alive between the passes.
 
 Example (on each rank of a process group; any layout)::
 
-    from longctx.parallel.strategies.allgather import allgather_attention
-    out = allgather_attention(q, k, v, group, layout="zigzag", mask=Mask(causal=True))
+    out = longctx.attention(q, k, v, group, strategy="allgather", layout="zigzag",
+                            mask=longctx.Mask(causal=True))
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from torch import Tensor
 from ...kernels.base import acc_dtype
 from ...kernels.mask import Positions
 from ..comm import GatherComm
-from ..context import CPContext, build_context, cast_grads, save_for_cp_backward
+from ..context import CPContext
 from ..plan import needed_sources
+from .base import StrategySpec
 from .blocks import attend, attend_backward
 
-__all__ = ["allgather_forward", "allgather_backward", "AllGatherAttention", "allgather_attention"]
+__all__ = ["SPEC", "allgather_attention", "allgather_backward", "allgather_forward"]
 
 
 def _select_slots(x_all: Tensor, sources: list[int]) -> Tensor:
@@ -61,14 +62,16 @@ def _gather_needed(k: Tensor, v: Tensor, cp: CPContext):
     return k_sel, v_sel, k_pos, sources, comm
 
 
-def allgather_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor, Tensor]:
-    """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse ``[B, H, S/P]``."""
+def allgather_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
+    """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse ``[B, H, S/P]``
+    and nothing more to save (backward gathers K/V again)."""
     k_sel, v_sel, k_pos, _, _ = _gather_needed(k, v, cp)
-    return attend(q, k_sel, v_sel, cp.all_positions()[cp.rank], k_pos, cp)
+    return (*attend(q, k_sel, v_sel, cp.all_positions()[cp.rank], k_pos, cp), ())
 
 
 def allgather_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cp: CPContext
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: tuple,
+    cp: CPContext,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the local shards, in the accumulation dtype."""
     k_sel, v_sel, k_pos, sources, comm = _gather_needed(k, v, cp)
@@ -86,27 +89,14 @@ def allgather_backward(
     return dq, comm.reduce_scatter(dk_all), comm.reduce_scatter(dv_all)
 
 
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
-        out, lse = allgather_forward(q, k, v, cp)
-        save_for_cp_backward(ctx, cp, q, k, v, out, lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = allgather_backward(dout, q, k, v, out, lse, ctx.cp)
-        return (*cast_grads(q, k, v, *grads), None)
+SPEC = StrategySpec(
+    name="allgather",
+    summary="gather K/V once (cheap with GQA), attend locally, reduce-scatter dK/dV; any layout",
+    forward=allgather_forward,
+    backward=allgather_backward,
+)
 
 
-def allgather_attention(
-    q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="contiguous", mask=None,
-    kernel="auto", scale=None, return_lse: bool = False,
-):
+def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group=None, **kwargs):
     """All-gather attention on local shards; see :func:`longctx.attention` for the arguments."""
-    cp = build_context(
-        q, k, v, group, strategy="allgather", layout=layout, mask=mask, kernel=kernel, scale=scale
-    )
-    out, lse = AllGatherAttention.apply(q, k, v, cp)
-    return (out, lse) if return_lse else out
+    return SPEC.run(q, k, v, group, **kwargs)

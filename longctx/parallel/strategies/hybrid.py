@@ -9,32 +9,31 @@ the head count only has to divide ``U``, not ``P``.
 
 Example (each rank; ``groups = build_mesh(ParallelDims(cp=8, ulysses=4), "cuda").hybrid_groups()``)::
 
-    from longctx.parallel.strategies.hybrid import hybrid_attention
-    out = hybrid_attention(q, k, v, groups, layout="zigzag", mask=Mask(causal=True))
+    out = longctx.attention(q, k, v, groups, strategy="hybrid", layout="zigzag",
+                            mask=longctx.Mask(causal=True))
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from torch import Tensor
 
+from ...kernels.base import acc_dtype
 from ..comm import AllToAllComm
-from ..context import CPContext, build_context, cast_grads
-from .ring import ring_backward, ring_forward
-from .ulysses import (
+from ..context import CPContext
+from ..head_exchange import (
     TokenOrder,
-    check_head_split,
-    heads_to_seq,
-    kv_heads_to_seq,
-    kv_seq_to_heads,
-    lse_heads_to_seq,
+    grads_to_seq,
+    out_to_seq,
+    qkv_to_heads,
     seq_to_heads,
     token_order,
 )
+from .base import StrategySpec
+from .ring import ring_backward, ring_forward
 
-__all__ = ["hybrid_forward", "hybrid_backward", "HybridAttention", "hybrid_attention"]
+__all__ = ["SPEC", "hybrid_attention", "hybrid_backward", "hybrid_forward"]
 
 
 def _super_shard(cp: CPContext, ring_rank: int, U: int, device) -> TokenOrder:
@@ -57,55 +56,39 @@ def _ring_context(cp: CPContext, comm: AllToAllComm) -> CPContext:
 def hybrid_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse, saved."""
     comm = AllToAllComm(cp.hybrid.ulysses)
-    H = q.shape[2]
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q.device)
-    q_h = seq_to_heads(q, comm, order)  # [B, U*S/P, H/U, D], global order
-    k_h = kv_seq_to_heads(k, H, comm, order)
-    v_h = kv_seq_to_heads(v, H, comm, order)
-    out_h, lse_h = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm))
-    out = heads_to_seq(out_h, comm, order)
-    lse = lse_heads_to_seq(lse_h, comm, order)
+    q_h, k_h, v_h = qkv_to_heads(q, k, v, comm, order)  # [B, U*S/P, H/U, D], global order
+    out_h, lse_h, _ = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm))
+    out, lse = out_to_seq(out_h, lse_h if cp.need_lse else None, comm, order)
     return out, lse, (q_h, k_h, v_h, out_h, lse_h)
 
 
-def hybrid_backward(dout: Tensor, saved: tuple[Tensor, ...], kv_heads: int, cp: CPContext):
+def hybrid_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: tuple,
+    cp: CPContext,
+):
     """Gradients of the local shards from the saved head shards, in the accumulation dtype."""
     q_h, k_h, v_h, out_h, lse_h = saved  # in global token order
     comm = AllToAllComm(cp.hybrid.ulysses)
-    H = q_h.shape[2] * comm.world_size
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q_h.device)
     dout_h = seq_to_heads(dout, comm, order)
-    dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, _ring_context(cp, comm))
-    dq = heads_to_seq(dq_h, comm, order)
-    dk = kv_heads_to_seq(dk_h, H, kv_heads, comm, order)
-    dv = kv_heads_to_seq(dv_h, H, kv_heads, comm, order)
-    return dq, dk, dv
-
-
-class HybridAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
-        out, lse, saved = hybrid_forward(q, k, v, cp)
-        ctx.save_for_backward(q, k, v, *saved)
-        ctx.cp = cp
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, *saved = ctx.saved_tensors
-        grads = hybrid_backward(dout, tuple(saved), k.shape[2], ctx.cp)
-        return (*cast_grads(q, k, v, *grads), None)
-
-
-def hybrid_attention(
-    q: Tensor, k: Tensor, v: Tensor, groups=None, *, layout="contiguous", mask=None,
-    kernel="auto", scale=None, return_lse: bool = False,
-):
-    """2-D attention on local shards; ``groups``: HybridGroups or a 2-D (ring, ulysses) mesh."""
-    cp = build_context(
-        q, k, v, groups, strategy="hybrid", layout=layout, mask=mask, kernel=kernel, scale=scale
+    grads_h = ring_backward(
+        dout_h, q_h, k_h, v_h, out_h, lse_h, (), _ring_context(cp, comm),
+        grad_dtype=acc_dtype(q.dtype),
     )
-    check_head_split(q.shape[2], k.shape[2], AllToAllComm(cp.hybrid.ulysses).world_size)
-    out, lse = HybridAttention.apply(q, k, v, cp)
-    return (out, lse) if return_lse else out
+    return grads_to_seq(*grads_h, k.shape[2], comm, order)
+
+
+SPEC = StrategySpec(
+    name="hybrid",
+    summary="Ulysses inside a node x ring across nodes (2-D mesh); any layout, any mask",
+    groups="2d",
+    head_split=True,
+    forward=hybrid_forward,
+    backward=hybrid_backward,
+)
+
+
+def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, groups=None, **kwargs):
+    """2-D attention on local shards; ``groups``: HybridGroups or a 2-D (ring, ulysses) mesh."""
+    return SPEC.run(q, k, v, groups, **kwargs)

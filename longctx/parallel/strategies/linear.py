@@ -1,7 +1,7 @@
 """Linear attention context parallelism (LASP-2 style): one all-gather of the shards' states.
 
 With the contiguous layout rank ``r`` holds tokens ``[a_r, a_r + n)``.  Causal linear attention
-(:mod:`longctx.kernels.linear_reference`) needs, besides the local tokens, only the state that
+(:mod:`longctx.kernels.linear`) needs, besides the local tokens, only the state that
 enters the shard, which is a decayed sum of the earlier shards' own final states::
 
     forward on rank r
@@ -13,7 +13,7 @@ enters the shard, which is a decayed sum of the earlier shards' own final states
       final_state = sum_j W[P, j] s_j                          # the state after the last token
 
 Steps 2-3 run in the middle of the local kernel: the kernel contract's ``forward_exchange``
-(:func:`~longctx.kernels.linear_reference.forward_with_exchange`) calls back once it has ``s_r``.
+(:func:`~longctx.kernels.linear.exchange.forward_with_exchange`) calls back once it has ``s_r``.
 The Triton kernel sums ``s_r`` in parallel over segments of the shard and chains the segment
 sums with a scan (no sequential walk); ``P_r`` then completes the start of every segment, whose
 state walks run in parallel, so the rest of the call costs less than a one-device call's walk
@@ -44,7 +44,7 @@ handled alike.  Chaining CP calls with these conventions is exact.
 
 Example (on each rank of a process group; ``q [B, S/P, H, Dk]`` contiguous shards)::
 
-    from longctx.kernels.linear_reference import retnet_log_decay
+    from longctx.kernels.linear import retnet_log_decay
     from longctx.parallel.strategies.linear import linear_attention
     out = linear_attention(q, k, v, group, log_decay=retnet_log_decay(H, q.device),
                            cu_seqlens=cu_seqlens, kernel="triton")
@@ -61,33 +61,34 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...kernels.base import acc_dtype, host_to_device
-from ...kernels.linear_reference import (
+from ...kernels.linear.base import (
     LinearArgs,
     LinearAttentionKernel,
-    backward_with_exchange,
     check_cu_seqlens,
     check_linear_inputs,
     check_state,
-    forward_with_exchange,
     get_linear_kernel,
 )
-from ...kernels.linear_triton import weighted_state_sum
+from ...kernels.linear.exchange import backward_with_exchange, forward_with_exchange
+from ...kernels.linear.triton import weighted_state_sum
 from ...kernels.mask import Mask
 from ..comm import GatherComm
-from ..context import check_device, resolve_group
+from ..context import check_device, check_equal_shards, resolve_group
 from ..layout import Layout
+from .base import StrategySpec
 
 __all__ = [
-    "ShardDocs",
-    "shards_passing",
-    "carry_weights",
-    "LinearCPContext",
-    "build_linear_context",
-    "StateGather",
-    "linear_forward",
-    "linear_backward",
+    "SPEC",
     "LinearCPAttention",
+    "LinearCPContext",
+    "ShardDocs",
+    "StateGather",
+    "build_linear_context",
+    "carry_weights",
     "linear_attention",
+    "linear_backward",
+    "linear_forward",
+    "shards_passing",
 ]
 
 
@@ -408,6 +409,7 @@ def linear_attention(
     cu_seqlens: Tensor | None = None, initial_state: Tensor | None = None,
     kernel: str | LinearAttentionKernel = "reference", layout: str | Layout = "contiguous",
     scale: float | None = None, mask: Mask | None = None, return_final_state: bool = False,
+    check_shards: bool = False,
 ):
     """Context-parallel causal linear attention with per-head decay on contiguous shards.
 
@@ -418,21 +420,41 @@ def linear_attention(
         log_decay: ``[H]`` per-head log-decays ``<= 0`` (``lambda = exp(g)``); None: no decay.
         cu_seqlens: global document boundaries ``[0, e_1, ..., S]`` (the same on every rank).
         initial_state: ``[B, H, Dk, Dv]`` state before global token 0 (used on rank 0).
-        kernel: ``"reference"`` or ``"triton"`` (or a LinearAttentionKernel).
+        kernel: ``"reference"``, ``"triton"``, ``"auto"`` (Triton on GPUs, the reference on
+            CPUs) or a LinearAttentionKernel.
         layout: must be ``"contiguous"``.
         scale: multiplies q; default ``Dk ** -0.5``.
         mask: alternative to ``cu_seqlens`` for the generic entry: ``Mask(causal=True,
             cu_seqlens=...)`` (linear attention is causal; windows are refused).
         return_final_state: also return the global final state (on every rank).
+        check_shards: first compare the ranks' shard shapes (one small all-gather).
 
     Returns:
         ``out [B, S/P, H, Dv]`` in q's dtype (and ``final_state [B, H, Dk, Dv]`` in the
         accumulation dtype if asked), differentiable in q, k, v and ``initial_state``.
     """
+    if kernel == "auto":
+        kernel = "triton" if q.is_cuda else "reference"
     cp = build_linear_context(
         q, k, v, group, log_decay=log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state,
         kernel=kernel, layout=layout, scale=scale, mask=mask,
         return_final_state=return_final_state,
     )
+    if check_shards:
+        check_equal_shards(q, k, cp.group)
     out, final = LinearCPAttention.apply(q, k, v, initial_state, cp)
     return (out, final) if return_final_state else out
+
+
+SPEC = StrategySpec(
+    name="linear",
+    summary="causal linear attention with per-head decay: each rank's final state all-gathered "
+    "and prefix-combined with the decay (LASP-2 style)",
+    layouts=("contiguous",),
+    masks=frozenset({"causal", "documents"}),
+    requires_causal=True,
+    return_lse=False,
+    kernels="linear",
+    options=("log_decay", "cu_seqlens", "initial_state", "return_final_state"),
+    entry=linear_attention,
+)

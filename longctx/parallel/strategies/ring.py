@@ -11,8 +11,10 @@ positions, and steps in which no rank has an allowed pair are skipped with their
 
 Example (on each rank of a process group; ``q [B, S/P, H, D]`` shards)::
 
-    from longctx.parallel.strategies.ring import ring_attention
-    out = ring_attention(q, k, v, group, layout="contiguous", mask=Mask(causal=True))
+    out = longctx.attention(q, k, v, group, strategy="ring", mask=longctx.Mask(causal=True))
+
+The zigzag and striped strategies are this ring over their layouts (``zigzag.py``,
+``striped.py``).
 """
 
 from __future__ import annotations
@@ -20,21 +22,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.base import acc_dtype, grad_dtype_for
+from ...kernels.base import acc_dtype
 from ..comm import RingComm
-from ..context import CPContext, build_context, cast_grads, save_for_cp_backward
+from ..context import CPContext
 from ..plan import ring_steps
+from .base import StrategySpec
 from .blocks import attend, attend_backward, backward_block, forward_block
 
-__all__ = ["ring_forward", "ring_backward", "RingAttention", "ring_attention"]
+__all__ = ["SPEC", "ring_attention", "ring_backward", "ring_forward"]
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor, Tensor]:
-    """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse ``[B, H, S/P]``."""
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor, Tensor, tuple]:
+    """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse ``[B, H, S/P]``
+    and nothing more to save for backward (``()``)."""
     positions = cp.all_positions()
     n_steps = ring_steps(cp.mask, positions)
     if n_steps == 1:  # only this rank's keys (one rank, or a short window): nothing to merge
-        return attend(q, k, v, positions[cp.rank], positions[cp.rank], cp)
+        return (*attend(q, k, v, positions[cp.rank], positions[cp.rank], cp), ())
     comm = RingComm(cp.group)
     B, Sq, H, D = q.shape
     out = torch.zeros(B, Sq, H, D, dtype=acc_dtype(q.dtype), device=q.device)
@@ -49,19 +53,19 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext) -> tuple[Tensor
         if step + 1 < n_steps:
             comm.wait()
             k, v = k_next, v_next
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse, ()
 
 
 def ring_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cp: CPContext,
-    grad_dtype: torch.dtype | None = None,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: tuple,
+    cp: CPContext, grad_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the local shards, in ``grad_dtype`` (default: the accumulation dtype).
+    """Gradients of the local shards, in ``grad_dtype`` (default: q's dtype; ``saved`` is ``()``).
 
     Several steps sum in the accumulation dtype and cast at the end; one step (only this rank's
     keys) gets the kernel's gradients in ``grad_dtype`` directly (no float32 round trip).
     """
-    grad_dtype = grad_dtype_for(q, grad_dtype)
+    grad_dtype = q.dtype if grad_dtype is None else grad_dtype
     positions = cp.all_positions()
     n_steps = ring_steps(cp.mask, positions)
     if n_steps == 1:
@@ -97,27 +101,14 @@ def ring_backward(
     return dq.to(grad_dtype), dk.to(grad_dtype), dv.to(grad_dtype)
 
 
-class RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
-        out, lse = ring_forward(q, k, v, cp)
-        save_for_cp_backward(ctx, cp, q, k, v, out, lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = ring_backward(dout, q, k, v, out, lse, ctx.cp, grad_dtype=q.dtype)
-        return (*cast_grads(q, k, v, *grads), None)
+SPEC = StrategySpec(
+    name="ring",
+    summary="K/V blocks pass around the ring by p2p, overlapped with compute; any layout, any mask",
+    forward=ring_forward,
+    backward=ring_backward,
+)
 
 
-def ring_attention(
-    q: Tensor, k: Tensor, v: Tensor, group=None, *, layout="contiguous", mask=None,
-    kernel="auto", scale=None, return_lse: bool = False,
-):
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, **kwargs):
     """Ring attention on local shards; see :func:`longctx.attention` for the arguments."""
-    cp = build_context(
-        q, k, v, group, strategy="ring", layout=layout, mask=mask, kernel=kernel, scale=scale
-    )
-    out, lse = RingAttention.apply(q, k, v, cp)
-    return (out, lse) if return_lse else out
+    return SPEC.run(q, k, v, group, **kwargs)

@@ -17,8 +17,7 @@ the anchor's dK/dV are reduced to rank 0 and the query segment's dQ to the last 
 
 Example (on each rank; ``q [B, S/P, H, D]`` contiguous shards)::
 
-    from longctx.parallel.strategies.star import Star, star_attention
-    out = star_attention(q, k, v, group, star=Star(anchor_len=4096, query_len=512))
+    out = longctx.attention(q, k, v, group, strategy=longctx.Star(anchor_len=4096, query_len=512))
 """
 
 from __future__ import annotations
@@ -29,19 +28,20 @@ import torch
 from torch import Tensor
 
 from ...kernels.base import acc_dtype
-from ...kernels.mask import Mask, Positions
+from ...kernels.mask import Positions
 from ...kernels.merge import merge_partials
 from ..comm import GatherComm
-from ..context import CPContext, build_context, cast_grads
+from ..context import CPContext
+from .base import StrategySpec
 from .blocks import backward_block, forward_block
 
 __all__ = [
+    "SPEC",
     "Star",
     "StarPattern",
-    "star_forward",
-    "star_backward",
-    "StarAttention",
     "star_attention",
+    "star_backward",
+    "star_forward",
 ]
 
 
@@ -110,6 +110,7 @@ def _lengths(cp: CPContext, star: Star, shard_len: int):
 
 def star_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext, star: Star):
     """Contiguous shards ``q [B, L, H, D]``, ``k``/``v [B, L, H_kv, D]`` -> out, lse, saved."""
+    star.check(q.shape[1])  # the same on every rank: before any communication
     comm = GatherComm(cp.group)
     B, L, H, D = q.shape
     A, Q, last = star.anchor_len, star.query_len, cp.world_size - 1
@@ -193,40 +194,20 @@ def star_backward(
     return dq, dk, dv
 
 
-class StarAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cp: CPContext, star: Star):
-        out, lse, saved = star_forward(q, k, v, cp, star)
-        ctx.save_for_backward(q, k, v, out, lse, *saved)
-        ctx.cp, ctx.star = cp, star
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse, *saved = ctx.saved_tensors
-        grads = star_backward(dout, q, k, v, out, lse, tuple(saved), ctx.cp, ctx.star)
-        return (*cast_grads(q, k, v, *grads), None, None)
+SPEC = StrategySpec(
+    name="star",
+    summary="two phases: blocks attend to [anchor + own block], then the query segment to all, "
+    "merged by LSE (long-context inference and fine-tuning); strategy=Star(anchor_len, query_len)",
+    layouts=("contiguous",),
+    masks=frozenset({"causal"}),
+    requires_causal=True,
+    options=("star",),
+    required=("star",),
+    forward=star_forward,
+    backward=star_backward,
+)
 
 
-def star_attention(
-    q: Tensor, k: Tensor, v: Tensor, group=None, *, star: Star, layout="contiguous",
-    mask=None, kernel="auto", scale=None, return_lse: bool = False,
-):
+def star_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, star: Star, **kwargs):
     """Star attention on contiguous shards; ``mask`` must be plain causal (the default)."""
-    mask = mask if mask is not None else Mask(causal=True)
-    if not mask.causal or mask.window is not None or mask.block_sparse is not None:
-        raise ValueError(
-            "star attention is causal by construction: pass mask=Mask(causal=True) (or none); "
-            f"got {mask}"
-        )
-    if mask.cu_seqlens is not None:
-        raise ValueError(
-            "star attention runs on one long context, not packed documents: drop cu_seqlens"
-        )
-    cp = build_context(
-        q, k, v, group, strategy="star", layout=layout, mask=mask, kernel=kernel, scale=scale
-    )
-    star.check(q.shape[1])
-    out, lse = StarAttention.apply(q, k, v, cp, star)
-    return (out, lse) if return_lse else out
+    return SPEC.run(q, k, v, group, star=star, **kwargs)
