@@ -30,7 +30,7 @@ Example (on a GPU)::
     >>> import torch
     >>> from longctx.kernels.mask import Mask
     >>> from longctx.kernels.sparse_patterns import sliding_window_with_sinks
-    >>> bs = sliding_window_with_sinks(4096, window_blocks=4, sink_blocks=1, block=128,
+    >>> bs = sliding_window_with_sinks(4096, window=512, sinks=64, block=128,
     ...                                device="cuda")
     >>> mask = Mask(causal=True, block_sparse=bs)
     >>> q = torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)
@@ -442,6 +442,9 @@ class BlockSparseTriton:
             return (f"head_dim {q.shape[-1]} is not supported by the block-sparse Triton kernel "
                     f"(supported: {_HEAD_DIMS}); use kernel='reference'")
         bs = mask.block_sparse
+        if bs.device != q.device:
+            return (f"the block-sparse lists are on {bs.device} but q is on {q.device}; move the "
+                    "mask once with mask.to(q.device)")
         for name, size in (("q_block", bs.q_block), ("kv_block", bs.kv_block)):
             if size not in _BLOCKS:
                 return (f"the block-sparse Triton kernel needs {name} in {_BLOCKS} (64 or 128 on "

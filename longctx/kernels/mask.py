@@ -606,6 +606,13 @@ class Mask:
             raise ValueError(f"Mask.window must be >= 1 (tokens), got {self.window}")
         if self.cu_seqlens is not None:
             cu = self.cu_seqlens
+            if isinstance(cu, (list, tuple)):  # a Python sequence of boundaries is fine too
+                cu = torch.tensor(cu, dtype=torch.int64)
+            if not isinstance(cu, Tensor):
+                raise TypeError(
+                    "Mask.cu_seqlens must be a 1-D integer tensor (or a list) of global document "
+                    f"boundaries [0, end_1, ..., S]; got {type(cu).__name__}"
+                )
             if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
                 raise ValueError(
                     "Mask.cu_seqlens must be a 1-D integer tensor [0, end_1, ..., S] with at least "
@@ -704,12 +711,22 @@ class Mask:
             full &= (dql == dqh) & (dkl == dkh) & (dql == dkl)
         return any_, full & any_
 
-    def to_flex_block_mask(self, q_len: int, kv_len: int | None = None):
+    def to_flex_block_mask(
+        self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+        kv_heads: int | None = None, exact_mask_mod: bool = True,
+    ):
         """This mask as a FlexAttention ``BlockMask`` over global positions ``0 .. q_len-1`` /
         ``0 .. kv_len-1``: the block-sparse lists split into partial blocks (where causal /
         window / documents cut inside the block: ``mask_mod`` applies them) and full blocks;
         listed blocks those conditions exclude entirely are dropped.  Made with tensor ops on
         the lists' device.
+
+        - ``heads`` / ``kv_heads``: map the lists' heads to ``heads`` query heads (needed for
+          lists per kv head; FlexAttention's block mask has 1 or ``heads`` heads).
+        - ``exact_mask_mod``: ``mask_mod`` also looks the pair's block up in the lists, so the
+          mask is exact where FlexAttention runs unfused (eager, CPU), which reads only
+          ``mask_mod``; ``False`` gives the plain conditions (what compiled FlexAttention needs:
+          it skips unlisted blocks itself; the fair form for benchmarks).
 
         Example::
 
@@ -735,17 +752,28 @@ class Mask:
                 f"{nq} x {nk} of a {q_len} x {kv_len} attention"
             )
         table = bs.to_table()[:, :, :nq, :nk]
+        if heads is not None:
+            div = bs.mask_heads(heads, kv_heads)
+            if div:
+                table = table.index_select(1, torch.arange(heads, device=bs.device) // div)
         any_, full = self.block_flags(bs.q_block, bs.kv_block, q_len, kv_len, bs.device)
         part_num, part_idx = _table_to_lists(table & any_ & ~full)
         full_num, full_idx = _table_to_lists(table & full)
         return BlockMask.from_kv_blocks(
             part_num, part_idx, full_num, full_idx, BLOCK_SIZE=(bs.q_block, bs.kv_block),
-            mask_mod=self._mask_mod(bs.device, max(q_len, kv_len)), seq_lengths=(q_len, kv_len),
+            mask_mod=self._mask_mod(bs.device, max(q_len, kv_len),
+                                    table.contiguous() if exact_mask_mod else None),
+            seq_lengths=(q_len, kv_len),
         )
 
-    def _mask_mod(self, device, length: int):
-        """The element conditions as a FlexAttention ``mask_mod`` (positions below ``length``)."""
+    def _mask_mod(self, device, length: int, table: Tensor | None = None):
+        """The element conditions as a FlexAttention ``mask_mod`` (positions below ``length``),
+        and the block lookup in ``table [Bm, Hm, nq, nk]`` when given."""
         causal, window = self.causal, self.window
+        qb = kb = 1
+        if table is not None:
+            qb, kb = self.block_sparse.q_block, self.block_sparse.kv_block
+            one_b, one_h = table.shape[0] == 1, table.shape[1] == 1
         docs = None
         if self.cu_seqlens is not None:
             docs = self.document_ids(torch.arange(length, device=device))  # [length]
@@ -760,6 +788,8 @@ class Mask:
                     ok = ok & (kv_idx - q_idx < window)
             if docs is not None:
                 ok = ok & (docs[q_idx] == docs[kv_idx])
+            if table is not None:
+                ok = ok & table[0 if one_b else b, 0 if one_h else h, q_idx // qb, kv_idx // kb]
             return ok
 
         return mask_mod
