@@ -22,10 +22,11 @@ from .linear_reference import (
     linear_attention_reference,
     retnet_log_decay,
 )
-from .mask import BlockSparse, Mask, Positions, Segment
+from .mask import BlockSparse, BlockSummary, Mask, Positions, Segment
 from .merge import merge_into, merge_partials
 from .reference import ReferenceConfig, TorchReference
 from .triton_flash import TileConfig, TritonFlash, TritonFlashConfig  # registers "triton"
+from .block_sparse_triton import BlockSparseTriton, BlockSparseTritonConfig  # "block_sparse"
 from .vendor import VendorSDPA, vendor_mask_mode  # registers "sdpa"
 from .dispatch import AutoKernel, select_kernel  # registers "auto"; after the kernels it picks
 
@@ -42,6 +43,9 @@ __all__ = [
     "AttentionKernel",
     "AutoKernel",
     "BlockSparse",
+    "BlockSparseTriton",
+    "BlockSparseTritonConfig",
+    "BlockSummary",
     "Mask",
     "Positions",
     "ReferenceConfig",
