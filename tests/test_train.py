@@ -157,6 +157,7 @@ def test_overrides_merge_over_yaml_and_defaults():
                                               "model.seq_length=512", "optim.betas=[0.8, 0.9]"])
     assert (cfg.parallel.cp, cfg.optim.lr, cfg.optim.betas) == (2, 3e-4, (0.8, 0.9))
     assert cfg.data.packing.seq_length == 512  # follows the model
+    assert load_config(None, ["model.rotary_base=5e5"]).model.rotary_base == 5e5  # YAML 1.2 float
     assert cfg.model.num_layers == 4  # untouched keys keep the file's values
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -188,8 +189,13 @@ BAD_CONFIGS = [
     (["train.micro_batch_size=2", "data.packing.cross_document_attention=true"],
      r"train.micro_batch_size=2 lays sequences end to end"),
     (["model.attention_kinds=[linear,softmax,linear,softmax]"],
-     r"linear layers.*sequence must be sharded contiguously; got parallel.strategy='zigzag' "
-     r"with layout 'zigzag'. Set parallel.layout=contiguous"),
+     (r"linear layers.*sequence must be sharded contiguously; got parallel.strategy='zigzag' "
+      r"with layout 'zigzag'. Set parallel.layout=contiguous")),
+    (["train.steps=true"], r"config key 'train.steps' must be an int, got True \(bool\)"),
+    (["logging.tensorboard=1"], r"'logging.tensorboard' must be true or false, got 1"),
+    (["data.dataset.path=a.txt", "data.dataset.pth=b"],
+     r"unknown config key 'data.dataset.pth'.*did you mean 'data.dataset.path'"),
+    (["data.dataset={text_field: body}"], r"config key 'data.dataset.path' is required"),
     (["optim"], r"--set 'optim': expected KEY=VALUE"),
     (["optim.lr.x=1"], r"'optim.lr' is a value, not a section"),
 ]
@@ -481,6 +487,29 @@ def test_cli_sigterm_saves_then_resumes(base, workdir):
     assert (run_dir / "checkpoints" / f"step-{stopped_at + 2:08d}").is_dir()
 
 
+def _fail_on_rank_one(config, threads: int, quiet: bool) -> None:
+    """A launcher entry point: rank 1 fails at once, rank 0 would wait (in a collective)."""
+    if os.environ["RANK"] == "1":
+        raise RuntimeError(f"rank 1 breaks ({config})")
+    time.sleep(300)
+
+
+def test_launcher_failing_rank_stops_the_others(capsys):
+    """torch's elastic launcher (what `longctx train` starts when not under torchrun): a rank
+    that fails stops the others at once, the run's code is 1 and the rank's error is shown."""
+    from longctx.train.entry import setup_console_logging
+    from longctx.train.launcher import launch_local
+
+    setup_console_logging()
+    start = time.monotonic()
+    code = launch_local("cfg-x", 2, quiet=True, entrypoint=_fail_on_rank_one)
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert elapsed < 120  # rank 0 was stopped, not left to sleep
+    assert "rank 1 breaks (cfg-x)" in err, err
+
+
 # -- two torchrun agents as two nodes ---------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -523,9 +552,79 @@ def test_two_node_torchrun_rendezvous(base, workdir):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
+# -- import graph ---------------------------------------------------------------------------------
+def _import_graph(function_level: bool) -> dict[str, set[str]]:
+    """longctx module -> the longctx modules it imports (ast; at module level, or anywhere in
+    the file; imports under ``if TYPE_CHECKING`` never count)."""
+    import ast
+
+    files = {}
+    for path in (ROOT / "longctx").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        statements = []
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            inner = function_level or isinstance(node, (ast.If, ast.Try, ast.With))
+            statements.extend(ast.walk(node) if inner else [node])
+        targets = set()
+        for node in statements:
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name in files)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                for a in node.names:  # "from pkg import submodule" imports the submodule
+                    sub = f"{base}.{a.name}"
+                    targets.add(sub if sub in files else base)
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    found: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                found.append([*path[path.index(nxt):], nxt])
+            elif nxt not in state:
+                visit(nxt, path)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+def test_no_import_cycles():
+    """No module-level import cycle in longctx; in longctx.train none even through imports inside
+    functions (cli -> launcher -> entry -> trainer: the command's modules call one way)."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    graph = _import_graph(function_level=False)
+    assert "longctx.train.entry" in graph["longctx.train.launcher"]  # relative imports are read
+    assert not _cycles(graph), _cycles(graph)
+    anywhere = _import_graph(function_level=True)
+    train = {m: {t for t in e if t.startswith("longctx.train")}
+             for m, e in anywhere.items() if m.startswith("longctx.train")}
+    assert "longctx.train.launcher" in train["longctx.train.cli"]
+    assert not _cycles(train), _cycles(train)
+
+
 # -- docstring examples ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["config", "loss", "optim", "distributed", "checkpoint",
-                                  "metrics", "trainer"])
+                                  "metrics", "trainer", "entry", "launcher"])
 def test_docstring_examples(name):
     import doctest
     import importlib

@@ -6,8 +6,10 @@
     torchrun --nproc-per-node 4 -m longctx.train --config configs/llama_1b_128k.yaml
 
 Not under torchrun, a config that needs ``N > 1`` processes starts them here (a simulated CPU
-mesh over gloo, or one process per local GPU): see :mod:`longctx.train.launcher`.  Under torchrun
-(or ``launch/*.sh``) every process trains directly; ``parallel.dp: null`` takes the ranks left.
+mesh over gloo, or one process per local GPU) with torch's elastic launcher, as torchrun would:
+see :mod:`longctx.train.launcher`.  Under torchrun (or ``launch/*.sh``) every process trains
+directly (:mod:`longctx.train.entry`); ``parallel.dp: null`` takes the ranks left.  Progress goes
+to stdout from rank 0, warnings and errors to stderr (``logging``, plain lines).
 
 Exit codes: 0 done; 2 bad config or data (the message says which key and what to change);
 143 stopped by SIGTERM / Ctrl-C after saving a checkpoint (run the same command to resume).
@@ -16,12 +18,13 @@ Exit codes: 0 done; 2 bad config or data (the message says which key and what to
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import logging
 
-__all__ = ["add_arguments", "main", "run_from_args", "run_training"]
+from .entry import EXIT_BAD_CONFIG, log_error, run_training, setup_console_logging
 
-EXIT_BAD_CONFIG = 2
+__all__ = ["add_arguments", "main", "run_from_args"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,67 +43,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _error(message: str) -> None:
-    rank = os.environ.get("RANK")
-    where = f" [rank {rank}]" if rank not in (None, "0") else ""
-    print(f"longctx train: error{where}: {message}", file=sys.stderr, flush=True)
-
-
-def run_training(config, quiet: bool = False) -> int:
-    """Train ``config`` in this process (one rank of the run); returns an exit code."""
-    from .trainer import EXIT_INTERRUPTED, Trainer, TrainingInterrupted
-
-    trainer = None
-    try:
-        trainer = Trainer(config, quiet=quiet)
-        trainer.train()
-        return 0
-    except TrainingInterrupted as e:
-        if trainer is not None and trainer.env.is_main and not quiet:
-            print(f"longctx train: {e}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        _error(str(e))
-        return EXIT_BAD_CONFIG
-    finally:
-        if trainer is not None:
-            trainer.close()
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Load the config, then train here (torchrun / one process) or start local processes."""
     import torch
 
     from .config import load_config
     from .distributed import launched_by_torchrun
-    from .launcher import launch_local
 
+    setup_console_logging()
     overrides = [item for group in args.overrides for item in group]
     try:
         config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:
-        _error(str(e))
+        log_error(str(e))
         return EXIT_BAD_CONFIG
     if args.print_config:
-        print(config.to_yaml(), end="")
+        print(config.to_yaml(), end="")  # the command's output (pipe it to a file), not a log line
         return 0
     if launched_by_torchrun():
         return run_training(config)
     n = config.parallel.world_size()
     if n == 1:
         return run_training(config)
+    from .launcher import launch_local
+
     device = config.train.device
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    print(
-        f"longctx train: not under torchrun; starting {n} local processes "
-        f"({'one GPU each, NCCL' if use_cuda else 'CPU, gloo: a simulated mesh'}) for "
-        f"dp x cp x tp = {config.parallel.dp or 1} x {config.parallel.cp} x {config.parallel.tp}",
-        flush=True,
+    logger.info(
+        "longctx train: not under torchrun; starting %d local processes (%s) for "
+        "dp x cp x tp = %d x %d x %d", n,
+        "one GPU each, NCCL" if use_cuda else "CPU, gloo: a simulated mesh",
+        config.parallel.dp or 1, config.parallel.cp, config.parallel.tp,
     )
     try:
         return launch_local(config, n, device_type="cuda" if use_cuda else "cpu")
     except ValueError as e:
-        _error(str(e))
+        log_error(str(e))
         return EXIT_BAD_CONFIG
 
 

@@ -3,9 +3,10 @@
 ``TrainConfig()`` *is* the embedded default run (``configs/tiny.yaml`` spells the same values
 out): a tiny Llama on the synthetic passkey/MQAR data, byte tokenizer, ``cp=4`` zigzag on a
 simulated CPU mesh.  A YAML file (and then every ``--set``) is merged over those defaults field by
-field, so a config names only what it changes; then every value is checked against its field's
-type, and every component checks its own values.  Errors name the bad key as a dotted path and
-say what is allowed::
+field, so a config names only what it changes; then pydantic reads the result into the dataclasses,
+checking every value against its field's type strictly (``"2"`` is no int, ``true`` no number;
+``3e-4`` reads as a number, as in YAML 1.2), and every component checks its own values.  Errors
+name the bad key as a dotted path and say what is allowed::
 
     unknown config key 'optim.lrr'; allowed keys in 'optim': betas, eps, lr, weight_decay
     (did you mean 'optim.lr'?)
@@ -37,9 +38,13 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
+import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -48,6 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..data import DataConfig, check_seq_length
 from ..models.config import ModelConfig
@@ -306,6 +312,12 @@ class EvalConfig:
 class TrainConfig:
     """A whole training run; ``TrainConfig()`` is the embedded default (``configs/tiny.yaml``)."""
 
+    # How pydantic reads a run from plain data (:meth:`from_dict`): unknown keys are errors, and
+    # types are strict (JSON's: an int for a float is fine, "2" for an int or true for a number is
+    # not). The sections' dataclasses (ModelConfig, DataConfig, ...) have no pydantic config of
+    # their own, so they are read with this one.
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)
+
     name: str = "tiny"
     output_dir: str = "runs"
     seed: int = 0
@@ -391,33 +403,57 @@ class TrainConfig:
     # -- conversion -----------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Merge ``values`` (nested dicts, e.g. parsed YAML) over the defaults and check them."""
-        values = dict(values)
-        # data.packing.seq_length follows model.seq_length unless given
-        model = values.get("model") if isinstance(values.get("model"), Mapping) else {}
-        data = values.get("data")
-        if data is None or isinstance(data, Mapping):
-            data = dict(data or {})
-            packing = data.get("packing")
-            if packing is None or isinstance(packing, Mapping):
-                packing = dict(packing or {})
-                packing.setdefault("seq_length", model.get("seq_length", TINY_MODEL.seq_length))
-                data["packing"] = packing
-                values["data"] = data
-        return _build(cls, values, "", cls())
+        """Merge ``values`` (nested dicts, e.g. parsed YAML) over the defaults and check them.
+
+        A section given in part keeps the defaults of its other keys (fields a component derived,
+        such as ``model.ffn_hidden_size``, are derived again); ``data.packing.seq_length``
+        follows ``model.seq_length`` unless given.  Raises ValueError naming the dotted key.
+        """
+        given = _plain(values, derived=False)
+        merged = _merge(_plain(cls(), derived=False), given)
+        packing_given = isinstance(given.get("data"), dict) and isinstance(
+            given["data"].get("packing"), dict) and "seq_length" in given["data"]["packing"]
+        model, data = merged.get("model"), merged.get("data")
+        if (not packing_given and isinstance(model, dict) and "seq_length" in model
+                and isinstance(data, dict) and isinstance(data.get("packing"), dict)):
+            data["packing"]["seq_length"] = model["seq_length"]
+        try:
+            # plain YAML data is JSON data: pydantic's JSON mode reads lists as tuples, and its
+            # strict mode there is the one wanted for a config file
+            return _adapter().validate_json(json.dumps(merged, default=str))
+        except ValidationError as e:
+            raise ValueError(_explain(e, merged)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts/lists (YAML-safe); ``from_dict(to_dict())`` round-trips."""
-        return _to_plain(self)
+        return _plain(self, derived=True)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # -- loading and overrides ------------------------------------------------------------------------
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), except that ``3e-4`` / ``1e5`` read as numbers, as in
+    YAML 1.2 (1.1 wants a dot and a signed exponent: ``3.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: plain data only
+
+
 def _parse_value(text: str) -> Any:
+    """An override's value: YAML (``2``, ``3e-4``, ``true``, ``null``, ``[0.9, 0.95]``), or the
+    text itself when it is not valid YAML."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return _load_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
 
@@ -428,7 +464,7 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
     >>> apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=0.5", "parallel.cp=2"])
     {'optim': {'lr': 0.5}, 'parallel': {'cp': 2}}
     """
-    out = _deep_copy(values)
+    out = copy.deepcopy(dict(values))
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -463,7 +499,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
                 "(or no --config for the embedded tiny default)"
             )
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _load_yaml(p.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if loaded is None:
@@ -477,30 +513,74 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     return TrainConfig.from_dict(apply_overrides(values, overrides))
 
 
-# -- the typed builder ----------------------------------------------------------------------------
-def _deep_copy(values: Any) -> Any:
-    if isinstance(values, Mapping):
-        return {k: _deep_copy(v) for k, v in values.items()}
-    if isinstance(values, list):
-        return [_deep_copy(v) for v in values]
-    return values
+# -- reading plain data (pydantic), and its errors -------------------------------------------------
+@functools.cache
+def _adapter() -> TypeAdapter:
+    return TypeAdapter(TrainConfig)
 
 
-def _dotted(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+def _plain(obj: Any, *, derived: bool) -> Any:
+    """Plain dicts/lists of ``obj`` (dataclasses: their init fields; ``derived=False`` leaves out
+    the fields a component derived, listed in its ``derived_fields``)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        skip = () if derived else set(getattr(obj, "derived_fields", ()))
+        return {f.name: _plain(getattr(obj, f.name), derived=derived)
+                for f in fields(obj) if f.init and f.name not in skip}
+    if isinstance(obj, Mapping):
+        return {k: _plain(v, derived=derived) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, derived=derived) for v in obj]
+    return obj
 
 
-def _base_values(obj: Any) -> dict[str, Any]:
-    """Init fields of a dataclass instance, leaving out ones it derived (ModelConfig)."""
-    derived = set(getattr(obj, "derived_fields", ()))
-    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.init and f.name not in derived}
+def _merge(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base`` key by key where both are mappings (plain data)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+    return over
+
+
+def _dotted(path: Sequence[str]) -> str:
+    return ".".join(path)
 
 
 def _is_dataclass_type(t: Any) -> bool:
     return isinstance(t, type) and dataclasses.is_dataclass(t)
 
 
+def _dataclass_in(t: Any) -> Any:
+    """The dataclass of type ``t`` (``X`` or ``X | None``), else None."""
+    if _is_dataclass_type(t):
+        return t
+    return next((a for a in get_args(t) if _is_dataclass_type(a)), None)
+
+
+def _init_fields(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init]
+
+
+def _locate(loc: Sequence[Any]) -> tuple[list[str], Any]:
+    """The config keys that a pydantic error location walks through, and the last one's type
+    (the rest of the location is inside that field: union members, list items)."""
+    path: list[str] = []
+    t: Any = TrainConfig
+    for item in loc:
+        cls = _dataclass_in(t)
+        if cls is None or item not in _init_fields(cls):
+            break
+        path.append(item)
+        t = typing.get_type_hints(cls)[item]
+    return path, t
+
+
+def _lookup(values: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        values = values.get(key) if isinstance(values, dict) else None
+    return values
+
+
 def _describe(t: Any) -> str:
+    """What a value of type ``t`` is, for the error messages: "an int", "a number or null"."""
     origin, args = get_origin(t), get_args(t)
     if t is type(None):
         return "null"
@@ -519,154 +599,36 @@ def _describe(t: Any) -> str:
     )
 
 
-class _Mismatch(Exception):
-    pass
-
-
-def _convert(t: Any, value: Any, path: str, base: Any) -> Any:
-    """``value`` checked against (and converted to) type ``t``; raises _Mismatch / ValueError."""
-    origin, args = get_origin(t), get_args(t)
-    if t is Any:
-        return value
-    if t is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if origin in (Union, types.UnionType):
-        # a section stays a section: merge into the base when it is one
-        for alt in args:
-            try:
-                return _convert(alt, value, path, base)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise _Mismatch
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if t is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
-            items = [_convert_item(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-        elif args:
-            if len(value) != len(args):
-                raise _Mismatch
-            items = [_convert_item(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
-        else:
-            items = list(value)
-        return tuple(items) if origin is tuple else items
-    if _is_dataclass_type(t):
-        if isinstance(value, t):
-            return value
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        return _build(t, value, path, base if isinstance(base, t) else None)
-    return value
-
-
-def _convert_item(t: Any, value: Any, path: str) -> Any:
-    try:
-        return _convert(t, value, path, None)
-    except _Mismatch:
-        raise ValueError(
-            f"config key {path!r} must be {_describe(t)}, got {value!r} ({type(value).__name__})"
-        ) from None
-
-
-def _build(cls: type, values: Mapping[str, Any], path: str, base: Any | None) -> Any:
-    """Instance of dataclass ``cls``: ``values`` merged over ``base`` (or the defaults)."""
-    if not isinstance(values, Mapping):
-        raise ValueError(  # noqa: TRY004 (config errors are ValueErrors)
-            f"config key {path!r} must be a section (a mapping), got {values!r}"
-        )
-    hints = typing.get_type_hints(cls)
-    init_fields = [f for f in fields(cls) if f.init]
-    allowed = [f.name for f in init_fields]
-    for key in values:
-        if key not in allowed:
-            where = f"in {path!r}" if path else "at the top level"
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {_dotted(path, close[0])!r}?)" if close else ""
-            raise ValueError(
-                f"unknown config key {_dotted(path, str(key))!r}; allowed keys {where}: "
-                f"{', '.join(sorted(allowed))}{hint}"
-            )
-    merged = _base_values(base) if base is not None else {}
-    kwargs: dict[str, Any] = {}
-    for f in init_fields:
-        key_path = _dotted(path, f.name)
-        if f.name in values:
-            sub_base = merged.get(f.name)
-            if sub_base is None and _is_dataclass_type(_dataclass_in(hints[f.name])):
-                sub_base = _field_default(f)
-            try:
-                kwargs[f.name] = _convert(hints[f.name], values[f.name], key_path, sub_base)
-            except _Mismatch:
-                v = values[f.name]
-                raise ValueError(
-                    f"config key {key_path!r} must be {_describe(hints[f.name])}, got {v!r} "
-                    f"({type(v).__name__})"
-                ) from None
-        elif f.name in merged:
-            kwargs[f.name] = merged[f.name]
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ValueError(f"config section {path or 'top level'!r}: {e}") from None
-    except ValueError as e:
-        msg = str(e)
-        if path:  # name the key as a dotted path: "ModelConfig.hidden_size" -> "model.hidden_size"
-            msg = msg.replace(f"{cls.__name__}.", f"{path}.")
-            if not msg.startswith(path.split(".")[0]) and f"{path}." not in msg:
-                msg = f"{path}: {msg}"
-        raise ValueError(msg) from None
-
-
-def _dataclass_in(t: Any) -> Any:
-    if _is_dataclass_type(t):
-        return t
-    for a in get_args(t):
-        if _is_dataclass_type(a):
-            return a
-    return None
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return None
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj) if f.init}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj
-
+def _explain(error: ValidationError, values: dict[str, Any]) -> str:
+    """One message for pydantic's first error (an unknown key first): the dotted key, what it
+    must be or what is allowed, and the value given."""
+    errors = error.errors()
+    order = {"unexpected_keyword_argument": 0, "missing": 1}
+    # an unknown key first, the outermost first (stable: in pydantic's order among equals)
+    first = min(errors, key=lambda e: (order.get(e["type"], 2), len(e["loc"])))
+    loc = first["loc"]
+    if first["type"] == "unexpected_keyword_argument":
+        path, t = _locate(loc[:-1])
+        key = str(loc[-1])
+        allowed = _init_fields(_dataclass_in(t))
+        where = f"in {_dotted(path)!r}" if path else "at the top level"
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean {_dotted([*path, close[0]])!r}?)" if close else ""
+        return (f"unknown config key {_dotted([*path, key])!r}; allowed keys {where}: "
+                f"{', '.join(sorted(allowed))}{hint}")
+    path, t = _locate(loc)
+    if first["type"] == "missing" and len(path) == len(loc):
+        return (f"config key {_dotted(path)!r} is required ({_describe(t)}); add it to the "
+                f"{_dotted(path[:-1]) or 'top level'!r} section")
+    if first["type"] == "value_error":  # a component's own check (its __post_init__)
+        msg = str(first["ctx"]["error"])
+        cls = _dataclass_in(t)
+        if path and cls is not None:  # "ModelConfig.hidden_size" -> "model.hidden_size"
+            section = _dotted(path)
+            msg = msg.replace(f"{cls.__name__}.", f"{section}.")
+            if not msg.startswith(path[0]) and f"{section}." not in msg:
+                msg = f"{section}: {msg}"
+        return msg
+    value = _lookup(values, path)
+    return (f"config key {_dotted(path)!r} must be {_describe(t)}, got {value!r} "
+            f"({type(value).__name__})")

@@ -1,54 +1,91 @@
 """Start a run's processes on this machine when ``longctx train`` is not under torchrun.
 
 A config that asks for ``N = dp x cp x tp > 1`` processes (``dp=null`` counts as 1) gets ``N``
-spawned processes joined over ``127.0.0.1``: gloo on CPU (a simulated mesh, threads split
-evenly over the cores), NCCL with one GPU each when CUDA has ``N`` devices.  Each process sees
-the same environment torchrun would give it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``), so the training code cannot tell the difference; for more
-than one machine use torchrun (``launch/train_multi_node.sh``).
+processes from torch's elastic launcher (:func:`torch.distributed.launcher.api.elastic_launch`,
+what torchrun runs): one node, a c10d rendezvous on ``127.0.0.1`` (a free port), no restarts.
+Each process runs :func:`longctx.train.entry.run_rank` with the environment torchrun gives
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so the training
+code cannot tell the difference: gloo on CPU (a simulated mesh, threads split evenly over the
+cores), NCCL with one GPU each when CUDA has ``N`` devices.  For more than one machine use
+torchrun (``launch/train_multi_node.sh``).
 
-Signals: SIGTERM or Ctrl-C here is passed on to every process (they save a checkpoint at the
-next step boundary and exit); a second Ctrl-C kills them.  When one process fails, the others
-are stopped after a grace period (they would wait forever in a collective).
+Signals and failures, as under torchrun:
+
+- SIGTERM here: the launcher passes it on to every process; they save a checkpoint at the next
+  step boundary and exit with 143, which is the launcher's code too.
+- Ctrl-C: the terminal sends SIGINT to every process (each saves at the next step boundary, as for
+  SIGTERM); the launcher does not pass on that SIGINT (a second one makes the processes stop at
+  once) but SIGTERM, which they take as the same request.  A second Ctrl-C stops them at once.
+- A process that fails (exits non-zero) stops the others: the launcher sends them SIGTERM.
+- In both cases processes still running after ``shutdown_timeout`` seconds are killed (None:
+  torch's default, ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` or 30 s).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import signal
-import socket
-import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-__all__ = ["launch_local"]
+from .entry import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, run_rank
 
-GRACE_SECONDS = 15.0
+__all__ = ["exit_code_of", "launch_local"]
 
+logger = logging.getLogger(__name__)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(rank: int, world_size: int, port: int, threads: int, config: Any, quiet: bool) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS=str(threads),
-    )
-    torch.set_num_threads(threads)
-    from .cli import run_training
-
-    raise SystemExit(run_training(config, quiet=quiet))
+# exit codes a rank chooses (see longctx.train.cli), preferred over crash and kill codes
+_CHOSEN_CODES = (EXIT_BAD_CONFIG, EXIT_INTERRUPTED)
 
 
-def launch_local(config: Any, world_size: int, *, device_type: str = "cpu",
-                 quiet: bool = False) -> int:
-    """Run ``config`` on ``world_size`` local processes; returns the run's exit code."""
+def exit_code_of(codes: list[int]) -> int:
+    """The run's exit code from its processes' codes (negative: killed by that signal).
+
+    >>> exit_code_of([0, 0]), exit_code_of([1, 143, -15]), exit_code_of([-9, 2]), exit_code_of([-9])
+    (0, 143, 2, 1)
+    """
+    bad = [c for c in codes if c != 0]
+    if not bad:
+        return 0
+    for chosen in (c for c in bad if c in _CHOSEN_CODES):
+        return chosen
+    positive = [c for c in bad if c > 0]
+    return positive[0] if positive else 1
+
+
+@contextmanager
+def _torch_launcher_logs_off() -> Iterator[None]:
+    """Silence torch's launcher loggers (a rank that exits with 2 or 143 already said why; other
+    failures are reported from the :class:`ChildFailedError`, with the rank's traceback)."""
+    names = [n for n in logging.root.manager.loggerDict
+             if n.startswith(("torch.distributed.elastic", "torch.distributed.launcher",
+                              "torch.multiprocessing"))]
+    previous = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for n, level in previous.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def launch_local(config: Any, world_size: int, *, device_type: str = "cpu", quiet: bool = False,
+                 shutdown_timeout: int | None = None,
+                 entrypoint: Callable[[Any, int, bool], None] = run_rank) -> int:
+    """Run ``config`` on ``world_size`` local processes; returns the run's exit code.
+
+    Every process calls ``entrypoint(config, threads, quiet)`` (default
+    :func:`~longctx.train.entry.run_rank`: train; a module-level function, pickled to the
+    processes), which returns on success and raises ``SystemExit(code)`` otherwise.
+    """
     if device_type == "cuda" and torch.cuda.device_count() < world_size:
         raise ValueError(
             f"the config asks for {world_size} processes but this machine has "
@@ -57,52 +94,28 @@ def launch_local(config: Any, world_size: int, *, device_type: str = "cpu",
         )
     cores = os.cpu_count() or 1
     threads = max(1, cores // world_size) if device_type == "cpu" else 1
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_child, args=(r, world_size, port, threads, config, quiet),
-                    name=f"longctx-train-rank{r}")
-        for r in range(world_size)
-    ]
-    interrupts = {"count": 0}
-
-    def forward(signum, frame) -> None:
-        interrupts["count"] += 1
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                try:
-                    # the terminal already sent Ctrl-C to the children: pass on SIGTERM only
-                    if signum != signal.SIGINT or interrupts["count"] > 1:
-                        os.kill(p.pid, signal.SIGKILL if interrupts["count"] > 2 else signum)
-                except ProcessLookupError:
-                    pass
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=world_size,
+        run_id=f"longctx-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", local_addr="127.0.0.1",
+        max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        # Ctrl-C reaches every process from the terminal already: the launcher leaves SIGINT to
+        # Python (KeyboardInterrupt), and the agent then sends SIGTERM, not a second SIGINT
+        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
+        shutdown_timeout=shutdown_timeout,
+    )
     try:
-        for p in procs:
-            p.start()
-        failed_at: float | None = None
-        while any(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(timeout=0.2)
-            codes = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if codes and failed_at is None:
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
-                for p in procs:
-                    if p.is_alive():
-                        p.kill()
-        codes = [p.exitcode for p in procs]
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    bad = [c for c in codes if c != 0]
-    if not bad:
-        return 0
-    # prefer a code a rank chose (2: bad config, 143: stopped by a signal) over kill codes
-    chosen = [c for c in bad if c is not None and c > 0]
-    return chosen[0] if chosen else 1
+        with _torch_launcher_logs_off():
+            elastic_launch(launch, entrypoint)(config, threads, quiet)
+    except ChildFailedError as e:
+        code = exit_code_of([f.exitcode for f in e.failures.values()])
+        if code not in _CHOSEN_CODES:
+            logger.error("longctx train: a process failed; the others were stopped\n%s",
+                         e.format_msg())
+        return code
+    except SignalException as e:  # the processes were sent the same signal and stopped
+        logger.debug("launcher stopped by %s", e.sigval)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C: the processes were sent SIGTERM and stopped
+        return EXIT_INTERRUPTED
+    return 0

@@ -41,6 +41,7 @@ Example (one process, the tiny model, a few steps; ``longctx train`` runs the re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -87,7 +88,7 @@ from .optim import build_optimizer, build_scheduler
 
 __all__ = ["GracefulStop", "TrainSummary", "Trainer", "TrainingInterrupted"]
 
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM, after the checkpoint is saved
+logger = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -171,7 +172,8 @@ class Trainer:
     Args:
         config: the run; every process passes the same one.
         quiet: no output on rank 0 (tests).
-        stream: where rank 0 prints (default stdout).
+        stream: where the step lines of :class:`~longctx.train.metrics.MetricsLogger` go
+            (default stdout); the rest is logged (``logging``, logger ``longctx.train.trainer``).
 
     Attributes: ``env`` (rank, device, ...), ``dims`` (dp, cp, tp, ulysses), ``pmesh``,
     ``dp_rank`` / ``cp_rank`` / ``tp_rank``, ``model``, ``optimizer``, ``scheduler``,
@@ -263,8 +265,9 @@ class Trainer:
         self._resume()
 
     def _print(self, text: str) -> None:
+        """Rank 0's progress text: INFO records of this module's logger."""
         if self.env.is_main and not self.quiet:
-            print(text, file=self.stream, flush=True)
+            logger.info(text)
 
     # -- data -----------------------------------------------------------------------------------
     def _next_sample(self) -> PackedSample:
