@@ -104,14 +104,13 @@ def attention(
 
 
 def choose_strategy(q: Tensor, k: Tensor, mesh_or_group=None, *, layout=None, mask=None) -> str:
-    """The strategy ``strategy="auto"`` runs, from the 4x and 8x H200 measurements in RESULTS.md.
+    """The strategy ``strategy="auto"`` runs, read from the table and the group.
 
-    Ulysses when the heads split over the group (on one group it led at every length and head
-    layout we measured from 32k to 512k: one all-to-all pair instead of P ring steps, one long
-    kernel call.  Only the 2-D hybrid, which needs a mesh, beat it at 512k on 8 GPUs, by 3%; at 1M
-    on 8 GPUs the hybrid led by 4% and zigzag and all-gather by 2%, in a single-repeat run);
-    otherwise the ring variant that balances causal work on the inputs' layout (zigzag, striped),
-    else the ring.
+    Ulysses when the heads split over the group (one all-to-all pair instead of ``P`` ring steps,
+    one long kernel call: it led on one group in the 4x and 8x H200 runs of
+    ``benchmarks/RESULTS.md``, "Softmax CP"); otherwise the ring variant whose own layout the
+    inputs are in when the mask is causal (zigzag, striped: causal work even at every step), else
+    the ring.
 
     Example::
 
