@@ -11,7 +11,7 @@ from .base import (
     get_kernel,
     register_kernel,
 )
-from .linear_reference import (
+from .linear import (
     LinearArgs,
     LinearAttentionKernel,
     LinearKernelFunction,
@@ -28,6 +28,7 @@ from .reference import ReferenceConfig, TorchReference
 from .triton_flash import TileConfig, TritonFlash, TritonFlashConfig  # registers "triton"
 from .block_sparse_triton import BlockSparseTriton, BlockSparseTritonConfig  # "block_sparse"
 from .vendor import VendorSDPA, vendor_mask_mode  # registers "sdpa"
+from .fa4 import FlashAttention4  # registers "fa4" (flash_attn itself is imported on first use)
 from .dispatch import AutoKernel, select_kernel  # registers "auto"; after the kernels it picks
 
 __all__ = [
