@@ -46,7 +46,7 @@ def _check_mapping(mask: Mask, q_pos: Positions, k_pos: Positions) -> FA4Call | 
     return plan
 
 
-# -- the mapping, against brute force ---------------------------------------------------------------
+# -- the mapping, against brute force --------------------------------------------------------------
 def _random_case(rng: random.Random):
     S = rng.randint(1, 70)
     docs = None
@@ -297,7 +297,7 @@ def test_import_longctx_does_not_import_flash_attn():
     assert "flash_attn" not in sys.modules and "flash_attn.cute" not in sys.modules
 
 
-# -- the kernel's plumbing on CPU, FA4 replaced by its math in torch --------------------------------
+# -- the kernel's plumbing on CPU, FA4 replaced by its math in torch -------------------------------
 class FakeFA4:
     """FA4's two entry points in float64 torch: its mask rule (:meth:`FA4Call.allowed`), its
     shapes (varlen: ``[total, H, D]``, LSE ``[H, total]``) and its backward from a given

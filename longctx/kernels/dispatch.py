@@ -96,7 +96,8 @@ class FA4Auto:
         if head_dim not in self.head_dims:
             return f"fa4 measured faster only at head dims {self.head_dims}"
         if queries < self.min_queries:
-            return f"fa4 measured faster only from {self.min_queries} queries (this call: {queries})"
+            return (f"fa4 measured faster only from {self.min_queries} queries "
+                    f"(this call: {queries})")
         if not causal or kind not in self.masks:
             return (
                 f"fa4 measured faster on causal masks (with or without windows/documents); this "

@@ -413,7 +413,8 @@ def plan_call(mask: Mask, q_pos: Positions, k_pos: Positions) -> "FA4Call | FA4S
         >>> p = plan_call(Mask(causal=True), Positions.strided(0, 8, 4), Positions.strided(1, 8, 4))
         >>> p.rows, p.cols, p.causal
         ((1, 8), (0, 7), True)
-        >>> plan_call(Mask(causal=True), Positions.from_index(torch.arange(4)), Positions.contiguous(0, 4))
+        >>> index = Positions.from_index(torch.arange(4))
+        >>> plan_call(Mask(causal=True), index, Positions.contiguous(0, 4))
         'index positions (an explicit position tensor) have no FA4 form'
     """
     if mask.block_sparse is not None:
@@ -439,7 +440,8 @@ def _head_dim_reason(D: int, arch: int) -> str | None:
     if ok:
         return None
     allowed = "8 to 256" if arch == 9 else "8 to 128 or 256"
-    return f"head_dim {D} is not supported by FlashAttention-4 on sm{arch}0 (multiples of 8, {allowed})"
+    return (f"head_dim {D} is not supported by FlashAttention-4 on sm{arch}0 (multiples of 8, "
+            f"{allowed})")
 
 
 def _ready(t: Tensor) -> Tensor:
@@ -478,7 +480,8 @@ class FlashAttention4:
         if arch is None:
             return f"FlashAttention-4 needs CUDA tensors; q is on {q.device}"
         if arch not in _ARCHS:
-            return f"FlashAttention-4 runs on sm90 (Hopper) and sm100 (Blackwell); this GPU is sm{arch}x"
+            return (f"FlashAttention-4 runs on sm90 (Hopper) and sm100 (Blackwell); this GPU is "
+                    f"sm{arch}x")
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"FlashAttention-4 takes float16/bfloat16; got {q.dtype}"
         if (reason := _head_dim_reason(q.shape[-1], arch)) is not None:
