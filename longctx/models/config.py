@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .sparse.config import MobaConfig, NSAConfig, sparse_config_from
+
 __all__ = [
     "ATTENTION_KINDS",
     "ModelConfig",
@@ -36,7 +38,7 @@ __all__ = [
     "num_params",
 ]
 
-ATTENTION_KINDS = ("softmax", "linear")
+ATTENTION_KINDS = ("softmax", "linear", "moba", "nsa")
 
 
 def _swiglu_ffn_size(hidden_size: int, multiple_of: int = 64) -> int:
@@ -67,6 +69,9 @@ class ModelConfig:
     # per layer "softmax" (Attention) or "linear" (LinearAttention: decayed linear attention,
     # LASP-2 CP on the contiguous layout); None: all softmax. MiniMax-01: 7 linear, 1 softmax.
     attention_kinds: tuple[str, ...] | None = None
+    # "moba" / "nsa" layers: their parameters (a mapping in YAML; None: the defaults)
+    moba: MobaConfig | None = None
+    nsa: NSAConfig | None = None
     derived_fields: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +96,9 @@ class ModelConfig:
             derive("ffn_hidden_size", _swiglu_ffn_size(self.hidden_size))
         if self.attention_kinds is not None:
             object.__setattr__(self, "attention_kinds", tuple(self.attention_kinds))
+        for kind in ("moba", "nsa"):
+            if getattr(self, kind) is not None:
+                object.__setattr__(self, kind, sparse_config_from(kind, getattr(self, kind)))
         object.__setattr__(self, "derived_fields", tuple(derived))
         self._check_values()
 
@@ -108,6 +116,7 @@ class ModelConfig:
                 "bool": isinstance(value, bool),
                 "kinds?": value is None
                 or (isinstance(value, (tuple, list)) and all(isinstance(k, str) for k in value)),
+                "sparse?": value is None or isinstance(value, (Mapping, MobaConfig, NSAConfig)),
             }[kind]
             if not ok:
                 want = {
@@ -116,6 +125,7 @@ class ModelConfig:
                     "float": "a number",
                     "bool": "true or false",
                     "kinds?": f"None or a list of {ATTENTION_KINDS} (one per layer)",
+                    "sparse?": "None or a mapping of the layer's parameters",
                 }[kind]
                 raise ValueError(
                     f"ModelConfig.{f.name} must be {want}, got {value!r} ({type(value).__name__})"
@@ -160,6 +170,10 @@ class ModelConfig:
         """Alias of ``kv_channels``."""
         return self.kv_channels  # type: ignore[return-value]
 
+    def sparse_config(self, kind: str) -> MobaConfig | NSAConfig:
+        """The parameters of the ``"moba"`` / ``"nsa"`` layers (defaults where unset)."""
+        return sparse_config_from(kind, getattr(self, kind))
+
     @property
     def layer_kinds(self) -> tuple[str, ...]:
         """The attention kind of every layer (``"softmax"`` where ``attention_kinds`` is None)."""
@@ -186,6 +200,9 @@ class ModelConfig:
         out = {name: getattr(self, name) for name in self.allowed_keys()}
         if out["attention_kinds"] is not None:
             out["attention_kinds"] = list(out["attention_kinds"])
+        for kind in ("moba", "nsa"):
+            if out[kind] is not None:
+                out[kind] = out[kind].to_dict()
         return out
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -209,6 +226,8 @@ _FIELD_KINDS = {
     "untie_embeddings_and_output_weights": "bool",
     "kv_channels": "int?",
     "attention_kinds": "kinds?",
+    "moba": "sparse?",
+    "nsa": "sparse?",
 }
 assert set(_FIELD_KINDS) == {f.name for f in dataclasses.fields(ModelConfig) if f.init}
 
@@ -225,6 +244,11 @@ def num_params(config: ModelConfig, include_embedding: bool = True) -> int:
     mlp = 3 * h * f  # w1, w3, w2
     per_layer = attn + mlp + 2 * h  # + two RMSNorm weights
     body = config.num_layers * per_layer + h  # + final norm
+    if "nsa" in config.layer_kinds:  # gates (h -> 3 H) and two block compressors
+        nsa = config.sparse_config("nsa")
+        hidden = nsa.compress_hidden or D
+        compressor = nsa.compress_block * D + nsa.compress_block * D * hidden + hidden * D
+        body += config.layer_kinds.count("nsa") * (h * 3 * H + 2 * compressor)
     untied = config.untie_embeddings_and_output_weights
     if include_embedding:
         return body + V * h + (V * h if untied else 0)
@@ -252,11 +276,24 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int, causal: bool = 
     (``2 S H D``).  Linear layers (always causal) count their recurrent form, independent of
     ``S``: the state update ``k^T v`` and the read-out ``q S``, ``2 H D^2`` each, so ``4 H D^2``
     (the chunked kernel's intra-chunk products are an implementation cost, not counted).
+    MoBA layers count the keys a query attends to: ``top_k - 1`` whole blocks and half its own
+    (at most the causal ``S / 2``); NSA layers the compressed tokens (``S / 2`` over the stride),
+    ``top_n`` selected blocks plus half the own one, and the window, each at most ``S / 2``.
     """
     H, D = config.num_attention_heads, config.kv_channels
+    half = seq_len * (0.5 if causal else 1.0)
     softmax = 4 * seq_len * H * D * (0.5 if causal else 1.0)
-    linear = 4 * H * D * D
-    return float(sum(linear if kind == "linear" else softmax for kind in config.layer_kinds))
+    per_kind = {"softmax": softmax, "linear": 4 * H * D * D}
+    if "moba" in config.layer_kinds:
+        m = config.sparse_config("moba")
+        keys = min(half, (m.top_k - 0.5) * m.block_size)
+        per_kind["moba"] = 4 * H * D * keys
+    if "nsa" in config.layer_kinds:
+        n = config.sparse_config("nsa")
+        keys = (half / n.compress_stride + min(half, (n.top_n + 0.5) * n.select_block)
+                + min(half, n.window))
+        per_kind["nsa"] = 4 * H * D * keys
+    return float(sum(per_kind[kind] for kind in config.layer_kinds))
 
 
 def flops_per_token(

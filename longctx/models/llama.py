@@ -17,7 +17,8 @@ The same code runs with and without parallelism:
 - **GQA**: ``wk``/``wv`` produce ``num_query_groups`` heads; they are never expanded.
 - **Hybrid linear/softmax** (``ModelConfig.attention_kinds``): a ``"linear"`` layer is a
   :class:`LinearAttention` (Lightning-Attention-2 kernel, LASP-2 CP) with the same projection
-  names, so TP, FSDP, checkpointing and init treat both kinds alike.
+  names, so TP, FSDP, checkpointing and init treat both kinds alike; ``"moba"`` / ``"nsa"``
+  layers are the trainable sparse attentions of :mod:`longctx.models.sparse.layers`.
 
 Weight names (``wq wk wv wo``, ``w1`` gate, ``w3`` up, ``w2`` down) match torchtitan's, so the
 TP plan is a table of names.
@@ -269,8 +270,7 @@ class TransformerBlock(nn.Module):
         self.layer_idx = layer_idx
         self.kind = config.layer_kinds[layer_idx]
         self.attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon, device, dtype)
-        layer = LinearAttention if self.kind == "linear" else Attention
-        self.attention: Attention | LinearAttention = layer(config, device, dtype)
+        self.attention: Attention | LinearAttention = _layer_class(self.kind)(config, device, dtype)
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_epsilon, device, dtype)
         self.feed_forward = FeedForward(config, device, dtype)
         self.recompute_around_attention = False
@@ -278,12 +278,13 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x_bsh: Tensor, rope: tuple[Tensor, Tensor], seq: SequenceContext) -> Tensor:
         pre, post = self._compiled or (self._pre_attention, self._post_attention)
+        # parts: (q, k, v), plus the gates of NSA layers
         if self.recompute_around_attention:
-            q, k, v = checkpoint(pre, x_bsh, rope, use_reentrant=False)
-            out = self.attention.core(q, k, v, seq)
+            parts = checkpoint(pre, x_bsh, rope, use_reentrant=False)
+            out = self.attention.core(*parts, seq)
             return checkpoint(post, x_bsh, out, use_reentrant=False)
-        q, k, v = pre(x_bsh, rope)
-        return post(x_bsh, self.attention.core(q, k, v, seq))
+        parts = pre(x_bsh, rope)
+        return post(x_bsh, self.attention.core(*parts, seq))
 
     def compile_around_attention(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` the parts before and after the attention core (kwargs passed on)."""
@@ -298,6 +299,15 @@ class TransformerBlock(nn.Module):
     def _post_attention(self, x_bsh: Tensor, out_bshd: Tensor) -> Tensor:
         h = x_bsh + self.attention.project_out(out_bshd)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _layer_class(kind: str) -> type:
+    """The attention module of a layer kind (``ModelConfig.attention_kinds``)."""
+    if kind in ("moba", "nsa"):  # imported here: the sparse layers build on Attention
+        from .sparse.layers import MobaAttention, NSAAttention
+
+        return MobaAttention if kind == "moba" else NSAAttention
+    return LinearAttention if kind == "linear" else Attention
 
 
 class LlamaModel(nn.Module):
