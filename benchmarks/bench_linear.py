@@ -50,12 +50,13 @@ from timing import (  # benchmarks/timing.py, beside this script
     time_synced_ms,
 )
 
-from longctx.kernels.linear_reference import (
+from longctx.kernels.linear import (
     LinearReferenceConfig,
+    LinearTritonConfig,
     linear_attention_reference,
+    linear_attention_triton,
     retnet_log_decay,
 )
-from longctx.kernels.linear_triton import LinearTritonConfig, linear_attention_triton
 
 try:
     from fla.ops.simple_gla import chunk_simple_gla  # fla-core
@@ -265,7 +266,7 @@ def cp_time(group, tokens: int, batch: int, heads: int, dim: int, chunk: int,
     and replayed (the GPU time once the host runs ahead; a string when the capture failed).
     ``profile``: the CUDA time per kernel of 5 back-to-back steps.
     """
-    from longctx.kernels.linear_triton import LinearTriton
+    from longctx.kernels.linear import LinearTriton
     from longctx.parallel.strategies.linear import linear_attention
 
     rank = dist.get_rank(group) if group is not None else 0

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longctx.kernels.linear_reference import (
+from longctx.kernels.linear import (
     LinearReferenceConfig,
     linear_attention_reference,
     retnet_log_decay,

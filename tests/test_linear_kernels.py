@@ -9,26 +9,27 @@ GPU (``-m gpu``): real sizes in bfloat16 against the float32 reference on the GP
 
 from __future__ import annotations
 
+import ast
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from longctx.kernels.linear_reference import (
+from longctx.kernels.linear import (
     LinearArgs,
     LinearKernelFunction,
     LinearReference,
     LinearReferenceConfig,
+    LinearTriton,
+    LinearTritonConfig,
+    available_linear_kernels,
     backward_with_exchange,
     forward_with_exchange,
     get_linear_kernel,
     linear_attention_reference,
-    retnet_log_decay,
-)
-from longctx.kernels.linear_triton import (
-    LinearTriton,
-    LinearTritonConfig,
     linear_attention_triton,
+    retnet_log_decay,
     weighted_state_sum,
 )
 
@@ -333,6 +334,33 @@ def test_config_and_kernel_name_errors():
     with pytest.raises(ValueError, match=r"unknown linear attention kernel 'fast'; available"):
         get_linear_kernel("fast")
     assert isinstance(get_linear_kernel("triton"), LinearTriton)
+
+
+def test_linear_modules_import_base_only():
+    """Imports point one way (no cycle): ``base`` imports none of its siblings; ``reference``,
+    ``triton`` and ``exchange`` import ``base`` and not one another (function-level imports too)."""
+    import longctx.kernels.linear as package
+
+    folder = Path(package.__file__).parent
+    names = ("base", "reference", "triton", "exchange")
+
+    def siblings(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module is None:  # from . import x
+                return {a.name for a in node.names} & set(names)
+            return {node.module.split(".")[0]} & set(names)
+        targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                   else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        prefix = "longctx.kernels.linear."
+        return {t[len(prefix):].split(".")[0] for t in targets if t.startswith(prefix)}
+
+    imported = {
+        name: set().union(*map(siblings, ast.walk(ast.parse((folder / f"{name}.py").read_text()))))
+        for name in names
+    }
+    assert imported == {"base": set(), "reference": {"base"}, "triton": {"base"},
+                        "exchange": {"base"}}
+    assert available_linear_kernels() == ["reference", "triton"]  # each module registered its own
 
 
 # ------------------------------------------------------------------------------------------- GPU

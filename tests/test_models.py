@@ -74,7 +74,7 @@ def test_from_dict_rejects_unknown_keys():
 def test_linear_layers_flops_and_core_match_the_reference():
     """A linear layer: SiLU features, RetNet decays, documents reset the state; FLOPs count the
     recurrent form (4 H D^2 per token), softmax layers 2 S H D (causal)."""
-    from longctx.kernels.linear_reference import linear_attention_reference, retnet_log_decay
+    from longctx.kernels.linear import linear_attention_reference, retnet_log_decay
     from longctx.models.config import attention_flops_per_token
     from longctx.models.llama import LinearAttention
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels.linear_reference import available_linear_kernels, retnet_log_decay
+from ..kernels.linear import available_linear_kernels, retnet_log_decay
 from ..kernels.mask import Mask
 from ..parallel.api import attention as cp_attention
 from .config import ModelConfig
@@ -170,7 +170,7 @@ class LinearAttention(nn.Module):
     ``q = silu(wq x)``, ``k = silu(wk x)``, ``v = wv x`` (GQA heads as in :class:`Attention`; no
     RoPE: the decay carries position), ``o = sum_{j<=i} lambda_h^(i-j) (q_i . k_j) v_j`` scaled by
     ``head_dim ** -0.5`` with RetNet's fixed decays ``lambda_h = 1 - 2^(-5-h)``
-    (:func:`~longctx.kernels.linear_reference.retnet_log_decay`), then an RMS normalisation of each
+    (:func:`~longctx.kernels.linear.retnet_log_decay`), then an RMS normalisation of each
     head's output (what keeps un-normalised linear attention stable; no gain: ``wo`` absorbs any
     per-channel scale, and a gain shared by the heads would need an all-reduce under TP) and
     ``wo``.  The core is :func:`longctx.attention` with ``strategy="linear"`` (LASP-2: one

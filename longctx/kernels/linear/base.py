@@ -1,4 +1,4 @@
-"""Causal linear attention with per-head decay: the local kernel contract and its torch reference.
+"""Causal linear attention with per-head decay: the local kernel contract, its checks, the registry.
 
 The recurrence (RetNet / Lightning Attention-2 / TransNormerLLM), for every batch row and query
 head ``h``::
@@ -33,24 +33,22 @@ The kernel contract (:class:`LinearAttentionKernel`), which context parallelism 
     backward(dout, dfinal, q, k, v, args, initial_state) -> dq, dk, dv, dinitial   (acc dtype)
 
 ``args`` (:class:`LinearArgs`) carries the validated scale, decay and documents; ``dfinal`` and
-``initial_state`` may be None (zero).  Two implementations: :class:`LinearReference` (here, torch,
-any device and dtype) and ``LinearTriton`` (:mod:`longctx.kernels.linear_triton`).
+``initial_state`` may be None (zero).  Implementations register a name with
+:func:`register_linear_kernel` when their module is imported: ``"reference"``
+(:class:`~longctx.kernels.linear.reference.LinearReference`, torch, any device and dtype) and
+``"triton"`` (:class:`~longctx.kernels.linear.triton.LinearTriton`).  The state exchange of
+context parallelism is in :mod:`longctx.kernels.linear.exchange`.  This module imports no kernel.
 
 Example::
 
     >>> import torch
-    >>> from longctx.kernels.linear_reference import linear_attention_reference, retnet_log_decay
+    >>> from longctx.kernels.linear.base import LinearArgs, get_linear_kernel, retnet_log_decay
     >>> q = torch.randn(2, 10, 4, 8, dtype=torch.float64)
     >>> k = v = torch.randn(2, 10, 2, 8, dtype=torch.float64)           # GQA: 2 kv heads
-    >>> g = retnet_log_decay(4)                                          # [H], <= 0
-    >>> out, state = linear_attention_reference(q, k, v, log_decay=g, return_final_state=True)
+    >>> args = LinearArgs.build(q, k, v, log_decay=retnet_log_decay(4))  # [H] decays, <= 0
+    >>> out, state = get_linear_kernel("reference").forward(q, k, v, args, None)
     >>> out.shape, state.shape, state.dtype
     (torch.Size([2, 10, 4, 8]), torch.Size([2, 4, 8, 8]), torch.float64)
-    >>> o1, s1 = linear_attention_reference(q[:, :6], k[:, :6], v[:, :6], log_decay=g,
-    ...                                     return_final_state=True)
-    >>> o2 = linear_attention_reference(q[:, 6:], k[:, 6:], v[:, 6:], log_decay=g, initial_state=s1)
-    >>> torch.allclose(torch.cat([o1, o2], 1), out)
-    True
 """
 
 from __future__ import annotations
@@ -59,40 +57,25 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from .base import (
-    SUPPORTED_DTYPES,
-    acc_dtype,
-    check_qkv_tensors,
-    expand_kv_heads,
-    host_to_device,
-)
+from ..base import SUPPORTED_DTYPES, acc_dtype, check_qkv_tensors, host_to_device
 
 __all__ = [
     "LinearShape",
     "LinearArgs",
     "LinearAttentionKernel",
-    "LinearReferenceConfig",
-    "LinearReference",
     "LinearKernelFunction",
+    "StateExchange",
+    "resolve_state",
     "check_cu_seqlens",
     "check_linear_inputs",
     "check_state",
-    "recurrent_linear_attention",
-    "chunked_linear_attention",
-    "linear_attention_reference",
-    "StateExchange",
-    "resolve_state",
-    "forward_with_exchange",
-    "backward_with_exchange",
-    "entering_weight",
-    "apply_state_reference",
-    "state_grad_reference",
     "retnet_log_decay",
+    "register_linear_kernel",
     "get_linear_kernel",
     "available_linear_kernels",
 ]
@@ -291,9 +274,10 @@ class LinearAttentionKernel(Protocol):
 
     A kernel may also provide ``forward_exchange(q, k, v, args, initial_state, exchange)`` and
     ``backward_exchange(dout, q, k, v, args, initial_state, entering, exchange, grad_dtype)``
-    with the semantics of :func:`forward_with_exchange` / :func:`backward_with_exchange`
-    (context parallelism hands the states over in the middle of a call); without them those
-    functions build the same result from ``forward``/``backward`` and a torch correction.
+    with the semantics of :func:`~longctx.kernels.linear.exchange.forward_with_exchange` /
+    :func:`~longctx.kernels.linear.exchange.backward_with_exchange` (context parallelism
+    hands the states over in the middle of a call); without them those functions build the same
+    result from ``forward``/``backward`` and a torch correction.
     """
 
     name: str
@@ -323,282 +307,9 @@ def resolve_state(got: Tensor | Callable[[], Tensor | None] | None) -> Tensor | 
     return got() if callable(got) else got
 
 
-def forward_with_exchange(
-    kernel: LinearAttentionKernel, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
-    initial_state: Tensor | None, exchange: StateExchange,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A forward whose entering state is known only after its final state.
-
-    Returns ``out, final, entering`` where ``final`` is ``kernel.forward(q, k, v, args,
-    initial_state)``'s final state, ``entering = exchange(final)`` (``[B, H, Dk, Dv]`` or None),
-    and ``out`` is the output of ``kernel.forward`` from ``initial_state + entering``.  The
-    kernel's fused ``forward_exchange`` when it has one; else its forward from
-    ``initial_state`` and :func:`apply_state_reference` for the first document's tokens.
-
-    Example (one device: the entering state arrives from elsewhere)::
-
-        >>> import torch
-        >>> q = k = v = torch.randn(1, 6, 2, 4, dtype=torch.float64)
-        >>> args = LinearArgs.build(q, k, v)
-        >>> h = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-        >>> out, final, entering = forward_with_exchange(LinearReference(), q, k, v, args, None,
-        ...                                              lambda final: h)
-        >>> torch.allclose(out, LinearReference().forward(q, k, v, args, h)[0])
-        True
-    """
-    fused = getattr(kernel, "forward_exchange", None)
-    if fused is not None:
-        return fused(q, k, v, args, initial_state, exchange)
-    out, final = kernel.forward(q, k, v, args, initial_state)
-    entering = resolve_state(exchange(final))
-    check_state(entering, check_linear_inputs(q, k, v), q.device, "entering state")
-    if entering is not None:
-        weight = entering_weight(args, q.shape[1], q.shape[2], acc_dtype(q.dtype), q.device)
-        apply_state_reference(out, q, entering, weight)
-    return out, final, entering
-
-
-def backward_with_exchange(
-    kernel: LinearAttentionKernel, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-    args: LinearArgs, initial_state: Tensor | None, entering: Tensor | None,
-    exchange: StateExchange, grad_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The backward of :func:`forward_with_exchange`, whose final-state gradient is known only
-    after the entering state's gradient.
-
-    ``exchange`` receives ``d_entering [B, H, Dk, Dv]`` (accumulation dtype), the gradient of
-    ``entering`` through the outputs, and returns ``dfinal`` (or None).  Returns ``dq, dk, dv,
-    dinitial`` as ``kernel.backward(dout, dfinal, ..., initial_state + entering)`` (``dinitial``
-    None without ``initial_state``).  The kernel's fused ``backward_exchange`` when it has one.
-    """
-    fused = getattr(kernel, "backward_exchange", None)
-    if fused is not None:
-        return fused(dout, q, k, v, args, initial_state, entering, exchange, grad_dtype)
-    shape = check_linear_inputs(q, k, v)
-    check_state(entering, shape, q.device, "entering state")
-    weight = entering_weight(args, shape.seq, shape.heads, acc_dtype(q.dtype), q.device)
-    dfinal = resolve_state(exchange(state_grad_reference(q, dout, weight)))
-    dq, dk, dv, dh0 = kernel.backward(dout, dfinal, q, k, v, args, initial_state,
-                                      grad_dtype=grad_dtype)
-    if entering is not None:  # dq[:, t] += scale * lambda^(t+1) * dout[:, t] @ entering^T
-        apply_state_reference(dq, dout, entering, weight, transpose=True)
-    return dq, dk, dv, dh0
-
-
-def entering_weight(args: LinearArgs, seq_len: int, heads: int, dtype: torch.dtype,
-                    device: torch.device) -> Tensor:
-    """``[T, H]`` in ``dtype``: ``scale * lambda_h^(t+1)``, the weight of a state entering
-    before token 0 in the output of token ``t``, for the ``T`` tokens of the first document."""
-    T = args.first_doc_end(seq_len)
-    if args.log_decay is None:
-        return torch.full((T, heads), args.scale, dtype=dtype, device=device)
-    t = torch.arange(1, T + 1, dtype=dtype, device=device)  # t + 1 for t = 0..T-1
-    return torch.exp(t[:, None] * args.log_decay.to(dtype)[None, :]) * args.scale
-
-
-def _state_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the entering-state products: the input's (GEMMs accumulate in float32), except
-    float16, whose range is too small for a sum over a shard's tokens."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def apply_state_reference(y: Tensor, x: Tensor, state: Tensor, weight: Tensor,
-                          transpose: bool = False) -> Tensor:
-    """``y[:, t, h] += weight[t, h] * (x[:, t, h] @ state[:, h])`` for ``t < T``, in place.
-
-    With ``x = q`` and ``y = out`` this is what a state entering before token 0 adds to the
-    output of a call made from a zero state, ``weight[t, h] = scale * lambda_h^(t+1)`` (zero
-    where a document has started); with ``transpose=True`` (``state^T``), ``x = dout`` and
-    ``y = dq`` it is that term's share of ``dq``. Shapes: ``x [B, n, H, Di]``, ``y [B, n, H, Do]``,
-    ``state [B, H, Dk, Dv]`` (``Di, Do = Dk, Dv``, swapped when transposed), ``weight [T, H]``
-    float32, ``T <= n`` (only the first ``T`` tokens change). Returns ``y``.
-    """
-    T = weight.shape[0]
-    mm = _state_matmul_dtype(x.dtype)
-    s = state.transpose(-1, -2) if transpose else state  # [B, H, Di, Do]
-    x_bhti = x[:, :T].transpose(1, 2).to(mm)  # [B, T, H, Di] -> [B, H, T, Di]
-    carry_bhto = torch.matmul(x_bhti, s.to(mm)).to(acc_dtype(x.dtype))  # [B, H, T, Do]
-    y[:, :T] += (carry_bhto.transpose(1, 2) * weight[..., None]).to(y.dtype)
-    return y
-
-
-def state_grad_reference(q: Tensor, dout: Tensor, weight: Tensor) -> Tensor:
-    """Gradient of the entering state of :func:`apply_state_reference` (``x = q``):
-    ``d_state [B, H, Dk, Dv] = sum_{t < T} weight[t, h] q[:, t, h]^T dout[:, t, h]`` (float32, or
-    float64 for float64 inputs)."""
-    T = weight.shape[0]
-    mm = _state_matmul_dtype(q.dtype)
-    dout_w_bhtv = (dout[:, :T] * weight[..., None]).to(mm).transpose(1, 2)  # [B, H, T, Dv]
-    q_bhkt = q[:, :T].permute(0, 2, 3, 1).to(mm)  # [B, T, H, Dk] -> [B, H, Dk, T]
-    return torch.matmul(q_bhkt, dout_w_bhtv).to(acc_dtype(q.dtype))  # [B, H, Dk, Dv]
-
-
 # --------------------------------------------------------------------------------------------------
-# torch implementations (plain autograd)
+# autograd over any kernel, and the decays
 # --------------------------------------------------------------------------------------------------
-def _heads_first(q: Tensor, k: Tensor, v: Tensor, shape: LinearShape):
-    """``[B, S, h, D]`` -> ``[B, H, S, D]`` in the accumulation dtype, k/v repeated per query head
-    (the reference may expand GQA in memory)."""
-    acc = acc_dtype(q.dtype)
-    k, v = expand_kv_heads(k, shape.heads), expand_kv_heads(v, shape.heads)  # -> [B, S, H, D]
-    return tuple(t.to(acc).transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] -> [B, H, S, D]
-
-
-def _initial(initial_state: Tensor | None, shape: LinearShape, q: Tensor) -> Tensor:
-    acc = acc_dtype(q.dtype)
-    if initial_state is None:
-        return torch.zeros(shape.state, dtype=acc, device=q.device)
-    return initial_state.to(acc)
-
-
-def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
-                               initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The definition, one token at a time: ``out [B, S, H, Dv]`` (q.dtype), ``final_state``.
-
-    Slow (a Python loop over tokens); the ground truth in tests.
-    """
-    shape = check_linear_inputs(q, k, v)
-    qh, kh, vh = _heads_first(q, k, v, shape)  # [B, H, S, D]
-    state = _initial(initial_state, shape, q)  # [B, H, Dk, Dv]
-    lam = None if args.log_decay is None else args.log_decay.exp()[:, None, None]  # [H, 1, 1]
-    docs = args.doc_ids(shape.seq, q.device)
-    outs = []
-    for t in range(shape.seq):
-        if docs is not None and int(docs[t]) != (int(docs[t - 1]) if t else 0):
-            state = torch.zeros_like(state)  # a document starts: forget the previous one
-        if lam is not None:
-            state = state * lam
-        state = state + kh[:, :, t, :, None] * vh[:, :, t, None, :]  # k_t^T v_t: [B, H, Dk, Dv]
-        outs.append(args.scale * torch.einsum("bhk,bhkv->bhv", qh[:, :, t], state))
-    out = torch.stack(outs, 1) if outs else qh.new_zeros(shape.batch, 0, shape.heads, shape.dv)
-    return out.to(q.dtype), state  # [B, S, H, Dv]
-
-
-def _chunk_factors(log_decay: Tensor | None, L: int, heads: int, dtype, device):
-    """Decay factors of one chunk of ``L`` tokens (local index ``i``), per head:
-
-    ``mask [H, L, L] = lambda^(i - j)`` for ``j <= i`` (else 0), ``row [H, L] = lambda^(i + 1)``
-    (what reaches token i from the state before the chunk), ``col [H, L] = lambda^(L - 1 - j)``
-    (what of token j reaches the end of the chunk), ``total [H] = lambda^L``.
-    """
-    i = torch.arange(L, device=device)
-    diff = i[:, None] - i[None, :]  # [L, L]
-    causal = diff >= 0
-    g = (log_decay if log_decay is not None else torch.zeros(heads, dtype=dtype, device=device))
-    g = g.to(dtype)[:, None]  # [H, 1]
-    mask = torch.exp(g[:, :, None] * diff.clamp(min=0)) * causal  # [H, L, L]
-    row = torch.exp(g * (i + 1))  # [H, L]
-    col = torch.exp(g * (L - 1 - i))  # [H, L]
-    total = torch.exp(g[:, 0] * L)  # [H]
-    return mask, row, col, total
-
-
-def chunked_linear_attention(q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
-                             initial_state: Tensor | None = None, chunk: int = 64
-                             ) -> tuple[Tensor, Tensor]:
-    """Lightning Attention-2 form in torch, ``chunk`` tokens at a time (the Triton kernel's math).
-
-    Inside a chunk the quadratic form with the decay mask, across chunks the running state.
-    ``out [B, S, H, Dv]`` (q.dtype), ``final_state [B, H, Dk, Dv]`` (accumulation dtype).
-    """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    shape = check_linear_inputs(q, k, v)
-    qh, kh, vh = _heads_first(q, k, v, shape)  # [B, H, S, D]
-    state = _initial(initial_state, shape, q)  # [B, H, Dk, Dv]
-    docs = args.doc_ids(shape.seq, q.device)
-    outs = []
-    for c0 in range(0, shape.seq, chunk):
-        c1 = min(c0 + chunk, shape.seq)
-        L = c1 - c0
-        qc, kc, vc = qh[:, :, c0:c1], kh[:, :, c0:c1], vh[:, :, c0:c1]  # [B, H, L, D]
-        mask, row, col, total = _chunk_factors(args.log_decay, L, shape.heads, qh.dtype, q.device)
-        if docs is not None:
-            d = docs[c0:c1]  # [L]
-            carry = docs[c0 - 1] if c0 else torch.zeros((), dtype=d.dtype, device=d.device)
-            mask = mask * (d[:, None] == d[None, :])  # no pair across documents
-            row = row * (d == carry)  # only the state's own document sees it
-            col = col * (d == d[-1])  # only the last document reaches the next chunk
-            total = total * (d[-1] == carry)  # a document starts inside: the old state is gone
-        scores = torch.einsum("bhik,bhjk->bhij", qc, kc) * mask  # [B, H, L, L]
-        intra = torch.einsum("bhij,bhjv->bhiv", scores, vc)
-        inter = torch.einsum("bhik,bhkv->bhiv", qc * row[..., None], state)
-        outs.append(args.scale * (intra + inter))  # [B, H, L, Dv]
-        arriving = torch.einsum("bhjk,bhjv->bhkv", kc * col[..., None], vc)  # [B, H, Dk, Dv]
-        state = state * total[:, None, None] + arriving
-    if outs:
-        out = torch.cat(outs, 2).transpose(1, 2)  # [B, H, S, Dv] -> [B, S, H, Dv]
-    else:
-        out = qh.new_zeros(shape.batch, 0, shape.heads, shape.dv)
-    return out.to(q.dtype), state
-
-
-@dataclass(frozen=True)
-class LinearReferenceConfig:
-    """How :class:`LinearReference` computes: ``"chunked"`` (default; ``chunk`` tokens at a time,
-    vectorised inside a chunk) or ``"recurrent"`` (token by token, the definition)."""
-
-    mode: Literal["chunked", "recurrent"] = "chunked"
-    chunk: int = 64
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("chunked", "recurrent"):
-            raise ValueError(
-                f"LinearReferenceConfig.mode must be 'chunked' or 'recurrent', got {self.mode!r}"
-            )
-        if self.chunk < 1:
-            raise ValueError(f"LinearReferenceConfig.chunk must be >= 1, got {self.chunk}")
-
-
-class LinearReference:
-    """The torch reference of the linear-attention kernel contract (any device, any float dtype).
-
-    ``backward`` recomputes the forward under autograd: simple, exact, memory-hungry.
-    """
-
-    name = "reference"
-
-    def __init__(self, config: LinearReferenceConfig = LinearReferenceConfig()):
-        self.config = config
-
-    def _run(self, q, k, v, args, initial_state):
-        if self.config.mode == "recurrent":
-            return recurrent_linear_attention(q, k, v, args, initial_state)
-        return chunked_linear_attention(q, k, v, args, initial_state, self.config.chunk)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
-                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``out [B, S, H, Dv]`` (q.dtype), ``final_state [B, H, Dk, Dv]`` (accumulation dtype)."""
-        shape = check_linear_inputs(q, k, v)
-        check_state(initial_state, shape, q.device)
-        with torch.no_grad():
-            return self._run(q, k, v, args, initial_state)
-
-    def backward(self, dout: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-                 args: LinearArgs, initial_state: Tensor | None = None,
-                 grad_dtype: torch.dtype | None = None,
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``dq``, ``dk``, ``dv`` (shaped like q, k, v; in ``grad_dtype``, default the
-        accumulation dtype) and ``dinitial [B, H, Dk, Dv]`` in the accumulation dtype (None when
-        ``initial_state`` is None)."""
-        shape = check_linear_inputs(q, k, v)
-        check_state(initial_state, shape, q.device)
-        acc = acc_dtype(q.dtype)
-        with torch.enable_grad():
-            inputs = [t.detach().to(acc).requires_grad_() for t in (q, k, v)]
-            if initial_state is not None:
-                inputs.append(initial_state.detach().to(acc).requires_grad_())
-            out, final = self._run(*inputs[:3], args, inputs[3] if len(inputs) > 3 else None)
-            outputs, grads = [out], [dout.to(out.dtype)]
-            if dfinal is not None:
-                outputs.append(final)
-                grads.append(dfinal.to(final.dtype))
-            got = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-        got = [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
-        dq, dk, dv = (g.to(grad_dtype or acc) for g in got[:3])
-        return dq, dk, dv, (got[3] if initial_state is not None else None)
-
-
 class LinearKernelFunction(torch.autograd.Function):
     """Autograd over any :class:`LinearAttentionKernel`'s explicit forward/backward.
 
@@ -625,32 +336,6 @@ class LinearKernelFunction(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), dh0, None, None
 
 
-def linear_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor | None = None,
-    scale: float | None = None, initial_state: Tensor | None = None,
-    cu_seqlens: Tensor | None = None, return_final_state: bool = False,
-    config: LinearReferenceConfig = LinearReferenceConfig(),
-):
-    """Causal linear attention with per-head decay in torch, differentiable by plain autograd.
-
-    Args:
-        q: ``[B, S, H, Dk]``; k: ``[B, S, H_kv, Dk]``; v: ``[B, S, H_kv, Dv]`` (``H % H_kv == 0``).
-        log_decay: ``[H]`` log-decays ``<= 0`` (``lambda = exp(g)``); None: no decay.
-        scale: multiplies q; default ``Dk ** -0.5``.
-        initial_state: ``[B, H, Dk, Dv]`` state before token 0 (None: zeros).
-        cu_seqlens: ``[0, e_1, ..., S]`` document boundaries; the state resets at each.
-        return_final_state: also return the state after the last token.
-
-    Returns:
-        ``out [B, S, H, Dv]`` in q's dtype, and ``final_state [B, H, Dk, Dv]`` (float32, float64
-        for float64 inputs) if asked.
-    """
-    args = LinearArgs.build(q, k, v, log_decay=log_decay, scale=scale, cu_seqlens=cu_seqlens)
-    check_state(initial_state, check_linear_inputs(q, k, v), q.device)
-    out, final = LinearReference(config)._run(q, k, v, args, initial_state)
-    return (out, final) if return_final_state else out
-
-
 def retnet_log_decay(num_heads: int, device: torch.device | str | None = None) -> Tensor:
     """RetNet's per-head decays as log-decays: ``g_h = log(1 - 2**(-5 - h))``, float32 ``[H]``.
 
@@ -663,16 +348,13 @@ def retnet_log_decay(num_heads: int, device: torch.device | str | None = None) -
 # --------------------------------------------------------------------------------------------------
 # kernel selection
 # --------------------------------------------------------------------------------------------------
-def _triton_factory() -> LinearAttentionKernel:
-    from .linear_triton import LinearTriton  # imported on demand: needs triton
-
-    return LinearTriton()
+_LINEAR_KERNELS: dict[str, Callable[[], LinearAttentionKernel]] = {}
 
 
-_LINEAR_KERNELS: dict[str, Callable[[], LinearAttentionKernel]] = {
-    "reference": LinearReference,
-    "triton": _triton_factory,
-}
+def register_linear_kernel(name: str, factory: Callable[[], LinearAttentionKernel]) -> None:
+    """Make a linear kernel selectable by name (``kernel="name"`` in
+    :func:`longctx.parallel.strategies.linear.linear_attention` and the models)."""
+    _LINEAR_KERNELS[name] = factory
 
 
 def available_linear_kernels() -> list[str]:
@@ -685,7 +367,7 @@ def get_linear_kernel(kernel: str | LinearAttentionKernel) -> LinearAttentionKer
         if not isinstance(kernel, LinearAttentionKernel):
             raise TypeError(
                 f"kernel must be a name ({available_linear_kernels()}) or an object with forward/"
-                f"backward per longctx.kernels.linear_reference.LinearAttentionKernel; got "
+                f"backward per longctx.kernels.linear.LinearAttentionKernel; got "
                 f"{type(kernel).__name__}"
             )
         return kernel

@@ -1,7 +1,8 @@
 """Triton causal linear attention with per-head decay (Lightning Attention-2 style), fwd + bwd.
 
-Implements :class:`~longctx.kernels.linear_reference.LinearAttentionKernel` (same math, layout,
-decay, states and documents as :mod:`longctx.kernels.linear_reference`)::
+Implements :class:`~longctx.kernels.linear.base.LinearAttentionKernel` (same math, layout,
+decay, states and documents as :mod:`longctx.kernels.linear.reference`), registered as
+``"triton"``::
 
     forward(q, k, v, args, initial_state) -> out [B, S, H, Dv] (q.dtype), final_state [B, H, Dk, Dv] f32
     backward(dout, dfinal, q, k, v, args, initial_state, grad_dtype) -> dq, dk, dv, dinitial
@@ -47,8 +48,7 @@ read at each launch).  Inputs float16 / bfloat16 / float32 (float32 uses full-pr
 Example::
 
     >>> import torch
-    >>> from longctx.kernels.linear_triton import linear_attention_triton
-    >>> from longctx.kernels.linear_reference import retnet_log_decay
+    >>> from longctx.kernels.linear import linear_attention_triton, retnet_log_decay
     >>> q = torch.randn(1, 8192, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     >>> k = torch.randn(1, 8192, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     >>> v = torch.randn(1, 8192, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -66,22 +66,22 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import sum_kv_groups
-from .linear_reference import (
+from .._triton_runtime import interpreting as _interpreting
+from .._triton_runtime import unavailable_reason as _unavailable_reason
+from .._triton_runtime import jit as _jit
+from .._triton_runtime import launch as _launch
+from .._triton_runtime import tl, triton
+from ..base import sum_kv_groups
+from .base import (
     LinearArgs,
     LinearKernelFunction,
     LinearShape,
     StateExchange,
     check_linear_inputs,
     check_state,
+    register_linear_kernel,
     resolve_state,
 )
-
-from ._triton_runtime import interpreting as _interpreting
-from ._triton_runtime import unavailable_reason as _unavailable_reason
-from ._triton_runtime import jit as _jit
-from ._triton_runtime import launch as _launch
-from ._triton_runtime import tl, triton
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -799,7 +799,7 @@ class LinearTriton:
     def forward_exchange(self, q: Tensor, k: Tensor, v: Tensor, args: LinearArgs,
                          initial_state: Tensor | None, exchange: StateExchange,
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Fused :func:`~longctx.kernels.linear_reference.forward_with_exchange`: the final state
+        """Fused :func:`~longctx.kernels.linear.exchange.forward_with_exchange`: the final state
         from ``initial_state``, summed in parallel over segments of tokens and chained through
         them (:meth:`_chain`), then ``exchange(final)``, then the state kernel from
         ``initial_state + entering``, every segment walked in parallel from its chained start,
@@ -836,7 +836,7 @@ class LinearTriton:
                           initial_state: Tensor | None, entering: Tensor | None,
                           exchange: StateExchange, grad_dtype: torch.dtype | None = None,
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Fused :func:`~longctx.kernels.linear_reference.backward_with_exchange`: the entering
+        """Fused :func:`~longctx.kernels.linear.exchange.backward_with_exchange`: the entering
         state's gradient through the outputs, summed in parallel over segments of tokens and
         chained through them (:meth:`_chain`), goes to ``exchange``, which may run while the
         chunk states are recomputed (from ``initial_state + entering``); the final-state
@@ -1010,9 +1010,12 @@ def linear_attention_triton(
     """Causal linear attention with per-head decay on the Triton kernel, differentiable.
 
     Same arguments and result as
-    :func:`~longctx.kernels.linear_reference.linear_attention_reference`; the final state is
+    :func:`~longctx.kernels.linear.reference.linear_attention_reference`; the final state is
     float32.
     """
     args = LinearArgs.build(q, k, v, log_decay=log_decay, scale=scale, cu_seqlens=cu_seqlens)
     out, final = LinearKernelFunction.apply(q, k, v, initial_state, LinearTriton(config), args)
     return (out, final) if return_final_state else out
+
+
+register_linear_kernel("triton", LinearTriton)
