@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.mask import Positions, Segment
+from ..kernels.mask import Mask, Positions, Segment
 from .comm import AllToAllComm
 from .layout import Layout
 
@@ -246,3 +246,11 @@ def grads_to_seq(
     _place_kv_heads(dk, dk_r, H, accumulate=replicated)
     _place_kv_heads(dv, dv_r, H, accumulate=replicated)
     return dq, dk, dv
+
+
+def heads_mask(mask: Mask, comm: AllToAllComm, heads: int, kv_heads: int) -> Mask:
+    """The mask for this rank's ``H/P`` query heads: block-sparse lists that differ per head are
+    cut to the heads the rank holds after the exchange (others pass through as they are)."""
+    per_rank = heads // comm.world_size
+    lo = comm.rank * per_rank
+    return mask.select_heads(lo, lo + per_rank, heads, kv_heads)

@@ -44,7 +44,9 @@ __all__ = [
     "check_cp_case",
 ]
 
-MASK_KINDS = ("full", "causal", "window", "window_bidir", "documents", "block_sparse")
+MASK_KINDS = (
+    "full", "causal", "window", "window_bidir", "documents", "block_sparse", "block_sparse_heads",
+)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ class CPCase:
             n = -(-S // block)
             table = torch.rand(n, n, generator=torch.Generator().manual_seed(self.seed)) < 0.4
             table[0] = False
+            return Mask(causal=True, block_sparse=BlockSparse.from_table(block, table))
+        if self.mask == "block_sparse_heads":  # lists per batch row and query head, empty rows
+            block = 4
+            n = -(-S // block)
+            g = torch.Generator().manual_seed(self.seed + 1)
+            table = torch.rand(self.batch, self.heads, n, n, generator=g) < 0.35  # [B, H, n, n]
+            table[:, 0, 1] = False  # head 0 has a query block that sees nothing
             return Mask(causal=True, block_sparse=BlockSparse.from_table(block, table))
         raise ValueError(f"unknown mask kind {self.mask!r}; choose one of {MASK_KINDS}")
 

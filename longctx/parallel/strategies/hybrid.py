@@ -25,6 +25,7 @@ from ..context import CPContext
 from ..head_exchange import (
     TokenOrder,
     grads_to_seq,
+    heads_mask,
     out_to_seq,
     qkv_to_heads,
     seq_to_heads,
@@ -42,15 +43,20 @@ def _super_shard(cp: CPContext, ring_rank: int, U: int, device) -> TokenOrder:
     return token_order(cp.layout, cp.seq_len, cp.world_size, members, str(device))
 
 
-def _ring_context(cp: CPContext, comm: AllToAllComm) -> CPContext:
-    """The context of the ring across Ulysses groups: one sorted super-shard per group."""
+def _ring_context(cp: CPContext, comm: AllToAllComm, heads: int, kv_heads: int) -> CPContext:
+    """The context of the ring across Ulysses groups: one sorted super-shard per group, and the
+    mask of the heads this rank holds."""
     U = comm.world_size
     R = cp.world_size // U
     positions = tuple(_super_shard(cp, i, U, "cpu").positions for i in range(R))
     return replace(
         cp, group=cp.hybrid.ring, world_size=R, rank=cp.rank // U, positions=positions,
-        hybrid=None,
+        hybrid=None, mask=heads_mask(cp.mask, comm, heads, kv_heads),
     )
+
+
+def _heads(q: Tensor, k: Tensor) -> tuple[int, int]:
+    return q.shape[2], k.shape[2]
 
 
 def hybrid_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
@@ -58,7 +64,7 @@ def hybrid_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     comm = AllToAllComm(cp.hybrid.ulysses)
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q.device)
     q_h, k_h, v_h = qkv_to_heads(q, k, v, comm, order)  # [B, U*S/P, H/U, D], global order
-    out_h, lse_h, _ = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm))
+    out_h, lse_h, _ = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm, *_heads(q, k)))
     out, lse = out_to_seq(out_h, lse_h if cp.need_lse else None, comm, order)
     return out, lse, (q_h, k_h, v_h, out_h, lse_h)
 
@@ -73,7 +79,7 @@ def hybrid_backward(
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q_h.device)
     dout_h = seq_to_heads(dout, comm, order)
     grads_h = ring_backward(
-        dout_h, q_h, k_h, v_h, out_h, lse_h, (), _ring_context(cp, comm),
+        dout_h, q_h, k_h, v_h, out_h, lse_h, (), _ring_context(cp, comm, *_heads(q, k)),
         grad_dtype=acc_dtype(q.dtype),
     )
     return grads_to_seq(*grads_h, k.shape[2], comm, order)

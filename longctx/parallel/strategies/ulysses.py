@@ -16,6 +16,8 @@ Example (on each rank of a process group; any layout)::
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor
 
 from ...kernels.base import acc_dtype
@@ -24,6 +26,7 @@ from ..context import CPContext
 from ..head_exchange import (
     TokenOrder,
     grads_to_seq,
+    heads_mask,
     out_to_seq,
     qkv_to_heads,
     seq_to_heads,
@@ -41,6 +44,12 @@ def _order(cp: CPContext, device) -> TokenOrder:
     return token_order(cp.layout, cp.seq_len, cp.world_size, members, str(device))
 
 
+def _heads_context(cp: CPContext, comm: AllToAllComm, heads: int, kv_heads: int) -> CPContext:
+    """The context of this rank's kernel call: the mask of the heads it holds."""
+    mask = heads_mask(cp.mask, comm, heads, kv_heads)
+    return cp if mask is cp.mask else replace(cp, mask=mask)
+
+
 def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse, saved.
 
@@ -51,7 +60,8 @@ def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     comm = AllToAllComm(cp.group)
     order = _order(cp, q.device)
     q_h, k_h, v_h = qkv_to_heads(q, k, v, comm, order)  # [B, S, H/P, D], [B, S, m, D] x 2
-    out_h, lse_h = attend(q_h, k_h, v_h, order.positions, order.positions, cp)
+    cp_h = _heads_context(cp, comm, q.shape[2], k.shape[2])
+    out_h, lse_h = attend(q_h, k_h, v_h, order.positions, order.positions, cp_h)
     out, lse = out_to_seq(out_h, lse_h if cp.need_lse else None, comm, order)
     return out, lse, (q_h, k_h, v_h, out_h, lse_h)
 
@@ -73,7 +83,8 @@ def ulysses_backward(
     dout_h = seq_to_heads(dout, comm, order)  # [B, S, H/P, D]
     pos = order.positions
     dq_h, dk_h, dv_h = attend_backward(
-        dout_h, q_h, k_h, v_h, out_h, lse_h, pos, pos, cp, grad_dtype=grad_dtype
+        dout_h, q_h, k_h, v_h, out_h, lse_h, pos, pos,
+        _heads_context(cp, comm, q.shape[2], k.shape[2]), grad_dtype=grad_dtype,
     )
     return grads_to_seq(dq_h.to(q.dtype), dk_h, dv_h, k.shape[2], comm, order)
 
