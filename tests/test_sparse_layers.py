@@ -196,6 +196,21 @@ def test_moba_selection_is_sparse_and_respects_documents():
     assert int(sel.kv_num_blocks[..., 0].max()) == 1  # block 0 has no earlier block
 
 
+def test_kernel_tiles_split_the_selection_blocks():
+    """Lists of 16-token blocks run as 8-token kernel tiles: the same result."""
+    S = 64
+    q, k, v, _, _ = _inputs(S)
+    cp = SparseCP.build(S)
+    gen = torch.Generator().manual_seed(3)
+    own = (torch.arange(0, S, 8) // 16).view(1, 1, -1, 1).expand(1, H, -1, 1)
+    other = torch.randint(0, 4, (1, H, S // 8, 1), generator=gen)
+    sel = SparseSelection(16, 8, torch.full((1, H, S // 8), 2), torch.cat([own, other], -1))
+    mask = Mask(causal=True, cu_seqlens=torch.tensor([0, 21, S]))
+    a = selected_attention(q, k, v, cp, sel, mask, scale=0.3)
+    b = selected_attention(q, k, v, cp, sel, mask, scale=0.3, kv_block=8)
+    assert (a - b).abs().max() < TOL and a.abs().sum() > 0
+
+
 # -- context parallelism --------------------------------------------------------------------------
 _GROUPS: dict[int, object] = {}
 

@@ -76,12 +76,19 @@ __all__ = [
     "BlockCompressor",
     "MobaAttention",
     "NSAAttention",
+    "kernel_kv_block",
     "moba_select",
     "nsa_importance",
     "top_blocks",
 ]
 
 RING_FAMILY = ("ring", "zigzag", "striped", "allgather", "auto")
+
+
+def kernel_kv_block(block: int) -> int:
+    """The block-sparse kernel's key tile for selection blocks of ``block`` tokens: 128 or 64
+    when they divide it (the Triton kernel's sizes), else the block itself."""
+    return next((t for t in (128, 64) if block % t == 0), block)
 
 
 # -- selection (no gradient, no host sync) ---------------------------------------------------------
@@ -144,7 +151,7 @@ def moba_select(
 @torch.no_grad()
 def nsa_importance(
     q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, q_pos: Tensor, config: NSAConfig, mask: Mask,
-    scale: float, num_blocks: int, chunk: int = 4096,
+    scale: float, num_blocks: int, chunk: int = 512,
 ) -> Tensor:
     """NSA's block importance ``[B, Hkv, nq, num_blocks]`` from the compressed attention.
 
@@ -330,7 +337,8 @@ class MobaAttention(_SparseAttention):
         q_pos = cp.positions_on(cp.rank, q.device)
         sel = moba_select(q.detach(), means, q_pos, cfg, base)
         return selected_attention(
-            q, k, v, cp, sel, base, scale=scale, kernel=kernel, stats=self.stats
+            q, k, v, cp, sel, base, scale=scale, kernel=kernel,
+            kv_block=kernel_kv_block(cfg.block_size), stats=self.stats,
         )
 
 
@@ -351,6 +359,7 @@ class NSAAttention(_SparseAttention):
         self.w_gate = nn.Linear(config.hidden_size, 3 * H, bias=False, device=device, dtype=dtype)
         self.compress_k = BlockCompressor(self.nsa, D, device, dtype)
         self.compress_v = BlockCompressor(self.nsa, D, device, dtype)
+        self.group_size = H // config.num_query_groups  # query heads sharing a selection
         self.stats: list | None = None
 
     def qkv(self, x_bsh: Tensor, rope: tuple[Tensor, Tensor]):
@@ -360,6 +369,12 @@ class NSAAttention(_SparseAttention):
         return q, k, v, gates
 
     def _check(self, cp: SparseCP, q: Tensor, k: Tensor) -> None:
+        if q.shape[2] != k.shape[2] * self.group_size:
+            raise ValueError(
+                f"NSA shares a selection over the {self.group_size} query heads of a kv group, "
+                f"but this rank holds {q.shape[2]} query heads over {k.shape[2]} kv heads (Ulysses "
+                "split a group): use a ring-family strategy, or a CP degree dividing the kv heads"
+            )
         cp.check_blocks(self.nsa.select_block, "NSAConfig.select_block")
         cp.check_blocks(self.nsa.query_block, "NSAConfig.query_block")
 
@@ -397,7 +412,7 @@ class NSAAttention(_SparseAttention):
         sel = top_blocks(imp, q_pos[:: cfg.query_block], cfg.select_block, cfg.query_block,
                          cfg.top_n, base)
         out_s = selected_attention(q, k, v, cp, sel, base, scale=scale, kernel=kernel,
-                                   stats=self.stats)
+                                   kv_block=kernel_kv_block(cfg.select_block), stats=self.stats)
         # (3) sliding window
         window = Mask(causal=True, window=cfg.window, cu_seqlens=base.cu_seqlens)
         out_w = cp_attention(q, k, v, window_group, strategy=strategy, layout=layout, mask=window,
