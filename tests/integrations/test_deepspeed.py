@@ -1,0 +1,197 @@
+"""DeepSpeed adapter on CPU over gloo, 2 processes: ZeRO with CP=2 vs the plain engine, Ulysses
+(DistributedAttention) and ALST (UlyssesSPAttentionHF) with longctx's attention inside.
+
+Test-only setup in the workers: the environment torchrun would set (LOCAL_RANK, ...), and
+DeepSpeed's shared-memory CPU op marked unavailable, so that DeepSpeed does not JIT-compile it
+(tens of seconds on first start) and uses gloo alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import readme_example, require_or_skip
+
+require_or_skip("deepspeed")
+
+from longctx.testing import SimulatedMesh  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _deepspeed_worker_setup(group) -> int:
+    import torch.distributed as dist
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build in tests
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.update(
+        LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
+    )
+    return world
+
+
+class TinyCausalLM(torch.nn.Module):
+    """Embedding, one causal GQA attention through longctx, a head; returns the token-loss sum."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 32)
+        self.o = torch.nn.Linear(16, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids, labels, group=None):
+        import longctx
+
+        x = self.emb(ids)  # [b, s, dim]
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split([16, 8, 8], dim=-1)
+        q, k, v = q.view(b, s, 4, 4), k.view(b, s, 2, 4), v.view(b, s, 2, 4)
+        a = longctx.attention(
+            q, k, v, group, strategy="zigzag" if group is not None else "ring",
+            mask=longctx.Mask(causal=True),
+        )
+        logits = self.head(x + self.o(a.reshape(b, s, 16)))
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), reduction="sum"
+        )
+
+
+def zero_cp_vs_plain(group, stage: int, steps: int = 3, seq: int = 16):
+    """Losses of `steps` SGD steps: the plain engine (full rows) and ZeRO-`stage` with CP=2."""
+    import torch.distributed as dist
+
+    from longctx.integrations.deepspeed import ContextParallelMPU, initialize_engine
+    from longctx.parallel.layout import shard
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 32, (1, seq + 1), generator=g) for _ in range(steps)]
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10_000,
+    }
+
+    def train(mpu):
+        torch.manual_seed(0)
+        model = TinyCausalLM()
+        engine = initialize_engine(
+            model, config, mpu=mpu, optimizer=torch.optim.SGD(model.parameters(), lr=0.5)
+        )
+        losses = []
+        for row in rows:
+            ids, labels = row[:, :-1], row[:, 1:]  # labels shifted before sharding
+            if mpu is None:  # both ranks train on the same full row: data parallel of copies
+                loss = engine(ids, labels) / seq
+                reported = loss.detach().clone()
+            else:
+                P, r = mpu.get_context_parallel_world_size(), mpu.get_context_parallel_rank()
+                ids, labels = (shard(x, "zigzag", P, r) for x in (ids, labels))
+                loss = mpu.loss(engine(ids, labels, mpu.get_context_parallel_group()), seq)
+                reported = loss.detach().clone()
+                dist.all_reduce(reported, group=mpu.get_context_parallel_group())
+                reported /= P
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(reported))
+        return losses
+
+    return train(None), train(ContextParallelMPU.build(cp_size=2))
+
+
+def ulysses_distributed_attention(group, seq: int = 16):
+    """DeepSpeed's DistributedAttention around UlyssesLocalAttention vs one process, with grads."""
+    import torch.distributed as dist
+    from deepspeed.sequence.layer import DistributedAttention
+
+    import longctx
+    from longctx.integrations.deepspeed import UlyssesLocalAttention
+    from longctx.parallel.layout import shard
+
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(seq, 2, 4, 8, generator=g, dtype=torch.float64)  # [s, b, h, d]
+    k = torch.randn(seq, 2, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(seq, 2, 2, 8, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, 6, 16])
+    mask = longctx.Mask(causal=True, cu_seqlens=cu)
+    ref_q, ref_k, ref_v = (x.transpose(0, 1).clone().requires_grad_() for x in (q, k, v))
+    ref = longctx.attention(ref_q, ref_k, ref_v, mask=mask)  # [b, s, h, d]
+    ref.square().sum().backward()
+
+    attn = DistributedAttention(UlyssesLocalAttention(causal=True), group)
+    local = [shard(x, "contiguous", P, rank, dim=0).requires_grad_() for x in (q, k, v)]
+    out = attn(*local, 1, cu_seqlens=cu)  # batch_dim_idx=1: [s/P, b, h, d]
+    out.square().sum().backward()
+    pairs = [(out, ref.transpose(0, 1))] + [
+        (x.grad, y.grad.transpose(0, 1)) for x, y in zip(local, (ref_q, ref_k, ref_v))
+    ]
+    return [float((a - shard(b, "contiguous", P, rank, dim=0)).abs().max()) for a, b in pairs]
+
+
+def alst_llama(group, seq: int = 16):
+    """ALST (UlyssesSPAttentionHF) over longctx's core attention: a tiny Llama's logits."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longctx.integrations.deepspeed import register_ulysses_hf
+    from longctx.parallel.layout import shard
+
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 64, (1, seq), generator=torch.Generator().manual_seed(2))
+    pos = torch.cat([torch.arange(6), torch.arange(10)])[None]  # two packed documents
+    ref = torch.cat([plain(input_ids=ids[:, :6]).logits, plain(input_ids=ids[:, 6:]).logits], 1)
+
+    model = LlamaForCausalLM(config).double()
+    model.load_state_dict(plain.state_dict())
+    register_ulysses_hf(model, sequence_parallel_size=P, micro_batch_size=1)
+    local_ids, local_pos = (shard(x, "contiguous", P, rank) for x in (ids, pos))
+    logits = model(input_ids=local_ids, position_ids=local_pos).logits
+    return float((logits - shard(ref, "contiguous", P, rank)).abs().max())
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with SimulatedMesh(2) as m:
+        assert m.run(_deepspeed_worker_setup) == [2, 2]
+        yield m
+
+
+@pytest.mark.parametrize("stage", [3, 1])
+def test_zero_cp2_matches_plain_engine(mesh, stage):
+    for plain, cp in mesh.run(zero_cp_vs_plain, stage):
+        assert len(plain) == 3 and plain[-1] < plain[0]
+        assert max(abs(a - b) for a, b in zip(plain, cp)) < 1e-5, (plain, cp)
+
+
+def test_ulysses_local_attention(mesh):
+    for errs in mesh.run(ulysses_distributed_attention):
+        assert max(errs) < 1e-12, errs
+
+
+def test_alst_core_attention(mesh):
+    require_or_skip("transformers")
+    for err in mesh.run(alst_llama):
+        assert err < 1e-10, err
+
+
+def test_readme_example():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", readme_example("deepspeed")], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
