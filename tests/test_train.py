@@ -207,7 +207,22 @@ def test_bad_configs_name_the_key(overrides, match):
         load_config(CONFIGS / "tiny.yaml", overrides)
 
 
-def test_cli_reports_bad_config_and_missing_file(capsys):
+@pytest.fixture
+def console_logging():
+    """The command's console handler for one test (the logger is restored afterwards)."""
+    import logging
+
+    from longctx.train.entry import setup_console_logging
+
+    lg = logging.getLogger("longctx")
+    saved = (list(lg.handlers), lg.propagate, lg.level)
+    setup_console_logging()
+    yield
+    lg.handlers[:], lg.propagate = saved[0], saved[1]
+    lg.setLevel(saved[2])
+
+
+def test_cli_reports_bad_config_and_missing_file(capsys, console_logging):
     from longctx.cli import main
 
     assert main(["train", "--set", "optim.lrr=1"]) == 2
@@ -494,13 +509,12 @@ def _fail_on_rank_one(config, threads: int, quiet: bool) -> None:
     time.sleep(300)
 
 
-def test_launcher_failing_rank_stops_the_others(capsys):
+def test_launcher_failing_rank_stops_the_others(capsys, console_logging):
     """torch's elastic launcher (what `longctx train` starts when not under torchrun): a rank
     that fails stops the others at once, the run's code is 1 and the rank's error is shown."""
-    from longctx.train.entry import setup_console_logging
     from longctx.train.launcher import launch_local
 
-    setup_console_logging()
+    sigterm = signal.getsignal(signal.SIGTERM)
     start = time.monotonic()
     code = launch_local("cfg-x", 2, quiet=True, entrypoint=_fail_on_rank_one)
     elapsed = time.monotonic() - start
@@ -508,6 +522,7 @@ def test_launcher_failing_rank_stops_the_others(capsys):
     assert code == 1, err
     assert elapsed < 120  # rank 0 was stopped, not left to sleep
     assert "rank 1 breaks (cfg-x)" in err, err
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # the launcher's handler is gone
 
 
 # -- two torchrun agents as two nodes ---------------------------------------------------------------

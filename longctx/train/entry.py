@@ -10,14 +10,15 @@ The modules call each other in one direction: :mod:`.cli` (arguments, config) st
 ``longctx`` loggers as plain lines, INFO on stdout from rank 0 only, warnings and errors on
 stderr from every rank.  The command calls it once per process; library code only logs.
 
-Example (the handler is installed once, whatever the number of calls)::
+Example (on a logger of its own; the command's is ``longctx``): installed once, whatever the
+number of calls; records below WARNING go to stdout::
 
     >>> import logging
     >>> from longctx.train.entry import setup_console_logging
-    >>> setup_console_logging() is setup_console_logging()
+    >>> setup_console_logging(name="example") is setup_console_logging(name="example")
     True
-    >>> logging.getLogger("longctx").propagate
-    False
+    >>> logging.getLogger("example.sub").info("step 1/10 | loss 5.1")
+    step 1/10 | loss 5.1
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_console_logging(level: int = logging.INFO) -> logging.Handler:
-    """Install the command's console handler on the ``longctx`` logger (once per process)."""
-    root = logging.getLogger("longctx")
+def setup_console_logging(level: int = logging.INFO, name: str = "longctx") -> logging.Handler:
+    """Install the command's console handler on logger ``name`` (once per process); its records
+    do not propagate further (a root handler that a dependency installed would print them
+    twice)."""
+    root = logging.getLogger(name)
     for handler in root.handlers:
         if isinstance(handler, _ConsoleHandler):
             return handler

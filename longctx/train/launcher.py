@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -58,6 +60,27 @@ def exit_code_of(codes: list[int]) -> int:
         return chosen
     positive = [c for c in bad if c > 0]
     return positive[0] if positive else 1
+
+
+@contextmanager
+def _restored_signal_handlers() -> Iterator[None]:
+    """The agent installs its signal handlers (and notes them in the environment) for good; a
+    caller that goes on (tests, notebooks) gets its own back."""
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+               if hasattr(signal, n)]
+    handlers = {s: signal.getsignal(s) for s in signals}
+    env_key = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+    env = os.environ.get(env_key)
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            if h is not None:
+                signal.signal(s, h)
+        if env is None:
+            os.environ.pop(env_key, None)
+        else:
+            os.environ[env_key] = env
 
 
 @contextmanager
@@ -94,8 +117,10 @@ def launch_local(config: Any, world_size: int, *, device_type: str = "cpu", quie
         )
     cores = os.cpu_count() or 1
     threads = max(1, cores // world_size) if device_type == "cpu" else 1
+    error_files = tempfile.TemporaryDirectory(prefix="longctx-launch-")  # the ranks' tracebacks
     launch = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world_size,
+        logs_specs=DefaultLogsSpecs(log_dir=error_files.name),
         run_id=f"longctx-{uuid.uuid4().hex[:12]}",
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", local_addr="127.0.0.1",
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
@@ -105,9 +130,9 @@ def launch_local(config: Any, world_size: int, *, device_type: str = "cpu", quie
         shutdown_timeout=shutdown_timeout,
     )
     try:
-        with _torch_launcher_logs_off():
+        with error_files, _restored_signal_handlers(), _torch_launcher_logs_off():
             elastic_launch(launch, entrypoint)(config, threads, quiet)
-    except ChildFailedError as e:
+    except ChildFailedError as e:  # (its message was read from the error files)
         code = exit_code_of([f.exitcode for f in e.failures.values()])
         if code not in _CHOSEN_CODES:
             logger.error("longctx train: a process failed; the others were stopped\n%s",
