@@ -4,7 +4,8 @@
 - :mod:`.trainer`: :class:`Trainer`, the loop; :mod:`.loss`: chunked cross-entropy;
   :mod:`.optim`: AdamW + schedule; :mod:`.checkpoint`: DCP; :mod:`.metrics`: TensorBoard, MFU.
 - :mod:`.distributed`: process-group start-up; :mod:`.launcher`: a local CPU/GPU mesh of
-  processes when not under torchrun; :mod:`.cli`: the command line.
+  processes when not under torchrun (torch's elastic launcher); :mod:`.entry`: what each process
+  runs, and the console logging; :mod:`.cli`: the command line (cli -> launcher -> entry).
 """
 
 from .config import TrainConfig, load_config
