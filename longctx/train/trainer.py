@@ -45,7 +45,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -171,29 +170,27 @@ class Trainer:
 
     Args:
         config: the run; every process passes the same one.
-        quiet: no output on rank 0 (tests).
-        stream: where the step lines of :class:`~longctx.train.metrics.MetricsLogger` go
-            (default stdout); the rest is logged (``logging``, logger ``longctx.train.trainer``).
+        quiet: no output on rank 0 (tests).  Rank 0's output is ``logging`` INFO records (the
+            ``longctx.train.trainer`` and ``longctx.train.metrics`` loggers).
 
     Attributes: ``env`` (rank, device, ...), ``dims`` (dp, cp, tp, ulysses), ``pmesh``,
     ``dp_rank`` / ``cp_rank`` / ``tp_rank``, ``model``, ``optimizer``, ``scheduler``,
     ``dataset``, ``step`` (optimizer steps done), ``resumed_from``.
     """
 
-    def __init__(self, config: TrainConfig, *, quiet: bool = False, stream=None):
+    def __init__(self, config: TrainConfig, *, quiet: bool = False):
         self.config = config
         cfg = config
         self.env: DistEnv = init_distributed(cfg.train.device)
         try:
-            self._build(quiet, stream)
+            self._build(quiet)
         except BaseException:
             self.env.close()
             raise
 
     # -- construction ---------------------------------------------------------------------------
-    def _build(self, quiet: bool, stream) -> None:
+    def _build(self, quiet: bool) -> None:
         cfg, env = self.config, self.env
-        self.stream = stream or sys.stdout
         self.quiet = quiet
         self.dims = cfg.parallel.dims(env.world_size)
         self.precision = _resolve_precision(cfg.train.precision, env.device)
@@ -548,7 +545,6 @@ class Trainer:
             interval=cfg.logging.log_interval, tensorboard_dir=tb_dir,
             flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
             world_size=env.world_size, device=env.device, start_step=start_step,
-            stream=self.stream,
         )
         losses: list[float] = []
         eval_samples = self.eval_samples()
