@@ -60,6 +60,10 @@ _LOG2E = 1.4426950408889634
 _MAX_POSITION = 2**30
 _HEAD_DIMS = (16, 32, 64, 128)
 _BLOCKS = (16, 32, 64, 128)
+# the dK/dV pass walks a listed query block in sub-tiles of at most this many rows (a loop, not
+# unrolled): at head dim 128 a 128 x 128 tile spills registers in ptxas' sm_90 report, 64-row
+# sub-tiles do not
+_BWD_KV_SUB_M = 64
 
 
 @dataclass(frozen=True)
@@ -303,13 +307,45 @@ if triton is not None:
         desc_dq.store([b, start_m, h * HEAD_DIM], tl.reshape(dq * scale, [1, BLOCK_M, HEAD_DIM]))
 
     @_jit
+    def _bwd_kv_sub(dk, dv, k, v, kp, kd, desc_q, desc_do, lse_ptr, delta_ptr, QD, b, col_q,
+                    start_m, full, q_start, Sq, window, qk_scale, SUB_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """``SUB_M`` query rows' contribution to a key block's dK/dV (transposed scores
+        ``[BLOCK_N, SUB_M]``, so dK/dV need no transposes); rows past ``Sq`` add nothing."""
+        offs_m = start_m + tl.arange(0, SUB_M)
+        m_valid = offs_m < Sq
+        q = _rows(desc_q, b, start_m, col_q, SUB_M, HEAD_DIM)
+        lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
+        # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = _mm(k, tl.trans(q), tl.zeros([k.shape[0], SUB_M], dtype=tl.float32), IEEE)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if full == 0:
+            qp = q_start + offs_m
+            if HAS_DOCS:
+                qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+            else:
+                qd = qp
+            okT = _element_ok(qp[None, :], kp[:, None], qd[None, :], kd[:, None], window,
+                              CAUSAL, HAS_WINDOW, HAS_DOCS)
+            pT = tl.where(okT, pT, 0.0)
+        do = _rows(desc_do, b, start_m, col_q, SUB_M, HEAD_DIM)
+        dv = _mm(pT.to(do.dtype), do, dv, IEEE)
+        delta = tl.load(delta_ptr + offs_m, mask=m_valid, other=0.0)
+        dpT = _mm(v, tl.trans(do), tl.zeros([k.shape[0], SUB_M], dtype=tl.float32), IEEE)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = _mm(dsT, q, dk, IEEE)
+        return dk, dv
+
+    @_jit
     def _bwd_kv_kernel(
         desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, Lse, Delta, OFF, QIDX, QD, KD,
         qk_scale, scale, window, q_start, k_start, q_blk0, k_blk0,
         Sq, Sk, H, Hkv, G, head_div, s_ob, s_oh, n_kv_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-        IEEE: tl.constexpr,
+        SUB_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_DOCS: tl.constexpr, IEEE: tl.constexpr,
     ):
         """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``: dK/dV of one key block, over the query blocks
         that list it, for all ``G`` query heads of its kv head (accumulated in registers)."""
@@ -360,31 +396,12 @@ if triton is not None:
                                              qd_lo, qd_hi, kd_lo, kd_hi, window,
                                              CAUSAL, HAS_WINDOW, HAS_DOCS)
                     if any_:
-                        offs_m = start_m + tl.arange(0, BLOCK_M)
-                        m_valid = offs_m < Sq
-                        q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
-                        lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
-                        lse2 = tl.where(lse == float("-inf"), float("inf"),
-                                        lse * 1.4426950408889634)
-                        qkT = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                                  IEEE)
-                        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-                        if full == 0:
-                            qp = q_start + offs_m
-                            if HAS_DOCS:
-                                qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
-                            else:
-                                qd = qp
-                            okT = _element_ok(qp[None, :], kp[:, None], qd[None, :], kd[:, None],
-                                              window, CAUSAL, HAS_WINDOW, HAS_DOCS)
-                            pT = tl.where(okT, pT, 0.0)
-                        do = _rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
-                        dv = _mm(pT.to(do.dtype), do, dv, IEEE)
-                        delta = tl.load(delta_ptr + offs_m, mask=m_valid, other=0.0)
-                        dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                                  IEEE)
-                        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-                        dk = _mm(dsT, q, dk, IEEE)
+                        # the query block in sub-tiles of SUB_M rows (fewer live registers)
+                        for sub in range(0, BLOCK_M // SUB_M):
+                            dk, dv = _bwd_kv_sub(
+                                dk, dv, k, v, kp, kd, desc_q, desc_do, lse_ptr, delta_ptr, QD, b,
+                                h * HEAD_DIM, start_m + sub * SUB_M, full, q_start, Sq, window,
+                                qk_scale, SUB_M, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
 
         desc_dk.store([b, start_n, hk * HEAD_DIM], tl.reshape(dk * scale, [1, BLOCK_N, HEAD_DIM]))
         desc_dv.store([b, start_n, hk * HEAD_DIM], tl.reshape(dv, [1, BLOCK_N, HEAD_DIM]))
@@ -609,15 +626,16 @@ class BlockSparseTriton:
         Bm, Hm, _, nk = bs.shape
         s_ob = 0 if Bm == 1 else Hm * nk
         s_oh = 0 if (Hm == 1 or shared) else nk
+        sub_m = min(bs.q_block, _BWD_KV_SUB_M)
         _launch(
             _bwd_kv_kernel, (triton.cdiv(Sk, bs.kv_block), B * Hkv),
-            _rows_desc(q, bs.q_block), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
-            _rows_desc(dout, bs.q_block), _rows_desc(dk, bs.kv_block),
+            _rows_desc(q, sub_m), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
+            _rows_desc(dout, sub_m), _rows_desc(dk, bs.kv_block),
             _rows_desc(dv, bs.kv_block), lse, delta, off, qidx, qd_t, kd_t,
             scale * _LOG2E, scale, common["window"], common["q_start"], common["k_start"],
             common["q_blk0"], common["k_blk0"], Sq, Sk, H, Hkv, H // Hkv, div,
             s_ob, s_oh, nk,
-            HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, **flags,
+            HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, SUB_M=sub_m, **flags,
             num_warps=bwd_warps, num_stages=stages,
         )
         return tuple(g.to(grad_dtype_for(q, grad_dtype)) for g in (dq, dk, dv))

@@ -568,6 +568,12 @@ class BlockSparse:
         )
 
 
+    def to_flex_block_mask(self, q_len: int, kv_len: int | None = None, **kw):
+        """These lists alone (no causal / window / documents) as a FlexAttention ``BlockMask``;
+        see :meth:`Mask.to_flex_block_mask` for the options and for masks with conditions."""
+        return Mask(block_sparse=self).to_flex_block_mask(q_len, kv_len, **kw)
+
+
 def _masked_indices(num: Tensor, idx: Tensor, n_k: int) -> Tensor:
     """int64 ``idx`` with entries past the count, negative or ``>= n_k`` replaced by ``n_k``."""
     used = torch.arange(idx.shape[-1], device=idx.device) < num.to(torch.int64).unsqueeze(-1)
