@@ -17,8 +17,10 @@ Signals and failures, as under torchrun:
   SIGTERM); the launcher does not pass on that SIGINT (a second one makes the processes stop at
   once) but SIGTERM, which they take as the same request.  A second Ctrl-C stops them at once.
 - A process that fails (exits non-zero) stops the others: the launcher sends them SIGTERM.
-- In both cases processes still running after ``shutdown_timeout`` seconds are killed (None:
-  torch's default, ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` or 30 s).
+- In both cases processes still running after ``shutdown_timeout`` seconds are killed: by
+  default :data:`SHUTDOWN_TIMEOUT_S`, time for a step and a checkpoint of a large model (None:
+  torch's default, ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` or 30 s).  The launcher has one timeout for
+  both: ranks left waiting in an NCCL collective by a failed rank are killed after it.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from .entry import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, run_rank
 
-__all__ = ["exit_code_of", "launch_local"]
+__all__ = ["SHUTDOWN_TIMEOUT_S", "exit_code_of", "launch_local"]
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_TIMEOUT_S = 300  # seconds between SIGTERM to the processes and SIGKILL
 # exit codes a rank chooses (see longctx.train.cli), preferred over crash and kill codes
 _CHOSEN_CODES = (EXIT_BAD_CONFIG, EXIT_INTERRUPTED)
 
@@ -101,7 +104,7 @@ def _torch_launcher_logs_off() -> Iterator[None]:
 
 
 def launch_local(config: Any, world_size: int, *, device_type: str = "cpu", quiet: bool = False,
-                 shutdown_timeout: int | None = None,
+                 shutdown_timeout: int | None = SHUTDOWN_TIMEOUT_S,
                  entrypoint: Callable[[Any, int, bool], None] = run_rank) -> int:
     """Run ``config`` on ``world_size`` local processes; returns the run's exit code.
 
