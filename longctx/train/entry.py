@@ -3,8 +3,9 @@
 The modules call each other in one direction: :mod:`.cli` (arguments, config) starts
 :mod:`.launcher` (local processes, when not under torchrun), whose processes run
 :func:`run_rank` here; under torchrun (or with one process) :mod:`.cli` calls
-:func:`run_training` directly.  Both return the run's exit code: 0 done, 2 bad config or data,
-143 stopped by SIGTERM / Ctrl-C after saving a checkpoint.
+:func:`run_training` directly.  The exit codes (:func:`run_training` returns one,
+:func:`run_rank` exits with it): 0 done, 2 bad config or data, 143 stopped by SIGTERM / Ctrl-C
+after saving a checkpoint.
 
 :func:`setup_console_logging` is the console output of the command: ``logging`` records of the
 ``longctx`` loggers as plain lines, INFO on stdout from rank 0 only, warnings and errors on
