@@ -11,13 +11,14 @@ from .cp_check import (
     run_cp_case_on_rank,
     tensor_error,
 )
-from .mesh import MeshConfig, MeshError, SimulatedMesh
+from .mesh import MeshConfig, MeshError, MeshPool, SimulatedMesh
 
 __all__ = [
     "MASK_KINDS",
     "CPCase",
     "MeshConfig",
     "MeshError",
+    "MeshPool",
     "SimulatedMesh",
     "check_cp_case",
     "errors_against_reference",

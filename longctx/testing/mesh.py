@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["MeshConfig", "SimulatedMesh", "MeshError"]
+__all__ = ["MeshConfig", "MeshError", "MeshPool", "SimulatedMesh"]
 
 
 class MeshError(RuntimeError):
@@ -125,6 +125,11 @@ class SimulatedMesh:
     def world_size(self) -> int:
         return self.config.world_size
 
+    @property
+    def alive(self) -> bool:
+        """Not closed, and every worker still running."""
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
     def run(self, fn: Callable[..., Any], *args, **kwargs) -> list[Any]:
         """Call ``fn(group, *args, **kwargs)`` on every rank; return the results in rank order."""
         if not self._procs:
@@ -182,3 +187,43 @@ class SimulatedMesh:
             self.close(force=True)
         except Exception:
             pass
+
+
+class MeshPool:
+    """Simulated meshes shared by many users (a whole test session), started on first use.
+
+    ``get(world_size, env)`` returns a live mesh of that size and worker environment, starting it
+    if needed (or again after a failure closed it).  At most ``max_ranks`` worker processes are
+    kept: the least recently used meshes are closed to make room.
+
+    Example::
+
+        pool = MeshPool(max_ranks=16)
+        pool.get(2).run(world_sum, torch.ones(2))     # started here
+        pool.get(2).run(world_sum, torch.ones(2))     # the same processes again
+        pool.close()
+    """
+
+    def __init__(self, max_ranks: int = 16):
+        self.max_ranks = max_ranks
+        self._meshes: dict[tuple, SimulatedMesh] = {}  # least recently used first
+
+    def get(self, world_size: int, env: dict[str, str] | None = None) -> SimulatedMesh:
+        key = (world_size, tuple(sorted((env or {}).items())))
+        mesh = self._meshes.pop(key, None)
+        if mesh is None or not mesh.alive:
+            if mesh is not None:
+                mesh.close(force=True)
+            while self._meshes and self._ranks() + world_size > self.max_ranks:
+                self._meshes.pop(next(iter(self._meshes))).close()
+            mesh = SimulatedMesh(world_size, env=env)
+        self._meshes[key] = mesh
+        return mesh
+
+    def _ranks(self) -> int:
+        return sum(m.world_size for m in self._meshes.values())
+
+    def close(self) -> None:
+        for mesh in self._meshes.values():
+            mesh.close()
+        self._meshes.clear()

@@ -76,6 +76,7 @@ def ring_backward(
     acc = acc_dtype(q.dtype)
     q_pos = positions[cp.rank]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk_in = dv_in = None  # what the previous rank accumulated for the block now held
     for step in range(n_steps):
         if step + 1 < n_steps:
             k_next, v_next = kv_comm.send_recv([k, v])
