@@ -14,14 +14,14 @@ import importlib.metadata
 import re
 from types import ModuleType
 
-__all__ = ["SUPPORTED", "UnsupportedVersionError", "require", "parse_version", "in_range"]
+__all__ = ["SUPPORTED", "UnsupportedVersionError", "in_range", "parse_version", "require"]
 
 # (import name, distribution name, pyproject extra, supported version range); keep the ranges in
 # step with the extras in pyproject.toml.
 SUPPORTED: dict[str, tuple[str, str, str]] = {
     "megatron.core": ("megatron-core", "megatron", ">=0.16,<0.18"),
     "transformers": ("transformers", "transformers", ">=5.0,<6"),
-    "deepspeed": ("deepspeed", "deepspeed", ">=0.18,<0.20"),
+    "deepspeed": ("deepspeed", "deepspeed", ">=0.19,<0.20"),
 }
 
 

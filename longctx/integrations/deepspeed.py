@@ -12,7 +12,7 @@
   each CP rank's loss so that this average is the mean loss's gradient.
 - :func:`initialize_engine`: ``deepspeed.initialize`` with that mpu, ZeRO stage 1, 2 or 3.
 
-Needs ``pip install "longctx[deepspeed]"`` (deepspeed >=0.18,<0.20; ``DS_BUILD_OPS=0`` is enough:
+Needs ``pip install "longctx[deepspeed]"`` (deepspeed >=0.19,<0.20; ``DS_BUILD_OPS=0`` is enough:
 on CPUs DeepSpeed JIT-builds its small shared-memory op on first start and caches it under
 ``TORCH_EXTENSIONS_DIR``).
 
@@ -36,11 +36,11 @@ from ._deps import require
 require("deepspeed")
 
 __all__ = [
-    "UlyssesLocalAttention",
-    "ContextParallelMPU",
-    "register_ulysses_hf",
-    "initialize_engine",
     "ZERO_STAGES",
+    "ContextParallelMPU",
+    "UlyssesLocalAttention",
+    "initialize_engine",
+    "register_ulysses_hf",
 ]
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -139,7 +139,7 @@ class ContextParallelMPU:
         return own
 
     @classmethod
-    def build(cls, cp_size: int) -> "ContextParallelMPU":
+    def build(cls, cp_size: int) -> ContextParallelMPU:
         """Groups over the whole world: CP groups of ``cp_size`` consecutive ranks (collective)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         if cp_size < 1 or world % cp_size:
@@ -158,7 +158,7 @@ class ContextParallelMPU:
         return cls(cp, dp, dist.new_group(list(range(world))), cls._own_group())
 
     @classmethod
-    def from_mesh(cls, mesh) -> "ContextParallelMPU":
+    def from_mesh(cls, mesh) -> ContextParallelMPU:
         """From a :class:`longctx.parallel.mesh.ParallelMesh` with ``tp == 1``."""
         if mesh.dims.tp != 1:
             raise ValueError(

@@ -40,11 +40,11 @@ from ._deps import require
 
 require("megatron.core")
 
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
-from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 
-__all__ = ["LongctxSettings", "LongctxCoreAttention", "gpt_layer_spec", "CP_COMM_STRATEGIES"]
+__all__ = ["CP_COMM_STRATEGIES", "LongctxCoreAttention", "LongctxSettings", "gpt_layer_spec"]
 
 # megatron's cp_comm_type -> the longctx strategy that moves the same data.
 CP_COMM_STRATEGIES = {"p2p": "zigzag", "a2a": "ulysses", "all_gather": "allgather"}
@@ -163,7 +163,7 @@ class LongctxCoreAttention(MegatronModule):
         self.layout = layout
 
     @classmethod
-    def with_settings(cls, **settings: Any) -> type["LongctxCoreAttention"]:
+    def with_settings(cls, **settings: Any) -> type[LongctxCoreAttention]:
         """A subclass whose instances use ``LongctxSettings(**settings)`` (for a ModuleSpec)."""
         return type(cls.__name__, (cls,), {"settings": LongctxSettings(**settings)})
 

@@ -31,7 +31,7 @@ Example (one process; with CP, every rank runs the same lines on its group)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,17 +44,17 @@ from ._deps import require
 
 require("transformers")
 
-from transformers import AttentionInterface  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 __all__ = [
-    "CPInfo",
     "IMPLEMENTATIONS",
+    "CPInfo",
     "attention_forward",
-    "shard_batch",
-    "document_bounds",
     "cp_all_reduce_grads",
+    "document_bounds",
     "register",
+    "shard_batch",
 ]
 
 # attention implementation name -> (longctx strategy, the layout shard_batch uses by default)
@@ -80,7 +80,7 @@ class CPInfo:
     """
 
     group: object = None
-    layout: Layout = Layout("contiguous")
+    layout: Layout = field(default_factory=Layout)
     cu_seqlens: Tensor | None = None
 
     @property
@@ -209,7 +209,6 @@ def _mask_interface(
             "longctx attention does not take padding masks: its masks are on global positions. "
             "Pack documents (position_ids restarting at 0, labels -100 on padding) instead"
         )
-    return None
 
 
 def _make(name: str, strategy: str):
@@ -241,7 +240,7 @@ def shard_batch(
     position_ids: Tensor | None = None,
     *,
     group=None,
-    layout: "str | Layout" = "zigzag",
+    layout: str | Layout = "zigzag",
     ignore_index: int = -100,
 ) -> dict:
     """A global batch -> this rank's keyword arguments for a transformers causal LM.

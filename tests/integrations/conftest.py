@@ -25,7 +25,26 @@ def readme_example(marker: str) -> str:
     """The ```python block that follows ``<!-- example: {marker} -->`` in README.md."""
     text = README.read_text()
     match = re.search(
-        rf"<!-- example: {re.escape(marker)} -->\s*```python\n(.*?)```", text, flags=re.S
+        rf"<!-- example: {re.escape(marker)} -->\s*```python\n(.*?)```", text, flags=re.DOTALL
     )
     assert match is not None, f"README.md has no python block after <!-- example: {marker} -->"
     return match.group(1)
+
+
+def run_readme_example(marker: str, tmp_path: Path, nproc: int = 2, timeout: float = 300):
+    """Run the README example under ``torchrun --nproc-per-node nproc`` (CPU, gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / f"readme_{marker}.py"
+    script.write_text(readme_example(marker))
+    root = README.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc-per-node={nproc}", str(script)],
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
