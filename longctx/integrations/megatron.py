@@ -115,11 +115,7 @@ class LongctxCoreAttention(MegatronModule):
                 f"longctx attention computes the vanilla softmax; config.softmax_type is "
                 f"{config.softmax_type!r}"
             )
-        if getattr(config, "window_size", None) is not None:
-            raise ValueError(
-                "config.window_size (megatron's sliding window) is not mapped by this adapter; "
-                "leave it None, or use longctx.attention with Mask(causal=True, window=w) directly"
-            )
+        self.window = _window(config, self.layer_number, attn_mask_type)
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
         if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
@@ -185,7 +181,7 @@ class LongctxCoreAttention(MegatronModule):
                 "longctx attention takes masks on global positions, not a padding attention_mask; "
                 "pack the documents and pass packed_seq_params (cu_seqlens) instead"
             )
-        return Mask(causal=causal, cu_seqlens=cu_seqlens)
+        return Mask(causal=causal, window=self.window, cu_seqlens=cu_seqlens)
 
     def forward(
         self,
@@ -234,6 +230,31 @@ class LongctxCoreAttention(MegatronModule):
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, layout={str(self.layout)!r}, cp={self.cp_size}"
+
+
+def _window(config, layer_number: int, attn_mask_type) -> int | None:
+    """megatron's ``window_size=(left, right)`` for this layer as a longctx window (or None).
+
+    megatron allows key ``k`` for query ``q`` when ``-left <= k - q <= right``: causal with
+    ``right = 0`` is longctx's ``Mask(causal=True, window=left + 1)``; a symmetric window
+    (``left == right``) without a causal mask is ``Mask(window=left + 1)``.
+    """
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    window_size = getattr(config, "window_size", None)
+    skip = getattr(config, "window_attn_skip_freq", None)
+    if not is_layer_window_attention(window_size, skip, layer_number):
+        return None
+    left, right = (int(w) for w in window_size)
+    if left < 0:  # -1: unbounded to the left
+        return None
+    causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+    if (causal and right == 0) or (not causal and right == left):
+        return left + 1
+    raise ValueError(
+        f"window_size={tuple(window_size)} with attn_mask_type {attn_mask_type}: longctx takes "
+        "causal windows (left, 0) or, without a causal mask, symmetric ones (w, w)"
+    )
 
 
 def _global_cu_seqlens(packed_seq_params) -> Tensor:

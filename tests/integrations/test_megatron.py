@@ -33,9 +33,15 @@ class _NoRng:
 def _megatron_on_cpu() -> None:
     """Test-only: let megatron's DotProductAttention run on a CPU-only torch."""
     from megatron.core import tensor_parallel
+    from megatron.core.fusions import fused_softmax
+
+    def sliding_window_mask_on_cpu(sq, skv, window_size):  # megatron's, without device="cuda"
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        return ~torch.tril(torch.triu(m, skv - sq - window_size[0]), skv - sq + window_size[1])
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: _NoRng()
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_mask_on_cpu
 
 
 def _causal_mask(seq: int) -> torch.Tensor:
@@ -70,7 +76,7 @@ def _config(cp: int, heads=4, kv_heads=2, head_dim=8, **kw):
     )
 
 
-def core_vs_dpa(group, strategy: str | None, seq: int = 16, batch: int = 2):
+def core_vs_dpa(group, strategy: str | None, window=None, seq: int = 16, batch: int = 2):
     """Each CP rank's LongctxCoreAttention output and q/k/v grads vs megatron's DPA, plain."""
     import torch.distributed as dist
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -86,13 +92,14 @@ def core_vs_dpa(group, strategy: str | None, seq: int = 16, batch: int = 2):
     v = torch.randn(seq, batch, 2, 8, generator=g, dtype=torch.float64)
     dout = torch.randn(seq, batch, 32, generator=g, dtype=torch.float64)  # [s, b, np*hn]
 
-    ref = DotProductAttention(_config(1), 1, AttnMaskType.causal, "self")
+    ref = DotProductAttention(_config(1, window_size=window), 1, AttnMaskType.causal, "self")
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     out_ref = ref(qr, kr, vr, _causal_mask(seq))
     out_ref.backward(dout)
 
     ours = LongctxCoreAttention(
-        _config(P), 1, AttnMaskType.causal, "self", settings=LongctxSettings(strategy=strategy)
+        _config(P, window_size=window), 1, AttnMaskType.causal, "self",
+        settings=LongctxSettings(strategy=strategy),
     )
     local = [shard(x, "zigzag", P, rank, dim=0).requires_grad_() for x in (q, k, v)]
     out = ours(*local, None)
@@ -138,6 +145,35 @@ def gpt_cp_vs_plain(group, seq: int = 16, batch: int = 2, vocab: int = 64):
     return errs
 
 
+def packed_sbhd_cp(group, seq: int = 16):
+    """sbhd rows packed with global cu_seqlens (packed_seq_params) under CP=2 vs each document."""
+    import torch.distributed as dist
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longctx.integrations.megatron import LongctxCoreAttention
+    from longctx.parallel.layout import shard
+
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(seq, 1, 4, 8, generator=g, dtype=torch.float64)  # [s, b, np, hn]
+    k = torch.randn(seq, 1, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(seq, 1, 2, 8, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32)  # a document boundary inside rank 0's chunk
+    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    attn = LongctxCoreAttention(_config(P), 1, AttnMaskType.causal, "self")
+    local = [shard(x, "zigzag", P, rank, dim=0) for x in (q, k, v)]
+    out = attn(*local, None, packed_seq_params=params)  # [s/P, 1, np*hn]
+    ref = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            q[lo:hi, 0].transpose(0, 1), k[lo:hi, 0].repeat_interleave(2, 1).transpose(0, 1),
+            v[lo:hi, 0].repeat_interleave(2, 1).transpose(0, 1), is_causal=True,
+        ).transpose(0, 1).reshape(hi - lo, 1, 32)  # [np, t, hn] -> [t, 1, np*hn]
+        for lo, hi in [(0, 7), (7, 16)]
+    ])
+    return float((out - shard(ref, "zigzag", P, rank, dim=0)).abs().max())
+
+
 def mismatched_group(group):
     """A config whose context_parallel_size differs from the CP group must be refused."""
     from megatron.core.transformer.enums import AttnMaskType
@@ -158,9 +194,12 @@ def mesh():
         yield m
 
 
-@pytest.mark.parametrize("strategy", [None, "ring", "ulysses", "allgather"])
-def test_core_attention_matches_dot_product_attention(mesh, strategy):
-    for used, errs in mesh.run(core_vs_dpa, strategy):
+@pytest.mark.parametrize(
+    "strategy,window",
+    [(None, None), ("ring", None), ("ulysses", None), ("allgather", None), ("zigzag", (3, 0))],
+)
+def test_core_attention_matches_dot_product_attention(mesh, strategy, window):
+    for used, errs in mesh.run(core_vs_dpa, strategy, window):
         assert used == (strategy or "zigzag")  # cp_comm_type None -> p2p -> zigzag
         assert max(errs) < TOL, errs
 
@@ -168,6 +207,11 @@ def test_core_attention_matches_dot_product_attention(mesh, strategy):
 def test_gpt_model_cp2_matches_plain(mesh):
     for errs in mesh.run(gpt_cp_vs_plain):
         assert len(errs) > 10 and max(errs) < TOL, errs
+
+
+def test_packed_sbhd_documents_cp2(mesh):
+    for err in mesh.run(packed_sbhd_cp):
+        assert err < TOL, err
 
 
 def test_group_config_mismatch_is_refused(mesh):
@@ -212,6 +256,8 @@ def test_bad_settings_are_refused():
         )
     with pytest.raises(ValueError, match="cp_comm_type='a2a\\+p2p'"):
         LongctxCoreAttention(_config(1), 1, AttnMaskType.causal, "self", cp_comm_type="a2a+p2p")
+    with pytest.raises(ValueError, match="causal windows"):
+        LongctxCoreAttention(_config(1, window_size=(4, 2)), 1, AttnMaskType.causal, "self")
     with pytest.raises(ValueError, match="unknown layout"):
         LongctxSettings(layout="diagonal")
 
