@@ -12,6 +12,11 @@ layout: longctx calls it ``"zigzag"``, the default here.  Any other layout is re
 unless ``positions_follow_layout=True`` says the position embedding follows it (e.g. learned
 absolute embeddings fed with ``longctx.shard(position_ids, layout, cp, rank)``).
 
+Packed documents: ``packed_seq_params`` in THD (``[t, np, hn]``) or sbhd format gives the global
+document boundaries (``cu_seqlens_q_padded``, else ``cu_seqlens_q``).  Under CP, THD batches are
+in Transformer Engine's layout (every document zigzag-split over the CP ranks) and run one CP
+call per document; sbhd rows are zigzag-sharded whole, under one document mask.
+
 Needs ``pip install "longctx[megatron]"`` (megatron-core >=0.16,<0.18).
 
 Example (a megatron-core model whose attention is longctx's zigzag ring)::
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,34 +205,58 @@ class LongctxCoreAttention(MegatronModule):
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if packed_seq_params is not None:
             cu_seqlens = _global_cu_seqlens(packed_seq_params)
-            if thd and self.cp_size > 1:
-                raise ValueError(
-                    "packed THD batches under context parallelism: megatron splits each document "
-                    "into 2*cp chunks (Transformer Engine's THD layout), which is not a longctx "
-                    "layout. Use cp=1 with THD, or keep the batch in sbhd format, zigzag-shard the "
-                    "whole packed row and pass packed_seq_params(qkv_format='sbhd', "
-                    "cu_seqlens_q=<global document boundaries>)"
-                )
+            _check_padding(packed_seq_params, attn_mask_type or self.attn_mask_type)
         if thd:  # [t, np, hn] -> [1, t, np, hn]
             q_bshd, k_bshd, v_bshd = (x.unsqueeze(0) for x in (query, key, value))
         else:  # [s, b, h, d] -> [b, s, h, d]
             q_bshd, k_bshd, v_bshd = (x.transpose(0, 1) for x in (query, key, value))
-        mask = self._mask(attn_mask_type, attention_mask, cu_seqlens)
-        out_bshd = attention(
-            q_bshd.contiguous(),
-            k_bshd.contiguous(),
-            v_bshd.contiguous(),
-            self.cp_group if self.cp_size > 1 else None,
-            strategy=self.strategy if self.cp_size > 1 else "ring",
-            layout=self.layout if self.cp_size > 1 else None,
-            mask=mask,
-            kernel=self.settings.kernel,
-            scale=self.softmax_scale,
-        )
+        q_bshd, k_bshd, v_bshd = (x.contiguous() for x in (q_bshd, k_bshd, v_bshd))
+        if thd and self.cp_size > 1:
+            out_bshd = self._thd_per_document(q_bshd, k_bshd, v_bshd, attn_mask_type, cu_seqlens)
+        else:
+            mask = self._mask(attn_mask_type, attention_mask, cu_seqlens)
+            out_bshd = self._attend(q_bshd, k_bshd, v_bshd, mask, self.layout)
         b, s, h, d = out_bshd.shape
         if thd:
             return out_bshd.reshape(s, h * d)  # [1, t, np, hn] -> [t, np * hn]
         return out_bshd.transpose(0, 1).reshape(s, b, h * d)  # [b, s, h, d] -> [s, b, h * d]
+
+    def _attend(self, q, k, v, mask: Mask, layout) -> Tensor:
+        cp = self.cp_size > 1
+        return attention(
+            q, k, v, self.cp_group if cp else None,
+            strategy=self.strategy if cp else "ring", layout=layout if cp else None,
+            mask=mask, kernel=self.settings.kernel, scale=self.softmax_scale,
+        )
+
+    def _thd_per_document(self, q, k, v, attn_mask_type, cu_seqlens: Tensor) -> Tensor:
+        """THD under CP: megatron (Transformer Engine's layout) gives each CP rank chunks ``r``
+        and ``2*cp-1-r`` of *every* document (padded to a multiple of ``2*cp``), i.e. a zigzag
+        layout per document: one CP attention call per document, every rank in the same order.
+        ``q [1, t_local, np, hn]`` -> ``[1, t_local, np, hn]``."""
+        if self.strategy not in ("zigzag", "ring", "allgather", "ulysses"):
+            raise ValueError(
+                f"THD batches under CP run per document on the zigzag layout; strategy "
+                f"{self.strategy!r} does not run on it (use zigzag, ring, allgather or ulysses)"
+            )
+        P = self.cp_size
+        bounds = [int(c) for c in cu_seqlens.tolist()]
+        lengths = [hi - lo for lo, hi in itertools.pairwise(bounds)]
+        if any(n % (2 * P) for n in lengths) or bounds[-1] != q.shape[1] * P:
+            raise ValueError(
+                f"THD under CP={P} needs cu_seqlens_q_padded whose documents are multiples of "
+                f"2*cp={2 * P} tokens and whose total is cp x the local tokens ({q.shape[1]} x "
+                f"{P}); got document lengths {lengths}. Pad each document (megatron's packed "
+                "data pads them: pass cu_seqlens_q_padded)"
+            )
+        mask = self._mask(attn_mask_type, None, None)
+        outs = []
+        for lo, hi in itertools.pairwise(bounds):
+            if hi == lo:
+                continue
+            sl = slice(lo // P, hi // P)  # this document's local tokens: [chunk r, chunk 2P-1-r]
+            outs.append(self._attend(q[:, sl], k[:, sl], v[:, sl], mask, Layout("zigzag")))
+        return torch.cat(outs, dim=1)
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, layout={str(self.layout)!r}, cp={self.cp_size}"
@@ -272,6 +302,19 @@ def _global_cu_seqlens(packed_seq_params) -> Tensor:
             "longctx attention is self-attention: cu_seqlens_q and cu_seqlens_kv must be equal"
         )
     return cu_q
+
+
+def _check_padding(packed_seq_params, attn_mask_type) -> None:
+    """Padded documents (``cu_seqlens_q_padded``) are only safe under a causal mask: padding
+    sits at each document's end, where no real token looks."""
+    cu, padded = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded
+    if cu is None or padded is None or torch.equal(cu.cpu(), padded.cpu()):
+        return
+    if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+        raise ValueError(
+            "padded packed documents (cu_seqlens_q_padded != cu_seqlens_q) need a causal mask: "
+            "without it real tokens would attend to the padding"
+        )
 
 
 def gpt_layer_spec(

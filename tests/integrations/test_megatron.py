@@ -174,6 +174,45 @@ def packed_sbhd_cp(group, seq: int = 16):
     return float((out - shard(ref, "zigzag", P, rank, dim=0)).abs().max())
 
 
+def thd_cp(group, lengths=(8, 12, 4)):
+    """THD under CP=2 in Transformer Engine's layout (each document zigzag-split) vs each
+    document alone."""
+    import torch.distributed as dist
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longctx.integrations.megatron import LongctxCoreAttention
+    from longctx.parallel.layout import shard
+
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    g = torch.Generator().manual_seed(5)
+    t = sum(lengths)
+    q = torch.randn(t, 4, 8, generator=g, dtype=torch.float64)  # [t, np, hn]
+    k = torch.randn(t, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(t, 2, 8, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    docs = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    # TE's THD CP layout: every document split in 2P chunks, rank r keeps chunks r and 2P-1-r
+    local = [torch.cat([shard(x[lo:hi], "zigzag", P, rank, dim=0) for lo, hi in docs])
+             for x in (q, k, v)]
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+    )
+    out = LongctxCoreAttention(_config(P), 1, AttnMaskType.causal, "self")(
+        *local, None, packed_seq_params=params
+    )  # [t/P, np*hn]
+    ref = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1), k[lo:hi].repeat_interleave(2, 1).transpose(0, 1),
+            v[lo:hi].repeat_interleave(2, 1).transpose(0, 1), is_causal=True,
+        ).transpose(0, 1).reshape(hi - lo, 32)
+        for lo, hi in docs
+    ]
+    ref_local = torch.cat([shard(r, "zigzag", P, rank, dim=0) for r in ref])
+    return float((out - ref_local).abs().max())
+
+
 def mismatched_group(group):
     """A config whose context_parallel_size differs from the CP group must be refused."""
     from megatron.core.transformer.enums import AttnMaskType
@@ -211,6 +250,11 @@ def test_gpt_model_cp2_matches_plain(mesh):
 
 def test_packed_sbhd_documents_cp2(mesh):
     for err in mesh.run(packed_sbhd_cp):
+        assert err < TOL, err
+
+
+def test_thd_documents_cp2(mesh):
+    for err in mesh.run(thd_cp):
         assert err < TOL, err
 
 
