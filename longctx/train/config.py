@@ -81,8 +81,6 @@ TINY_MODEL = ModelConfig(
     num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2, seq_length=1024,
     vocab_size=259,  # the byte tokenizer: 256 bytes + <pad> <bos> <eos>
 )
-# The strategy's own layout when parallel.layout is unset.
-STRATEGY_LAYOUTS = {"zigzag": "zigzag", "striped": "striped", "auto": "zigzag"}
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -93,11 +91,12 @@ class ParallelismConfig:
     - ``dp`` / ``cp`` / ``tp`` / ``ulysses``: mesh sizes (``dp=None``: the ranks left over,
       ``world_size // (cp * tp)``); ``ulysses`` divides ``cp`` (``strategy="hybrid"``: Ulysses
       inside, ring across). Ranks: ``tp`` fastest, then cp, then dp.
-    - ``strategy``: a CP strategy (``longctx.parallel.strategies.STRATEGIES``), or ``auto``
-      (:func:`longctx.parallel.api.choose_strategy`: Ulysses when the heads split over cp, else
-      the ring that balances the layout); ``layout``: how the sequence is sharded (None: the
-      strategy's own: zigzag for zigzag and auto, striped for striped, else contiguous);
-      ``kernel``: the local attention kernel (``auto`` picks per call).
+    - ``strategy``: a softmax CP strategy of the table ``longctx.parallel.STRATEGIES``, or
+      ``auto`` (:func:`longctx.parallel.api.choose_strategy`: Ulysses when the heads split over
+      cp, else the ring that balances the layout); ``layout``: how the sequence is sharded
+      (None: the strategy's ``default_layout`` in the table; zigzag for ``auto``); ``kernel``:
+      the local attention kernel (``auto`` picks per call).  Both are checked as
+      :class:`~longctx.parallel.CPConfig` checks them.
     - ``fsdp``, ``activation_checkpointing``, ``compile``, ``compile_backend``,
       ``reshard_after_forward``: :class:`~longctx.models.parallelize.ParallelConfig`.
     """
@@ -117,8 +116,7 @@ class ParallelismConfig:
 
     def __post_init__(self) -> None:
         from ..kernels import available_kernels
-        from ..parallel.layout import Layout
-        from ..parallel.strategies import STRATEGIES
+        from ..parallel.api import CPConfig, softmax_strategies
 
         for name in ("cp", "tp", "ulysses"):
             if getattr(self, name) < 1:
@@ -130,9 +128,13 @@ class ParallelismConfig:
                 f"parallel.ulysses={self.ulysses} must divide parallel.cp={self.cp} "
                 "(cp = ring x ulysses)"
             )
-        allowed = sorted([*STRATEGIES, "auto"])
+        allowed = [*softmax_strategies(), "auto"]
         if self.strategy not in allowed:
             raise ValueError(f"parallel.strategy={self.strategy!r}; allowed values: {allowed}")
+        try:
+            CPConfig(strategy=self.strategy, layout=self.layout)  # the table's layout rules
+        except ValueError as e:
+            raise ValueError(f"parallel.layout: {e}") from None
         if self.strategy == "hybrid" and self.ulysses == 1 and self.cp > 1:
             raise ValueError(
                 "parallel.strategy='hybrid' needs parallel.ulysses > 1 (Ulysses inside, ring "
@@ -143,11 +145,6 @@ class ParallelismConfig:
                 f"parallel.ulysses={self.ulysses} only applies to strategy 'hybrid' (got "
                 f"{self.strategy!r}); set ulysses=1, or strategy='hybrid'"
             )
-        if self.layout is not None:
-            try:
-                Layout.parse(self.layout)
-            except ValueError as e:
-                raise ValueError(f"parallel.layout: {e}") from None
         if self.kernel not in available_kernels():
             raise ValueError(
                 f"parallel.kernel={self.kernel!r}; allowed values: {available_kernels()}"
@@ -155,8 +152,10 @@ class ParallelismConfig:
 
     @property
     def resolved_layout(self) -> str:
-        """The layout the sequence is sharded with."""
-        return self.layout or STRATEGY_LAYOUTS.get(self.strategy, "contiguous")
+        """The layout the sequence is sharded with (the strategy's default when unset)."""
+        from ..parallel.api import CPConfig
+
+        return CPConfig(strategy=self.strategy, layout=self.layout).resolved_layout
 
     def dims(self, world_size: int):
         """:class:`~longctx.parallel.mesh.ParallelDims` for ``world_size`` ranks (dp inferred)."""
@@ -364,8 +363,11 @@ class TrainConfig:
                 "lower cp, or use 'hybrid' with parallel.ulysses dividing the heads"
             )
         if "linear" in self.model.layer_kinds and par.cp > 1:
-            if par.resolved_layout != "contiguous" or par.strategy in ("zigzag", "striped",
-                                                                       "hybrid"):
+            from ..parallel.layout import Layout
+            from ..parallel.strategies import STRATEGIES
+
+            kind = Layout.parse(par.resolved_layout).kind
+            if not STRATEGIES["linear"].accepts_layout(kind) or par.strategy == "hybrid":
                 raise ValueError(
                     f"model.attention_kinds has linear layers, whose CP (LASP-2) passes the state "
                     f"through the shards in sequence order, so the sequence must be sharded "
