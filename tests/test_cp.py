@@ -17,7 +17,7 @@ import longctx
 from longctx.parallel.comm import AllToAllComm
 from longctx.parallel.head_exchange import token_order
 from longctx.parallel.layout import Layout
-from longctx.testing import MASK_KINDS, CPCase, SimulatedMesh, check_cp_case
+from longctx.testing import MASK_KINDS, CPCase, check_cp_case
 from longctx.testing.cp_check import errors_against_reference
 
 WORLD_SIZES = [1, 2, 3, 4, 8]
@@ -39,9 +39,8 @@ COMBOS = [
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda p: f"P{p}")
-def mesh(request):
-    with SimulatedMesh(request.param) as m:
-        yield m
+def mesh(request, meshes):
+    return meshes.get(request.param)
 
 
 def _assert_close(errors: dict[str, float], case: CPCase) -> None:

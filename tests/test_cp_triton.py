@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from longctx.testing import CPCase, SimulatedMesh, check_cp_case
+from longctx.testing import CPCase, check_cp_case
 
 COMBOS = [
     ("ring", "contiguous"),
@@ -17,9 +17,8 @@ COMBOS = [
 
 
 @pytest.fixture(scope="module")
-def mesh2():
-    with SimulatedMesh(2, env={"TRITON_INTERPRET": "1"}) as m:  # the workers interpret Triton
-        yield m
+def mesh2(meshes):
+    return meshes.get(2, env={"TRITON_INTERPRET": "1"})  # the workers interpret Triton
 
 
 @pytest.mark.parametrize("mask", ["causal", "documents"])

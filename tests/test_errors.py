@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import longctx
-from longctx.testing import MeshError, SimulatedMesh
+from longctx.testing import MeshError
 
 
 def qkv(s=16, h=4, hkv=2, d=8, dtype=torch.float32, sk=None):
@@ -101,9 +101,8 @@ def _raise_on_rank_one(group):
 
 
 @pytest.fixture(scope="module")
-def mesh2():
-    with SimulatedMesh(2) as m:
-        yield m
+def mesh2(meshes):
+    return meshes.get(2)
 
 
 def test_non_divisible_global_length_on_a_mesh(mesh2):

@@ -28,7 +28,6 @@ from longctx.inference import (
 )
 from longctx.models import LlamaModel, ModelConfig, SequenceContext
 from longctx.parallel.strategies.star import Star, StarPattern
-from longctx.testing import SimulatedMesh
 
 WORLD_SIZES = [1, 2, 3, 4]
 CFG = ModelConfig(
@@ -143,9 +142,8 @@ def _error_on_rank(group, context, query, prefill_cfg):
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda p: f"P{p}")
-def mesh(request):
-    with SimulatedMesh(request.param) as m:
-        yield m
+def mesh(request, meshes):
+    return meshes.get(request.param)
 
 
 def _query_rank(results):

@@ -37,9 +37,8 @@ DOC_KINDS = ("none", "crossing", "shard-edges", "spanning")
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda p: f"P{p}")
-def mesh(request):
-    with SimulatedMesh(request.param) as m:
-        yield m
+def mesh(request, meshes):
+    return meshes.get(request.param)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 import longctx
 from longctx.parallel.strategies.star import Star, StarPattern
-from longctx.testing import SimulatedMesh
 
 WORLD_SIZES = [1, 2, 3, 4, 8]
 
@@ -38,9 +37,8 @@ def _star_on_rank(group, S, star, heads, kv_heads):
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda p: f"P{p}")
-def mesh(request):
-    with SimulatedMesh(request.param) as m:
-        yield m
+def mesh(request, meshes):
+    return meshes.get(request.param)
 
 
 @pytest.mark.parametrize(
