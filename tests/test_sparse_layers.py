@@ -103,8 +103,8 @@ def naive_moba(q, k, v, cu):
     bs, qb, top = MOBA["block_size"], MOBA["query_block"], MOBA["top_k"]
     with torch.no_grad():
         kmean = k[0].view(S // bs, bs, HKV, D).mean(1).repeat_interleave(H // HKV, 1)  # [nblk, H, D]
-        qmean = q[0].view(S // qb, qb, H, D).mean(1)  # [nq, H, D]
-        scores = torch.einsum("qhd,nhd->hqn", qmean, kmean)
+        qfirst = q[0, ::qb]  # [nq, H, D]: the block's first query chooses
+        scores = torch.einsum("qhd,nhd->hqn", qfirst, kmean)
         pick = _pick(scores, _candidates(S, bs, qb, cu), top - 1)  # [H, nq, nblk]
         own = torch.arange(0, S, qb) // bs
         pick[:, torch.arange(S // qb), own] = True
@@ -136,7 +136,7 @@ def naive_nsa(layer, q, k, v, gates, cu):
     out_c, s_c = _dense(q, kc, vc, vis.expand(H, S, ncmp))
     with torch.no_grad():
         p = torch.softmax(s_c, -1).nan_to_num(0.0)[0]  # [H, S, ncmp]
-        p = p.view(HKV, H // HKV, S // qb, qb, ncmp).sum((1, 3))  # [Hkv, nq, ncmp]
+        p = p[:, ::qb].reshape(HKV, H // HKV, S // qb, ncmp).sum(1)  # first queries: [Hkv, nq, ncmp]
         i, j = torch.arange(ncmp), torch.arange(S // ls)
         overlap = (i[:, None] * d < (j[None] + 1) * ls) & (i[:, None] * d + l > j[None] * ls)
         pick = _pick(p @ overlap.double(), _candidates(S, ls, qb, cu), n)
@@ -172,6 +172,23 @@ def test_layer_matches_naive_dense(kind, docs):
     for g, r in zip(grads, ref_grads):
         assert (g - r).abs().max() < TOL
     assert out.abs().sum() > 0 and all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["moba", "nsa"])
+def test_layer_is_causal(kind):
+    """Changing the inputs after position t changes no output at or before t, also inside a
+    query block (the selection is made by the block's first query)."""
+    S, t = 96, 50  # query block 48..55
+    layer = _layer(kind)
+    seq = SequenceContext.single_device(S, kernel="reference")
+    inputs = list(_inputs(S)[:4] if kind == "nsa" else _inputs(S)[:3])
+    out = layer.core(*inputs, seq)
+    changed = [x.clone() for x in inputs]
+    for x in changed:
+        x[:, t + 1 :] = torch.randn_like(x[:, t + 1 :]) * 3
+    out2 = layer.core(*changed, seq)
+    assert (out2[:, : t + 1] - out[:, : t + 1]).abs().max() < TOL
+    assert (out2[:, t + 1 :] - out[:, t + 1 :]).abs().max() > 1e-3
 
 
 def test_moba_selection_is_sparse_and_respects_documents():
@@ -284,7 +301,7 @@ def test_cp_matches_one_process(mesh, kind, strategy, layout, worlds):
             for g, r in zip(grads, ref_grads):
                 assert (g - lay.shard(r, world, rank)).abs().max() < TOL, (world, rank)
             if world > 1 and strategy != "ulysses":
-                assert methods and set(methods) <= {"fetch", "gather"}
+                assert methods and set(methods) <= {"fetch", "ring"}
         for name, ref in ref_params.items():
             total = sum(p[name] for _, _, p, _ in results)
             assert (total - ref).abs().max() < TOL, (world, name)
@@ -320,8 +337,8 @@ def test_fetch_moves_only_the_selected_blocks(mesh):
     for pick_all in (False, True):
         results = mesh.run(_fetch_rank, block, pick_all)
         for rank, (stats, _, _) in enumerate(results):
-            if pick_all:  # every block: the exchange would move as much as gathering
-                assert stats.method == "gather"
+            if pick_all:  # every block: the exchange would move as much as the ring
+                assert stats.method == "ring"
                 assert stats.bytes_received == (P - 1) * 4 * block * token_bytes
             else:
                 assert stats.method == "fetch"

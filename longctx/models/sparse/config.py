@@ -46,8 +46,9 @@ class MobaConfig(_FromDict):
       its mean-pooled key.
     - ``top_k``: blocks each query block attends to, its own block included (MoBA's convention:
       the current block is always chosen and counts as one of the ``k``).
-    - ``query_block``: queries that share one selection (scored by their mean query): the
-      block-sparse kernel's query tile. Must divide ``block_size``; 1 is per-token MoBA.
+    - ``query_block``: queries that share one selection, made by the block's first query (so
+      no query's blocks depend on later tokens): the block-sparse kernel's query tile. Must
+      divide ``block_size``; 1 is per-token MoBA.
     """
 
     block_size: int = 512
@@ -75,7 +76,8 @@ class NSAConfig(_FromDict):
       earlier blocks of ``select_block`` tokens plus its own block; the scores are the
       compressed branch's attention probabilities summed over the query heads of a kv group.
     - ``window``: the sliding-window branch's width (tokens).
-    - ``query_block``: queries that share one selection (must divide ``select_block``).
+    - ``query_block``: queries that share one selection, made from the block's first query
+      (causal; must divide ``select_block``; 1 is the paper's per-token selection).
     """
 
     compress_block: int = 32

@@ -2,9 +2,11 @@
 a trainable sparse core.
 
 **MoBA** (:class:`MobaAttention`). Keys are mean-pooled per block of ``block_size`` global
-positions; each query block (``query_block`` tokens, scored by its mean query) scores the pooled
-keys of the earlier blocks of its own document, per head, and attends to the ``top_k - 1`` best
-plus its own block (causal inside it). The selection is not differentiated (as in the paper);
+positions; each query block (``query_block`` tokens) scores the pooled keys of the earlier blocks
+of its own document with its first query, per head, and attends to the ``top_k - 1`` best plus
+its own block (causal inside it). Scoring with the first query keeps the choice causal for every
+query of the block (a pooled query would let later tokens choose for earlier ones, a leak of
+the labels); ``query_block=1`` is per-token MoBA exactly. The selection is not differentiated (as in the paper);
 gradients reach the attended keys and values. Documents: a block is a candidate when it holds
 tokens of the query block's first document, and the attention itself applies the document mask.
 
@@ -13,9 +15,10 @@ sigmoid gates of the layer input: (1) *compressed*: keys/values of blocks of ``c
 tokens every ``compress_stride`` are compressed by a small MLP with an intra-block position
 embedding (:class:`BlockCompressor`) and attended causally (a compressed token is visible once
 its whole block is in the past, inside the document); (2) *selected*: the compressed attention
-probabilities, summed over the query heads of a kv group and the queries of a query block and
-mapped onto blocks of ``select_block`` tokens, pick the ``top_n`` best earlier blocks plus the
-own block, shared by the kv group; (3) *window*: causal sliding-window attention.
+probabilities of the first query of each query block, summed over the query heads of a kv group
+and mapped onto blocks of ``select_block`` tokens, pick the ``top_n`` best earlier blocks plus the
+own block, shared by the kv group and the query block (causal, as for MoBA; ``query_block=1``
+is the paper's per-token selection); (3) *window*: causal sliding-window attention.
 
 The selected attention runs through the block-sparse kernel path (per-head lists on global
 positions, :func:`~longctx.parallel.strategies.sparse_fetch.selection_mask`); the compressed
@@ -137,50 +140,46 @@ def moba_select(
 
     ``q [B, S_local, H, D]`` at global positions ``q_pos [S_local]``; ``key_means
     [B, nblk, Hkv, D]`` (:func:`~longctx.parallel.strategies.sparse_fetch.block_key_means`).
-    A query block scores block ``j`` by ``mean(q) . mean(k_j)``.
+    A query block scores block ``j`` by ``q_first . mean(k_j)``, ``q_first`` its first query
+    (at or before every query of the block: the choice never depends on later tokens).
     """
-    B, S, H, D = q.shape
+    H = q.shape[2]
     qb = config.query_block
     acc = acc_dtype(q.dtype)
-    q_mean = q.view(B, S // qb, qb, H, D).to(acc).mean(2)  # [B, nq, H, D]
+    q_first = q[:, ::qb].to(acc)  # [B, nq, H, D]
     k_h = key_means.to(acc).repeat_interleave(H // key_means.shape[2], dim=2)  # [B, nblk, H, D]
-    scores = torch.einsum("bqhd,bnhd->bhqn", q_mean, k_h)  # [B, H, nq, nblk]
+    scores = torch.einsum("bqhd,bnhd->bhqn", q_first, k_h)  # [B, H, nq, nblk]
     return top_blocks(scores, q_pos[::qb], config.block_size, qb, config.top_k - 1, mask)
 
 
 @torch.no_grad()
 def nsa_importance(
     q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, q_pos: Tensor, config: NSAConfig, mask: Mask,
-    scale: float, num_blocks: int, chunk: int = 512,
+    scale: float, num_blocks: int,
 ) -> Tensor:
     """NSA's block importance ``[B, Hkv, nq, num_blocks]`` from the compressed attention.
 
+    For the first query ``t`` of each query block (causal for the whole block),
     ``p[t, i] = exp(q_t . k_cmp_i * scale - lse_cmp[t])`` over the visible compressed tokens,
-    summed over the query heads of each kv group and the queries of each query block, then
-    over the compressed tokens that overlap each selection block. ``chunk`` queries at a time.
+    summed over the query heads of each kv group, then over the compressed tokens that overlap
+    each selection block.
     """
     B, S, H, D = q.shape
     ncmp, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     G = H // Hkv
     l, d, ls, qb = config.compress_block, config.compress_stride, config.select_block, config.query_block
     acc = acc_dtype(q.dtype)
-    agg = torch.zeros(B, Hkv, S // qb, ncmp, dtype=acc, device=q.device)
     cmp_pos = (l - 1) + torch.arange(ncmp, device=q.device) * d  # a compressed token's last key
-    q5 = q.view(B, S, Hkv, G, D)
-    kc = k_cmp.to(acc)
-    lse5 = lse_cmp.view(B, Hkv, G, S)
-    chunk = max(qb, chunk // qb * qb)
-    for c0 in range(0, S, chunk):
-        c1 = min(S, c0 + chunk)
-        s = torch.einsum("bqhgd,bnhd->bhgqn", q5[:, c0:c1].to(acc), kc) * scale
-        lse = lse5[..., c0:c1, None].to(acc)
-        ok = mask.allowed(q_pos[c0:c1], cmp_pos) & torch.isfinite(lse)  # [B, Hkv, G, c, ncmp]
-        p = torch.where(ok, torch.exp(s - torch.where(ok, lse, 0.0)), 0.0).sum(2)
-        agg[:, :, c0 // qb : c1 // qb] = p.view(B, Hkv, (c1 - c0) // qb, qb, ncmp).sum(3)
+    nq = S // qb
+    q_first = q[:, ::qb].to(acc).view(B, nq, Hkv, G, D)
+    s = torch.einsum("bqhgd,bnhd->bhgqn", q_first, k_cmp.to(acc)) * scale  # [B, Hkv, G, nq, ncmp]
+    lse = lse_cmp.view(B, Hkv, G, S)[..., ::qb, None].to(acc)  # [B, Hkv, G, nq, 1]
+    ok = mask.allowed(q_pos[::qb].contiguous(), cmp_pos) & torch.isfinite(lse)
+    p = torch.where(ok, torch.exp(s - torch.where(ok, lse, 0.0)), 0.0).sum(2)  # [B, Hkv, nq, ncmp]
     i = torch.arange(ncmp, device=q.device)
     j = torch.arange(num_blocks, device=q.device)
     overlap = (i[:, None] * d <= (j[None, :] + 1) * ls - 1) & (i[:, None] * d + l - 1 >= j[None, :] * ls)
-    return agg @ overlap.to(acc)  # [B, Hkv, nq, num_blocks]
+    return p @ overlap.to(acc)  # [B, Hkv, nq, num_blocks]
 
 
 # -- NSA's compression -----------------------------------------------------------------------------
@@ -253,6 +252,11 @@ def _group(cp_group):
         "MoBA/NSA layers take a context-parallel ProcessGroup or a 1-D DeviceMesh (strategies "
         f"ring, zigzag, striped, allgather or ulysses), got {type(cp_group).__name__}"
     )
+
+
+def _ring(strategy: str) -> str:
+    """The ring-family strategy that runs the selected branch when fetching moves more."""
+    return strategy if strategy in ("ring", "zigzag", "striped", "allgather") else "ring"
 
 
 @functools.lru_cache(maxsize=64)
@@ -330,7 +334,7 @@ class MobaAttention(_SparseAttention):
         """MoBA on local shards: ``[B, S, H_local, D]``."""
         return self._run(seq, self._body, q, k, v)
 
-    def _body(self, q, k, v, *, cp: SparseCP, base: Mask, kernel, **_):
+    def _body(self, q, k, v, *, cp: SparseCP, base: Mask, strategy, kernel, **_):
         cfg = self.moba
         scale = q.shape[-1] ** -0.5
         means = block_key_means(k.detach(), cp, cfg.block_size)  # [B, nblk, Hkv, D]
@@ -338,7 +342,7 @@ class MobaAttention(_SparseAttention):
         sel = moba_select(q.detach(), means, q_pos, cfg, base)
         return selected_attention(
             q, k, v, cp, sel, base, scale=scale, kernel=kernel,
-            kv_block=kernel_kv_block(cfg.block_size), stats=self.stats,
+            kv_block=kernel_kv_block(cfg.block_size), fallback=_ring(strategy), stats=self.stats,
         )
 
 
@@ -412,7 +416,8 @@ class NSAAttention(_SparseAttention):
         sel = top_blocks(imp, q_pos[:: cfg.query_block], cfg.select_block, cfg.query_block,
                          cfg.top_n, base)
         out_s = selected_attention(q, k, v, cp, sel, base, scale=scale, kernel=kernel,
-                                   kv_block=kernel_kv_block(cfg.select_block), stats=self.stats)
+                                   kv_block=kernel_kv_block(cfg.select_block),
+                                   fallback=_ring(strategy), stats=self.stats)
         # (3) sliding window
         window = Mask(causal=True, window=cfg.window, cu_seqlens=base.cu_seqlens)
         out_w = cp_attention(q, k, v, window_group, strategy=strategy, layout=layout, mask=window,

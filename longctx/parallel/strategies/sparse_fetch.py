@@ -11,8 +11,9 @@ context parallelism (the ring family's layouts: contiguous, zigzag, striped) thi
    ``kv_num_blocks``/``kv_indices`` shape);
 3. in :func:`selected_attention`, all-gathers which blocks each rank needs (one bit per block)
    and moves only those keys/values, in one all-to-all (their gradients travel back the same
-   way); when that would move more bytes than gathering every shard (the ring's volume: every
-   rank receives the ``P - 1`` other shards), it gathers the shards instead.
+   way); when that would move more bytes than the ring (every rank receives the ``P - 1``
+   other shards), it runs the ring-family strategy with the selection as a per-head
+   block-sparse mask instead.
 
 Ulysses needs none of this: :func:`seq_to_heads` / :func:`heads_to_seq` move a layer's inputs to
 whole sequences of a subset of heads, where the layer runs as on one device.
@@ -278,10 +279,10 @@ class FetchStats:
     """What one :func:`selected_attention` call moved on this rank.
 
     ``method``: ``"local"`` (one process), ``"fetch"`` (selected blocks, one all-to-all) or
-    ``"gather"`` (every shard: the ring's volume). ``bytes_received``: bytes of K/V this rank
-    received in forward (the all-to-all's padded slots from the other ranks);
-    ``payload_bytes``: the part of them that holds selected tokens; ``gather_bytes``: what
-    gathering every shard moves into this rank.
+    ``"ring"`` (the fallback strategy). ``bytes_received``: bytes of K/V this rank received in
+    forward (the all-to-all's padded slots from the other ranks; for the ring, the ``P - 1``
+    other shards); ``payload_bytes``: the bytes of the selected tokens on other ranks;
+    ``gather_bytes``: what the ring moves into this rank (``P - 1`` shards).
     """
 
     method: str
@@ -336,29 +337,6 @@ class _Fetch(torch.autograd.Function):
         return dk, dv, None, None, None, None, None
 
 
-class _GatherShards(torch.autograd.Function):
-    """Every rank's K/V shard on every rank, ``[B, P*S_local, Hkv, D]`` in rank order;
-    backward: each rank keeps the sum over ranks of its shard's gradient (reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, k, v, group):
-        ctx.group = group
-        comm = GatherComm(group)
-        kv = torch.stack([k, v])  # [2, B, S, Hkv, D]
-        g = comm.all_gather(kv)  # [P, 2, B, S, Hkv, D]
-        g = g.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [2, B, P*S, Hkv, D]
-        return g[0], g[1]
-
-    @staticmethod
-    def backward(ctx, dk, dv):
-        comm = GatherComm(ctx.group)
-        P = comm.world_size
-        g = torch.stack([dk, dv])  # [2, B, P*S, Hkv, D]
-        g = g.unflatten(2, (P, -1)).permute(2, 0, 1, 3, 4, 5)  # [P, 2, B, S, Hkv, D]
-        mine = comm.reduce_scatter(g.contiguous())
-        return mine[0], mine[1], None
-
-
 def _local_blocks(cp: SparseCP, owner: int, block: int) -> Tensor:
     """Global block ids of rank ``owner``'s local blocks, in local order (CPU, made once):
     local tokens ``l*block .. (l+1)*block - 1`` are global block ``result[l]``."""
@@ -410,15 +388,17 @@ def selection_mask(sel: SparseSelection, cp: SparseCP, kv_block: int | None = No
 
 def selected_attention(
     q: Tensor, k: Tensor, v: Tensor, cp: SparseCP, sel: SparseSelection, base_mask: Mask, *,
-    scale: float, kernel="auto", kv_block: int | None = None, stats: list | None = None,
+    scale: float, kernel="auto", kv_block: int | None = None, fallback: str = "ring",
+    stats: list | None = None,
 ) -> Tensor:
     """Attention of the local queries to the key blocks ``sel`` lists for them.
 
     ``q [B, S_local, H, D]``, ``k``/``v [B, S_local, Hkv, D]`` (this rank's shards),
     ``base_mask`` (causal, documents) on global positions -> out ``[B, S_local, H, D]``.
-    Under CP the listed blocks' keys/values are fetched from their owners (or, when that moves
-    more, every shard is gathered); then one kernel call per run of positions applies
-    ``base_mask & selection_mask(sel)``.  ``stats`` (a list) receives a :class:`FetchStats`.
+    Under CP the listed blocks' keys/values are fetched from their owners, then one kernel call
+    per run of positions applies ``base_mask & selection_mask(sel)``; when fetching would move
+    more bytes than the ring, the ring-family strategy ``fallback`` (on ``cp.layout``) runs with
+    that mask instead.  ``stats`` (a list) receives a :class:`FetchStats`.
     Gradients reach ``q``, ``k`` and ``v`` (the selection is not differentiated).
     """
     B, S_local, H, D = q.shape
@@ -463,11 +443,15 @@ def selected_attention(
             k_pos = Positions.cat([own_pos] + [plans[(rank, o)][1] for o in range(P) if o != rank])
             if stats is not None:
                 stats.append(FetchStats("fetch", fetch_bytes, payload, gather_bytes))
-        else:
-            k_all, v_all = _GatherShards.apply(k, v, cp.group)
-            k_pos = Positions.cat(list(cp.positions))
+        else:  # the ring moves fewer bytes: run it with the selection as a block-sparse mask
+            from ..api import attention
+
             if stats is not None:
-                stats.append(FetchStats("gather", gather_bytes, payload, gather_bytes))
+                stats.append(FetchStats("ring", gather_bytes, payload, gather_bytes))
+            return attention(
+                q, k, v, cp.group, strategy=fallback, layout=cp.layout,
+                mask=base_mask & selection_mask(sel, cp, kv_block), kernel=kernel, scale=scale,
+            )
     mask = base_mask & selection_mask(sel, cp, kv_block)
     out, _ = kernel_attention(
         q, k_all, v_all, q_pos=q_pos, k_pos=k_pos, mask=mask, kernel=kernel, scale=scale
