@@ -10,7 +10,9 @@
 - :class:`ContextParallelMPU`: DeepSpeed's mpu interface over data x context parallel groups:
   ZeRO shards and averages gradients over dp x cp, and :meth:`ContextParallelMPU.loss` scales
   each CP rank's loss so that this average is the mean loss's gradient.
-- :func:`initialize_engine`: ``deepspeed.initialize`` with that mpu, ZeRO stage 1, 2 or 3.
+- :func:`initialize_engine`: ``deepspeed.initialize`` with that mpu, ZeRO stage 1, 2 or 3;
+  :class:`DeepSpeedLossEngine`: a trainer's step through it, for models whose loss reads an output
+  weight outside their forward (chunked cross entropy), as longctx's trainer does.
 
 Needs ``pip install "longctx[deepspeed]"`` (deepspeed >=0.19,<0.20; ``DS_BUILD_OPS=0`` is enough:
 on CPUs DeepSpeed JIT-builds its small shared-memory op on first start and caches it under
@@ -38,6 +40,7 @@ require("deepspeed")
 __all__ = [
     "ZERO_STAGES",
     "ContextParallelMPU",
+    "DeepSpeedLossEngine",
     "UlyssesLocalAttention",
     "initialize_engine",
     "register_ulysses_hf",
@@ -291,3 +294,90 @@ def initialize_engine(model: nn.Module, config: dict, *, mpu=None, optimizer=Non
         mpu=mpu,
     )
     return engine
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model(*inputs), output_weight(model), labels)`` inside one forward, so that
+    ZeRO-3 gathers the output weight (registered as an external parameter) for the loss."""
+
+    def __init__(self, model: nn.Module, loss_fn, output_weight):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.output_weight = output_weight
+
+    def forward(self, *inputs, labels):
+        return self.loss_fn(self.model(*inputs), self.output_weight(self.model), labels)
+
+
+class DeepSpeedLossEngine:
+    """A training step of ``model`` through a DeepSpeed engine over dp x cp.
+
+    ``loss_fn(hidden, weight, labels) -> token-loss sum`` (e.g. longctx's chunked cross entropy)
+    runs in the engine's forward with ``weight = output_weight(model)``; under ZeRO-3 that weight
+    is registered as an external parameter so it is gathered there.  Per micro-batch:
+    ``loss_sum = eng.forward(*inputs, labels=labels)``, then ``eng.backward(loss_sum, tokens)``
+    with ``tokens`` the label-token count of the whole step over every dp x cp rank; after the
+    step's micro-batches ``eng.step()`` applies the update and returns the gradient norm (from
+    DeepSpeed, None when it computes none).  ``config``: a DeepSpeed config dict; its
+    ``gradient_accumulation_steps`` must be the number of micro-batches per step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: dict,
+        *,
+        mpu: ContextParallelMPU,
+        loss_fn,
+        output_weight=lambda m: m.output_weight,
+        optimizer=None,
+    ):
+        self.mpu = mpu
+        self.loss_module = _LossModule(model, loss_fn, output_weight)
+        if config.get("zero_optimization", {}).get("stage", 0) == 3:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self.loss_module, output_weight(model))
+        self.engine = initialize_engine(self.loss_module, config, mpu=mpu, optimizer=optimizer)
+        self.accum = self.engine.gradient_accumulation_steps()
+        self._micro = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The model (its parameters are partitioned outside forward under ZeRO-3)."""
+        return self.loss_module.model
+
+    def forward(self, *inputs, labels: Tensor) -> Tensor:
+        """This rank's token-loss sum for one micro-batch (a scalar)."""
+        return self.engine(*inputs, labels=labels)
+
+    def backward(self, loss_sum: Tensor, tokens) -> None:
+        """Backward of ``loss_sum`` scaled so that DeepSpeed's average over dp x cp is the
+        gradient of the step's mean token loss (``tokens``: its global label count)."""
+        world = self.mpu.get_data_parallel_world_size()  # DeepSpeed's replicas: dp x cp
+        self.engine.backward(loss_sum * (world / tokens), scale_wrt_gas=False)
+        self._micro += 1
+        if self._micro < self.accum:
+            self.engine.step()  # DeepSpeed's micro-step: accumulates, updates nothing
+
+    def step(self) -> float | None:
+        """Apply the step's update (after its ``gradient_accumulation_steps`` backwards)."""
+        if self._micro != self.accum:
+            raise RuntimeError(
+                f"DeepSpeedLossEngine.step() after {self._micro} backward calls; the config's "
+                f"gradient_accumulation_steps is {self.accum}"
+            )
+        self.engine.step()
+        self._micro = 0
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def save_checkpoint(self, directory, tag: str, client_state: dict | None = None) -> None:
+        """DeepSpeed's (partitioned) checkpoint of model, optimizer and ``client_state``."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state or {})
+
+    def load_checkpoint(self, directory, tag: str | None = None) -> dict:
+        """Load a :meth:`save_checkpoint` checkpoint; returns its ``client_state``."""
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        return client_state or {}

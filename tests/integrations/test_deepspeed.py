@@ -103,6 +103,83 @@ def zero_cp_vs_plain(group, stage: int, steps: int = 3, seq: int = 16):
     return train(None), train(ContextParallelMPU.build(cp_size=2))
 
 
+class TiedHidden(torch.nn.Module):
+    """TinyCausalLM's body returning hidden states; its output weight is the embedding (tied),
+    read by the loss outside forward, as in longctx's LlamaModel."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 32)
+        self.o = torch.nn.Linear(16, dim)
+
+    @property
+    def output_weight(self):
+        return self.emb.weight
+
+    def forward(self, ids, group=None):
+        import longctx
+
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split([16, 8, 8], dim=-1)
+        a = longctx.attention(
+            q.view(b, s, 4, 4), k.view(b, s, 2, 4), v.view(b, s, 2, 4), group,
+            strategy="zigzag" if group is not None else "ring", mask=longctx.Mask(causal=True),
+        )
+        return x + self.o(a.reshape(b, s, 16))  # [b, s, dim]
+
+
+def _token_loss_sum(hidden, weight, labels):
+    return torch.nn.functional.cross_entropy(
+        (hidden @ weight.T).flatten(0, 1), labels.flatten(), reduction="sum"
+    )
+
+
+def loss_engine_cp_vs_plain(group, stage: int, steps: int = 2, accum: int = 2, seq: int = 16):
+    """DeepSpeedLossEngine with 2 micro-batches per step: plain (dp copies) vs CP=2."""
+    import torch.distributed as dist
+
+    from longctx.integrations.deepspeed import ContextParallelMPU, DeepSpeedLossEngine
+    from longctx.parallel.layout import shard
+
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(0, 32, (1, seq + 1), generator=g) for _ in range(accum)] * steps
+    config = {  # every step sees the same micro-batches: its loss must fall
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accum,
+        "zero_optimization": {"stage": stage}, "steps_per_print": 10_000,
+    }
+
+    def train(mpu, cp):
+        torch.manual_seed(0)
+        model = TiedHidden()
+        eng = DeepSpeedLossEngine(
+            model, config, mpu=mpu, loss_fn=_token_loss_sum,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.02),
+        )
+        world = dist.get_world_size()
+        losses = []
+        for i in range(steps):
+            total = torch.zeros(())
+            for row in rows[i * accum : (i + 1) * accum]:
+                ids, labels = row[:, :-1], row[:, 1:]
+                if cp is not None:
+                    P, r = dist.get_world_size(cp), dist.get_rank(cp)
+                    ids, labels = (shard(x, "zigzag", P, r) for x in (ids, labels))
+                loss_sum = eng.forward(ids, cp, labels=labels)
+                # the step's label tokens over all ranks: copies count twice without CP
+                eng.backward(loss_sum, accum * seq * (world if cp is None else 1))
+                total += loss_sum.detach()
+            eng.step()
+            dist.all_reduce(total)
+            losses.append(float(total) / (accum * seq * (world if cp is None else 1)))
+        return losses
+
+    mpu = ContextParallelMPU.build(cp_size=2)
+    plain = train(ContextParallelMPU.build(cp_size=1), None)
+    return plain, train(mpu, mpu.get_context_parallel_group())
+
+
 def ulysses_distributed_attention(group, seq: int = 16):
     """DeepSpeed's DistributedAttention around UlyssesLocalAttention vs one process, with grads."""
     import torch.distributed as dist
@@ -171,6 +248,13 @@ def mesh():
 def test_zero_cp2_matches_plain_engine(mesh, stage):
     for plain, cp in mesh.run(zero_cp_vs_plain, stage):
         assert len(plain) == 3 and plain[-1] < plain[0]
+        assert max(abs(a - b) for a, b in zip(plain, cp)) < 1e-5, (plain, cp)
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_loss_engine_cp2_with_accumulation_matches_plain(mesh, stage):
+    for plain, cp in mesh.run(loss_engine_cp_vs_plain, stage):
+        assert len(plain) == 2 and plain[1] < plain[0]
         assert max(abs(a - b) for a, b in zip(plain, cp)) < 1e-5, (plain, cp)
 
 
