@@ -47,3 +47,23 @@ def test_unsupported_version_and_missing_framework_errors(monkeypatch):
     with pytest.raises(ImportError, match=r'pip install "longctx\[megatron\]"'):
         require("megatron.core")
     monkeypatch.setattr(importlib, "import_module", real_import)
+
+
+@pytest.mark.parametrize(
+    "name,framework",
+    [
+        ("longctx.integrations._deps", None),
+        ("longctx.integrations.transformers", "transformers"),
+        ("longctx.integrations.deepspeed", "deepspeed"),
+    ],
+)
+def test_docstring_examples(name, framework):
+    import doctest
+    import importlib
+
+    from conftest import require_or_skip
+
+    if framework is not None:
+        require_or_skip(framework)
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

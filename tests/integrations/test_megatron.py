@@ -306,6 +306,22 @@ def test_bad_settings_are_refused():
         LongctxSettings(layout="diagonal")
 
 
+def test_transformer_engine_spec():
+    """The TE spec swaps in the same core attention; without TE the error says what to do."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from longctx.integrations.megatron import LongctxCoreAttention, gpt_layer_spec
+
+    if not gpt_layer_specs.HAVE_TE:
+        with pytest.raises(ImportError, match="transformer_engine=False"):
+            gpt_layer_spec(transformer_engine=True)
+        spec = gpt_layer_spec()
+    else:
+        spec = gpt_layer_spec(transformer_engine=True)
+    core = spec.submodules.self_attention.submodules.core_attention
+    assert issubclass(core, LongctxCoreAttention) and core.settings.layout == "zigzag"
+
+
 def test_non_zigzag_layout_under_cp_is_refused(mesh):
     for msg in mesh.run(_contiguous_layout_error):
         assert msg is not None and "get_pos_emb_on_this_cp_rank" in msg
