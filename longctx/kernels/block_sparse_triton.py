@@ -60,10 +60,13 @@ _LOG2E = 1.4426950408889634
 _MAX_POSITION = 2**30
 _HEAD_DIMS = (16, 32, 64, 128)
 _BLOCKS = (16, 32, 64, 128)
-# the dK/dV pass walks a listed query block in sub-tiles of at most this many rows (a loop, not
-# unrolled): at head dim 128 a 128 x 128 tile spills registers in ptxas' sm_90 report, 64-row
-# sub-tiles do not
-_BWD_KV_SUB_M = 64
+
+
+def _bwd_kv_sub_m(q_block: int, kv_block: int, head_dim: int) -> int:
+    """Rows of the sub-tiles the dK/dV pass walks a listed query block in (a loop, not
+    unrolled): whole 128-row blocks spill registers in ptxas' sm_90 report, and so do 64-row
+    sub-tiles against 128-key blocks at head dim 128; these sizes do not."""
+    return min(q_block, 32 if kv_block * head_dim >= 128 * 128 else 64)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class BlockSparseTritonConfig:
         """``(fwd_warps, bwd_warps, num_stages)``."""
         big = q_block * kv_block >= 128 * 128 or head_dim >= 128
         fwd = self.fwd_warps or (8 if big else 4)
-        bwd = self.bwd_warps or (8 if q_block * kv_block >= 64 * 128 else 4)
+        bwd = self.bwd_warps or (8 if q_block * kv_block >= 64 * 128 or head_dim >= 128 else 4)
         stages = self.num_stages or (2 if big else 3)
         for name, w in (("fwd_warps", fwd), ("bwd_warps", bwd)):
             if w not in (1, 2, 4, 8, 16):
@@ -107,27 +110,6 @@ if triton is not None:
         return tl.reshape(desc.load([b, row, col]), [ROWS, HEAD_DIM])
 
     @_jit
-    def _tile_flags(q_lo, q_hi, k_lo, k_hi, qd_lo, qd_hi, kd_lo, kd_hi, window,
-                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
-        """``(any, full)``: may causal / window / documents allow some pair of the tile of query
-        positions ``[q_lo, q_hi]`` and key positions ``[k_lo, k_hi]``; do they allow all?"""
-        any_ = q_lo <= q_hi
-        full = any_
-        if CAUSAL:
-            any_ = any_ & (k_lo <= q_hi)
-            full = full & (k_hi <= q_lo)
-        if HAS_WINDOW:
-            any_ = any_ & (q_lo - k_hi < window)
-            full = full & (q_hi - k_lo < window)
-            if not CAUSAL:
-                any_ = any_ & (k_lo - q_hi < window)
-                full = full & (k_hi - q_lo < window)
-        if HAS_DOCS:
-            any_ = any_ & (qd_lo <= kd_hi) & (kd_lo <= qd_hi)
-            full = full & (qd_lo == qd_hi) & (kd_lo == kd_hi) & (qd_lo == kd_lo)
-        return any_, full
-
-    @_jit
     def _element_ok(qp, kp, qd, kd, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_DOCS: tl.constexpr):
         """Element mask from broadcastable positions / document ids."""
@@ -143,16 +125,58 @@ if triton is not None:
         return ok
 
     @_jit
+    def _query_rows(QD, q_start, start_m, Sq, BLOCK_M: tl.constexpr, HAS_DOCS: tl.constexpr):
+        """Global positions, validity and document ids of a query tile's rows."""
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Sq
+        qp = q_start + offs_m
+        if HAS_DOCS:
+            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
+        else:
+            qd = qp
+        return offs_m, m_valid, qp, qd
+
+    @_jit
+    def _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, start_n, KD, k_start, Sk,
+                  window, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """One key block of the online softmax of a query block (scores in log2 units)."""
+        k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        qk = qk * qk_scale
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_valid = offs_n < Sk
+            if HAS_DOCS:
+                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+            else:
+                kd = k_start + offs_n
+            ok = _element_ok(qp[:, None], (k_start + offs_n)[None, :], qd[:, None], kd[None, :],
+                             window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+            qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # rows with nothing allowed yet subtract 0, not -inf (-inf - -inf would be NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        return acc, l_i, m_new
+
+    @_jit
     def _fwd_kernel(
-        desc_q, desc_k, desc_v, desc_o, Lse, CNT, IDX, QD, KD,
+        desc_q, desc_k, desc_v, desc_o, Lse, PART, FULL, RANGES, QD, KD,
         qk_scale, window, q_start, k_start, q_blk0, k_blk0,
-        Sq, Sk, H, G, head_div, s_cb, s_ch, s_ib, s_ih, width,
+        Sq, Sk, H, G, head_div, s_ib, s_ih, s_rb, s_rh, width,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
         IEEE: tl.constexpr,
     ):
         """Grid ``(cdiv(Sq, BLOCK_M), B * H)``: one query block of one head over its listed key
-        blocks."""
+        blocks in this key shard: partial blocks masked, full ones not, then the shard's last
+        block when it is full but cut by the end of the keys (masked)."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -160,66 +184,29 @@ if triton is not None:
         hm = h // head_div
         col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < Sq
-        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        offs_m, m_valid, qp, qd = _query_rows(QD, q_start, start_m, Sq, BLOCK_M, HAS_DOCS)
         q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
-        qp = q_start + offs_m
-        q_lo = q_start + start_m
-        q_hi = q_start + last_m
-        if HAS_DOCS:
-            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
-            qd_lo = tl.load(QD + start_m)
-            qd_hi = tl.load(QD + last_m)
-        else:
-            qd = qp
-            qd_lo = q_lo
-            qd_hi = q_hi
 
-        gq = q_blk0 + pid_m  # global query block
-        n = tl.load(CNT + b * s_cb + hm * s_ch + gq)
-        row = IDX + b.to(tl.int64) * s_ib + hm.to(tl.int64) * s_ih + gq.to(tl.int64) * width
-
+        rng = RANGES + b * s_rb + hm * s_rh + pid_m * 5
+        row = b.to(tl.int64) * s_ib + hm.to(tl.int64) * s_ih + (q_blk0 + pid_m).to(tl.int64) * width
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for i in range(0, n):
-            start_n = (tl.load(row + i) - k_blk0) * BLOCK_N  # local first key of the block
-            if (start_n >= 0) & (start_n < Sk):
-                last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
-                if HAS_DOCS:
-                    kd_lo = tl.load(KD + start_n)
-                    kd_hi = tl.load(KD + last_n)
-                else:
-                    kd_lo = k_start + start_n
-                    kd_hi = k_start + last_n
-                any_, full = _tile_flags(q_lo, q_hi, k_start + start_n, k_start + last_n,
-                                         qd_lo, qd_hi, kd_lo, kd_hi, window,
-                                         CAUSAL, HAS_WINDOW, HAS_DOCS)
-                if any_:
-                    k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
-                    qk = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-                    qk = qk * qk_scale
-                    if (full == 0) | (start_n + BLOCK_N > Sk):
-                        offs_n = start_n + tl.arange(0, BLOCK_N)
-                        k_valid = offs_n < Sk
-                        kp = k_start + offs_n
-                        if HAS_DOCS:
-                            kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-                        else:
-                            kd = kp
-                        ok = _element_ok(qp[:, None], kp[None, :], qd[:, None], kd[None, :],
-                                         window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
-                        qk = tl.where(ok, qk, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(qk, 1))
-                    # rows with nothing allowed yet subtract 0, not -inf (-inf - -inf is NaN)
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    p = tl.math.exp2(qk - m_use[:, None])
-                    alpha = tl.math.exp2(m_i - m_use)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
-                    acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-                    m_i = m_new
+        for i in range(tl.load(rng), tl.load(rng + 1)):
+            start_n = (tl.load(PART + row + i) - k_blk0) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, start_n,
+                                      KD, k_start, Sk, window, qk_scale, BLOCK_N, HEAD_DIM, True,
+                                      CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+        for i in range(tl.load(rng + 2), tl.load(rng + 3)):
+            start_n = (tl.load(FULL + row + i) - k_blk0) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, start_n,
+                                      KD, k_start, Sk, window, qk_scale, BLOCK_N, HEAD_DIM, False,
+                                      CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+        for i in range(tl.load(rng + 3), tl.load(rng + 4)):  # at most one: the cut last block
+            start_n = (tl.load(FULL + row + i) - k_blk0) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, start_n,
+                                      KD, k_start, Sk, window, qk_scale, BLOCK_N, HEAD_DIM, True,
+                                      CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -230,16 +217,40 @@ if triton is not None:
         tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_valid)
 
     @_jit
+    def _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, start_n, KD,
+                    k_start, Sk, window, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+        """One key block's contribution to a query block's dQ."""
+        k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_valid = offs_n < Sk
+            if HAS_DOCS:
+                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
+            else:
+                kd = k_start + offs_n
+            ok = _element_ok(qp[:, None], (k_start + offs_n)[None, :], qd[:, None], kd[None, :],
+                             window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+            p = tl.where(ok, p, 0.0)
+        v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        ds = p * (dp - delta[:, None])
+        return _mm(ds.to(k.dtype), k, dq, IEEE)
+
+    @_jit
     def _bwd_q_kernel(
-        desc_q, desc_k, desc_v, desc_do, desc_dq, Lse, Delta, CNT, IDX, QD, KD,
+        desc_q, desc_k, desc_v, desc_do, desc_dq, Lse, Delta, PART, FULL, RANGES, QD, KD,
         qk_scale, scale, window, q_start, k_start, q_blk0, k_blk0,
-        Sq, Sk, H, G, head_div, s_cb, s_ch, s_ib, s_ih, width,
+        Sq, Sk, H, G, head_div, s_ib, s_ih, s_rb, s_rh, width,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        """Grid ``(cdiv(Sq, BLOCK_M), B * H)``: dQ of one query block over its listed key
-        blocks."""
+        """Grid ``(cdiv(Sq, BLOCK_M), B * H)``: dQ of one query block over its listed key blocks
+        (the forward's three loops)."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -247,86 +258,49 @@ if triton is not None:
         hm = h // head_div
         col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < Sq
-        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        offs_m, m_valid, qp, qd = _query_rows(QD, q_start, start_m, Sq, BLOCK_M, HAS_DOCS)
         q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
         do = _rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
         lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=float("inf"))
         # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=0.0)
-        qp = q_start + offs_m
-        q_lo = q_start + start_m
-        q_hi = q_start + last_m
-        if HAS_DOCS:
-            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
-            qd_lo = tl.load(QD + start_m)
-            qd_hi = tl.load(QD + last_m)
-        else:
-            qd = qp
-            qd_lo = q_lo
-            qd_hi = q_hi
 
-        gq = q_blk0 + pid_m
-        n = tl.load(CNT + b * s_cb + hm * s_ch + gq)
-        row = IDX + b.to(tl.int64) * s_ib + hm.to(tl.int64) * s_ih + gq.to(tl.int64) * width
+        rng = RANGES + b * s_rb + hm * s_rh + pid_m * 5
+        row = b.to(tl.int64) * s_ib + hm.to(tl.int64) * s_ih + (q_blk0 + pid_m).to(tl.int64) * width
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for i in range(0, n):
-            start_n = (tl.load(row + i) - k_blk0) * BLOCK_N
-            if (start_n >= 0) & (start_n < Sk):
-                last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
-                if HAS_DOCS:
-                    kd_lo = tl.load(KD + start_n)
-                    kd_hi = tl.load(KD + last_n)
-                else:
-                    kd_lo = k_start + start_n
-                    kd_hi = k_start + last_n
-                any_, full = _tile_flags(q_lo, q_hi, k_start + start_n, k_start + last_n,
-                                         qd_lo, qd_hi, kd_lo, kd_hi, window,
-                                         CAUSAL, HAS_WINDOW, HAS_DOCS)
-                if any_:
-                    k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
-                    qk = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-                    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-                    if (full == 0) | (start_n + BLOCK_N > Sk):
-                        offs_n = start_n + tl.arange(0, BLOCK_N)
-                        k_valid = offs_n < Sk
-                        kp = k_start + offs_n
-                        if HAS_DOCS:
-                            kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-                        else:
-                            kd = kp
-                        ok = _element_ok(qp[:, None], kp[None, :], qd[:, None], kd[None, :],
-                                         window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
-                        p = tl.where(ok, p, 0.0)
-                    v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
-                    dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-                    ds = p * (dp - delta[:, None])
-                    dq = _mm(ds.to(k.dtype), k, dq, IEEE)
+        for i in range(tl.load(rng), tl.load(rng + 1)):
+            start_n = (tl.load(PART + row + i) - k_blk0) * BLOCK_N
+            dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, start_n,
+                             KD, k_start, Sk, window, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL,
+                             HAS_WINDOW, HAS_DOCS, IEEE)
+        for i in range(tl.load(rng + 2), tl.load(rng + 3)):
+            start_n = (tl.load(FULL + row + i) - k_blk0) * BLOCK_N
+            dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, start_n,
+                             KD, k_start, Sk, window, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL,
+                             HAS_WINDOW, HAS_DOCS, IEEE)
+        for i in range(tl.load(rng + 3), tl.load(rng + 4)):
+            start_n = (tl.load(FULL + row + i) - k_blk0) * BLOCK_N
+            dq = _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, start_n,
+                             KD, k_start, Sk, window, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL,
+                             HAS_WINDOW, HAS_DOCS, IEEE)
         desc_dq.store([b, start_m, h * HEAD_DIM], tl.reshape(dq * scale, [1, BLOCK_M, HEAD_DIM]))
 
     @_jit
     def _bwd_kv_sub(dk, dv, k, v, kp, kd, desc_q, desc_do, lse_ptr, delta_ptr, QD, b, col_q,
-                    start_m, full, q_start, Sq, window, qk_scale, SUB_M: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
+                    start_m, q_start, Sq, window, qk_scale, SUB_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
         """``SUB_M`` query rows' contribution to a key block's dK/dV (transposed scores
-        ``[BLOCK_N, SUB_M]``, so dK/dV need no transposes); rows past ``Sq`` add nothing."""
-        offs_m = start_m + tl.arange(0, SUB_M)
-        m_valid = offs_m < Sq
+        ``[BLOCK_N, SUB_M]``, so dK/dV need no transposes); rows past ``Sq`` add nothing (their
+        lse reads as +inf), keys past ``Sk`` are never stored."""
+        offs_m, m_valid, qp, qd = _query_rows(QD, q_start, start_m, Sq, SUB_M, HAS_DOCS)
         q = _rows(desc_q, b, start_m, col_q, SUB_M, HEAD_DIM)
         lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
-        # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qkT = _mm(k, tl.trans(q), tl.zeros([k.shape[0], SUB_M], dtype=tl.float32), IEEE)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if full == 0:
-            qp = q_start + offs_m
-            if HAS_DOCS:
-                qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
-            else:
-                qd = qp
+        if MASKED:
             okT = _element_ok(qp[None, :], kp[:, None], qd[None, :], kd[:, None], window,
                               CAUSAL, HAS_WINDOW, HAS_DOCS)
             pT = tl.where(okT, pT, 0.0)
@@ -340,15 +314,16 @@ if triton is not None:
 
     @_jit
     def _bwd_kv_kernel(
-        desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, Lse, Delta, OFF, QIDX, QD, KD,
-        qk_scale, scale, window, q_start, k_start, q_blk0, k_blk0,
-        Sq, Sk, H, Hkv, G, head_div, s_ob, s_oh, n_kv_blocks,
+        desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, Lse, Delta, PART_Q, FULL_Q, RANGES,
+        QD, KD, qk_scale, scale, window, q_start, k_start, q_blk0,
+        Sq, Sk, H, Hkv, G, head_div, s_rb, s_rh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         SUB_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_DOCS: tl.constexpr, IEEE: tl.constexpr,
     ):
         """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``: dK/dV of one key block, over the query blocks
-        that list it, for all ``G`` query heads of its kv head (accumulated in registers)."""
+        of this shard that list it (partial ones masked), for all ``G`` query heads of its kv
+        head; each query block in ``SUB_M``-row sub-tiles.  Accumulated in registers."""
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hkv
@@ -356,21 +331,13 @@ if triton is not None:
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_valid = offs_n < Sk
-        last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
         k = _rows(desc_k, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
         v = _rows(desc_v, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
         kp = k_start + offs_n
-        k_lo = k_start + start_n
-        k_hi = k_start + last_n
         if HAS_DOCS:
             kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-            kd_lo = tl.load(KD + start_n)
-            kd_hi = tl.load(KD + last_n)
         else:
             kd = kp
-            kd_lo = k_lo
-            kd_hi = k_hi
-        gk = k_blk0 + pid_n  # global key block
 
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -379,29 +346,21 @@ if triton is not None:
             hm = h // head_div
             lse_ptr = Lse + (b * H + h).to(tl.int64) * Sq
             delta_ptr = Delta + (b * H + h).to(tl.int64) * Sq
-            r = b * s_ob + hm * s_oh + gk
-            lo = tl.load(OFF + r)
-            hi = tl.load(OFF + r + 1)
-            for i in range(lo, hi):
-                start_m = (tl.load(QIDX + i) - q_blk0) * BLOCK_M
-                if (start_m >= 0) & (start_m < Sq):
-                    last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
-                    if HAS_DOCS:
-                        qd_lo = tl.load(QD + start_m)
-                        qd_hi = tl.load(QD + last_m)
-                    else:
-                        qd_lo = q_start + start_m
-                        qd_hi = q_start + last_m
-                    any_, full = _tile_flags(q_start + start_m, q_start + last_m, k_lo, k_hi,
-                                             qd_lo, qd_hi, kd_lo, kd_hi, window,
-                                             CAUSAL, HAS_WINDOW, HAS_DOCS)
-                    if any_:
-                        # the query block in sub-tiles of SUB_M rows (fewer live registers)
-                        for sub in range(0, BLOCK_M // SUB_M):
-                            dk, dv = _bwd_kv_sub(
-                                dk, dv, k, v, kp, kd, desc_q, desc_do, lse_ptr, delta_ptr, QD, b,
-                                h * HEAD_DIM, start_m + sub * SUB_M, full, q_start, Sq, window,
-                                qk_scale, SUB_M, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+            rng = RANGES + b * s_rb + hm * s_rh + pid_n * 4
+            for i in range(tl.load(rng), tl.load(rng + 1)):
+                start_m = (tl.load(PART_Q + i) - q_blk0) * BLOCK_M
+                for sub in range(0, BLOCK_M // SUB_M):  # a loop, not unrolled: no spills
+                    dk, dv = _bwd_kv_sub(dk, dv, k, v, kp, kd, desc_q, desc_do, lse_ptr,
+                                         delta_ptr, QD, b, h * HEAD_DIM, start_m + sub * SUB_M,
+                                         q_start, Sq, window, qk_scale, SUB_M, HEAD_DIM, True,
+                                         CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
+            for i in range(tl.load(rng + 2), tl.load(rng + 3)):
+                start_m = (tl.load(FULL_Q + i) - q_blk0) * BLOCK_M
+                for sub in range(0, BLOCK_M // SUB_M):
+                    dk, dv = _bwd_kv_sub(dk, dv, k, v, kp, kd, desc_q, desc_do, lse_ptr,
+                                         delta_ptr, QD, b, h * HEAD_DIM, start_m + sub * SUB_M,
+                                         q_start, Sq, window, qk_scale, SUB_M, HEAD_DIM, False,
+                                         CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
 
         desc_dk.store([b, start_n, hk * HEAD_DIM], tl.reshape(dk * scale, [1, BLOCK_N, HEAD_DIM]))
         desc_dv.store([b, start_n, hk * HEAD_DIM], tl.reshape(dv, [1, BLOCK_N, HEAD_DIM]))
@@ -532,15 +491,55 @@ class BlockSparseTriton:
         return q_pos, k_pos, bs, div or 1, div == 0, qd, kd, common, flags
 
     @staticmethod
-    def _list_args(bs, shared_heads: bool):
-        """Forward lists and their strides (0 where the lists broadcast)."""
-        cnt, idx = bs.kernel_lists
-        Bm, Hm, nq, width = idx.shape
-        s_cb = 0 if Bm == 1 else Hm * nq
-        s_ch = 0 if (Hm == 1 or shared_heads) else nq
-        s_ib = 0 if Bm == 1 else Hm * nq * width
-        s_ih = 0 if (Hm == 1 or shared_heads) else nq * width
-        return cnt, idx, s_cb, s_ch, s_ib, s_ih, width
+    def _query_major(bs, mask, shared: bool, common: dict, Sq: int, Sk: int):
+        """Launch arguments of the two query-major kernels (forward, dQ): the split lists,
+        per local query block the ranges of entries in this key shard
+        ``[part_lo, part_hi, full_lo, full_end_of_whole_blocks, full_hi]`` (int32
+        ``[Bm, Hm, n_local, 5]``, from a batched search on the device: no host sync), and the
+        strides (0 where the lists broadcast)."""
+        split = bs.split_lists(mask)
+        Bm, Hm, _, width = split.part.shape
+        q0, k0 = common["q_blk0"], common["k_blk0"]
+        n_loc = -(-Sq // bs.q_block)
+        bounds = (k0, k0 + -(-Sk // bs.kv_block), k0, k0 + Sk // bs.kv_block,
+                  k0 + -(-Sk // bs.kv_block))
+        ranges = []
+        for lists, vals in ((split.part, bounds[:2]), (split.full, bounds[2:])):
+            rows = lists[:, :, q0:q0 + n_loc].contiguous()  # [Bm, Hm, n_loc, width]
+            target = torch.empty(Bm, Hm, n_loc, len(vals), dtype=rows.dtype, device=rows.device)
+            for j, val in enumerate(vals):
+                target[..., j] = val  # fills on the device
+            ranges.append(torch.searchsorted(rows, target))
+        ranges = torch.cat(ranges, -1).to(torch.int32).contiguous()
+        one_h = Hm == 1 or shared
+        return dict(
+            lists=(split.part, split.full, ranges),
+            strides=(0 if Bm == 1 else Hm * split.part.shape[2] * width,
+                     0 if one_h else split.part.shape[2] * width,
+                     0 if Bm == 1 else Hm * n_loc * 5, 0 if one_h else n_loc * 5, width),
+        )
+
+    @staticmethod
+    def _key_major(bs, mask, shared: bool, common: dict, Sq: int, Sk: int):
+        """Launch arguments of the dK/dV kernel: the transposed split lists' query blocks and,
+        per local key block, the ranges ``[part_lo, part_hi, full_lo, full_hi]`` of the query
+        blocks of this shard that list it (int32 ``[Bm, Hm, n_local, 4]``; a search on the
+        device)."""
+        split = bs.split_lists(mask)
+        Bm, Hm, nq, nk = bs.shape
+        q0, k0 = common["q_blk0"], common["k_blk0"]
+        n_loc = -(-Sk // bs.kv_block)
+        dev = split.part.device
+        rows = (torch.arange(Bm * Hm, device=dev).view(Bm, Hm, 1) * nk + k0
+                + torch.arange(n_loc, device=dev).view(1, 1, n_loc)) * nq  # first key per row
+        bounds = torch.stack([rows + q0, rows + q0 + -(-Sq // bs.q_block)], -1)
+        ranges = torch.cat([torch.searchsorted(keys, bounds)
+                            for keys in (split.part_t_keys, split.full_t_keys)], -1)
+        one_h = Hm == 1 or shared
+        return dict(
+            lists=(split.part_t_q, split.full_t_q, ranges.to(torch.int32).contiguous()),
+            strides=(0 if Bm == 1 else Hm * n_loc * 4, 0 if one_h else n_loc * 4),
+        )
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
@@ -558,16 +557,16 @@ class BlockSparseTriton:
         lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
         if Sq == 0 or B * H == 0 or Sk == 0:
             return out.zero_(), lse.fill_(float("-inf"))
-        cnt, idx, s_cb, s_ch, s_ib, s_ih, width = self._list_args(bs, shared)
+        qm = self._query_major(bs, mask, shared, common, Sq, Sk)
+        dummy = qm["lists"][2]  # stands in for absent document ids (never read)
         fwd_warps, _, stages = self.config.resolve(bs.q_block, bs.kv_block, D)
         _launch(
             _fwd_kernel, (triton.cdiv(Sq, bs.q_block), B * H),
             _rows_desc(q, bs.q_block), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
-            _rows_desc(out, bs.q_block), lse, cnt, idx,
-            qd if qd is not None else cnt, kd if kd is not None else cnt,
+            _rows_desc(out, bs.q_block), lse, *qm["lists"],
+            qd if qd is not None else dummy, kd if kd is not None else dummy,
             scale * _LOG2E, common["window"], common["q_start"], common["k_start"],
-            common["q_blk0"], common["k_blk0"], Sq, Sk, H, H // Hkv, div,
-            s_cb, s_ch, s_ib, s_ih, width,
+            common["q_blk0"], common["k_blk0"], Sq, Sk, H, H // Hkv, div, *qm["strides"],
             HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, **flags,
             num_warps=fwd_warps, num_stages=stages,
         )
@@ -609,32 +608,28 @@ class BlockSparseTriton:
             HEAD_DIM=D, BLOCK_M=64,
         )
         _, bwd_warps, stages = self.config.resolve(bs.q_block, bs.kv_block, D)
-        cnt, idx, s_cb, s_ch, s_ib, s_ih, width = self._list_args(bs, shared)
-        qd_t = qd if qd is not None else cnt
-        kd_t = kd if kd is not None else cnt
+        qm = self._query_major(bs, mask, shared, common, Sq, Sk)
+        km = self._key_major(bs, mask, shared, common, Sq, Sk)
+        qd_t = qd if qd is not None else delta  # dummies for absent document ids (never read)
+        kd_t = kd if kd is not None else delta
         _launch(
             _bwd_q_kernel, (triton.cdiv(Sq, bs.q_block), B * H),
             _rows_desc(q, bs.q_block), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
-            _rows_desc(dout, bs.q_block), _rows_desc(dq, bs.q_block), lse, delta, cnt, idx,
+            _rows_desc(dout, bs.q_block), _rows_desc(dq, bs.q_block), lse, delta, *qm["lists"],
             qd_t, kd_t, scale * _LOG2E, scale, common["window"], common["q_start"],
             common["k_start"], common["q_blk0"], common["k_blk0"], Sq, Sk, H, H // Hkv, div,
-            s_cb, s_ch, s_ib, s_ih, width,
+            *qm["strides"],
             HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, **flags,
             num_warps=bwd_warps, num_stages=stages,
         )
-        off, qidx = bs.transposed_lists
-        Bm, Hm, _, nk = bs.shape
-        s_ob = 0 if Bm == 1 else Hm * nk
-        s_oh = 0 if (Hm == 1 or shared) else nk
-        sub_m = min(bs.q_block, _BWD_KV_SUB_M)
+        sub_m = _bwd_kv_sub_m(bs.q_block, bs.kv_block, D)
         _launch(
             _bwd_kv_kernel, (triton.cdiv(Sk, bs.kv_block), B * Hkv),
             _rows_desc(q, sub_m), _rows_desc(k, bs.kv_block), _rows_desc(v, bs.kv_block),
             _rows_desc(dout, sub_m), _rows_desc(dk, bs.kv_block),
-            _rows_desc(dv, bs.kv_block), lse, delta, off, qidx, qd_t, kd_t,
+            _rows_desc(dv, bs.kv_block), lse, delta, *km["lists"], qd_t, kd_t,
             scale * _LOG2E, scale, common["window"], common["q_start"], common["k_start"],
-            common["q_blk0"], common["k_blk0"], Sq, Sk, H, Hkv, H // Hkv, div,
-            s_ob, s_oh, nk,
+            common["q_blk0"], Sq, Sk, H, Hkv, H // Hkv, div, *km["strides"],
             HEAD_DIM=D, BLOCK_M=bs.q_block, BLOCK_N=bs.kv_block, SUB_M=sub_m, **flags,
             num_warps=bwd_warps, num_stages=stages,
         )

@@ -27,7 +27,7 @@ import bisect
 import dataclasses
 import functools
 from dataclasses import InitVar, dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -534,22 +534,28 @@ class BlockSparse:
         the query blocks of key block ``j`` of (batch row ``b``, mask head ``h``) are
         ``q_blocks[offsets[r]:offsets[r+1]]`` with ``r = (b*Hm + h)*n_kv_blocks + j``, ascending."""
         count, idx = self.kernel_lists
+        valid = torch.arange(idx.shape[-1], device=idx.device) < count.unsqueeze(-1).long()
+        key, q_blocks = _transpose(valid, idx, self.n_kv_blocks)
         Bm, Hm, nq, nk = self.shape
-        width = idx.shape[-1]
-        dev = idx.device
-        valid = torch.arange(width, device=dev) < count.unsqueeze(-1).to(torch.int64)
-        bh = torch.arange(Bm * Hm, device=dev).view(Bm, Hm, 1, 1)
-        qb = torch.arange(nq, device=dev).view(1, 1, nq, 1)
-        row = bh * nk + idx.to(torch.int64)  # [Bm, Hm, nq, width]
         n_rows = Bm * Hm * nk
-        key = torch.where(valid, row * nq + qb, n_rows * nq).reshape(-1)
-        key = key.sort().values
-        q_blocks = (key % nq).to(torch.int32)
-        counts = torch.zeros(n_rows + 1, dtype=torch.int64, device=dev)
-        counts.scatter_add_(0, torch.where(valid, row, n_rows).reshape(-1), torch.ones_like(key))
-        offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=dev)
-        offsets[1:] = counts[:-1].cumsum(0)
-        return offsets.to(torch.int32), q_blocks.contiguous()
+        starts = torch.arange(n_rows + 1, device=idx.device) * nq  # first key of every row
+        return torch.searchsorted(key, starts).to(torch.int32), q_blocks
+
+    def split_lists(self, mask: "Mask") -> "SplitLists":
+        """The lists split by ``mask``'s causal / window / documents conditions into blocks they
+        cut inside (partial: element mask needed) and blocks they allow whole (full); blocks
+        they exclude entirely are dropped.  Blocks are global, so the split holds for any
+        block-aligned shard.  Made once per set of conditions on the lists' device (tensor ops,
+        cached on this object).  See :class:`SplitLists`."""
+        key = (mask.causal, mask.window,
+               None if mask.cu_seqlens is None else mask._boundaries)
+        if key not in self._splits:
+            self._splits[key] = _split(self, mask)
+        return self._splits[key]
+
+    @functools.cached_property
+    def _splits(self) -> dict:
+        return {}
 
     # -- FlexAttention interop -------------------------------------------------------------------
     @staticmethod
@@ -572,6 +578,48 @@ class BlockSparse:
         """These lists alone (no causal / window / documents) as a FlexAttention ``BlockMask``;
         see :meth:`Mask.to_flex_block_mask` for the options and for masks with conditions."""
         return Mask(block_sparse=self).to_flex_block_mask(q_len, kv_len, **kw)
+
+
+class SplitLists(NamedTuple):
+    """:meth:`BlockSparse.split_lists`: forward lists ``[Bm, Hm, n_q_blocks, width]`` int32,
+    ascending with the sentinel ``n_kv_blocks`` past the valid entries (so a row can be
+    searched), and the transposed lists as sorted int64 keys ``((b*Hm + h)*n_kv_blocks + j) *
+    n_q_blocks + i`` (sentinel past the valid ones) with the query block ``i`` of each as int32."""
+
+    part: Tensor
+    full: Tensor
+    part_t_keys: Tensor
+    part_t_q: Tensor
+    full_t_keys: Tensor
+    full_t_q: Tensor
+
+
+def _transpose(valid: Tensor, idx: Tensor, n_k: int) -> tuple[Tensor, Tensor]:
+    """Entries ``idx [Bm, Hm, nq, w]`` where ``valid`` -> sorted int64 keys ``(row * nq + i)``,
+    ``row = (b*Hm + h)*n_k + idx`` (invalid: the sentinel ``Bm*Hm*n_k*nq``), and the query block
+    ``i`` of each key (int32)."""
+    Bm, Hm, nq, _ = idx.shape
+    dev = idx.device
+    bh = torch.arange(Bm * Hm, device=dev).view(Bm, Hm, 1, 1)
+    qb = torch.arange(nq, device=dev).view(1, 1, nq, 1)
+    row = bh * n_k + idx.to(torch.int64)  # [Bm, Hm, nq, w]
+    key = torch.where(valid, row * nq + qb, Bm * Hm * n_k * nq).reshape(-1).sort().values
+    return key, (key % nq).to(torch.int32).contiguous()
+
+
+def _split(bs: BlockSparse, mask: "Mask") -> SplitLists:
+    count, idx = bs.kernel_lists
+    nk = bs.n_kv_blocks
+    Bm, Hm, nq, w = idx.shape
+    dev = idx.device
+    valid = torch.arange(w, device=dev) < count.unsqueeze(-1).long()
+    q_lo = (torch.arange(nq, device=dev) * bs.q_block).view(1, 1, nq, 1)
+    k_lo = idx.long() * bs.kv_block
+    any_, full = mask.range_flags(q_lo, q_lo + bs.q_block - 1, k_lo, k_lo + bs.kv_block - 1)
+    part_ok, full_ok = valid & any_ & ~full, valid & full
+    part = torch.where(part_ok, idx, nk).sort(-1).values.to(torch.int32).contiguous()
+    whole = torch.where(full_ok, idx, nk).sort(-1).values.to(torch.int32).contiguous()
+    return SplitLists(part, whole, *_transpose(part_ok, idx, nk), *_transpose(full_ok, idx, nk))
 
 
 def _masked_indices(num: Tensor, idx: Tensor, n_k: int) -> Tensor:
@@ -697,8 +745,16 @@ class Mask:
         k_lo = torch.arange(nk, device=device) * kv_block
         q_hi = (q_lo + q_block).clamp(max=q_len) - 1
         k_hi = (k_lo + kv_block).clamp(max=kv_len) - 1
-        ql, qh, kl, kh = q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :]
-        any_ = torch.ones(nq, nk, dtype=torch.bool, device=device)
+        return self.range_flags(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :])
+
+    def range_flags(self, q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+        """``(any, full)`` for query positions ``[q_lo, q_hi]`` against key positions
+        ``[k_lo, k_hi]`` (broadcastable int tensors): may causal / window / documents allow some
+        pair (conservative), do they allow every pair (exact).  Lists not consulted."""
+        ql, qh, kl, kh = q_lo, q_hi, k_lo, k_hi
+        shape = torch.broadcast_shapes(ql.shape, qh.shape, kl.shape, kh.shape)
+        any_ = torch.ones(shape, dtype=torch.bool, device=ql.device)
         full = any_.clone()
         if self.causal:
             any_ &= kl <= qh
@@ -711,8 +767,8 @@ class Mask:
                 any_ &= (kl - qh) < w
                 full &= (kh - ql) < w
         if self.cu_seqlens is not None:
-            dql, dqh = self.document_ids(q_lo)[:, None], self.document_ids(q_hi)[:, None]
-            dkl, dkh = self.document_ids(k_lo)[None, :], self.document_ids(k_hi)[None, :]
+            dql, dqh = self.document_ids(ql), self.document_ids(qh)
+            dkl, dkh = self.document_ids(kl), self.document_ids(kh)
             any_ &= (dql <= dkh) & (dkl <= dqh)
             full &= (dql == dqh) & (dkl == dkh) & (dql == dkl)
         return any_, full & any_
