@@ -8,14 +8,18 @@ Implements :class:`~longctx.kernels.base.AttentionKernel` for masks with block-s
 
 - One tile is one sparse block: ``q_block x kv_block`` (16 to 128, powers of two; 64 and 128
   are the sizes meant for GPUs).  The forward and the dQ pass loop over the listed key blocks of
-  their query block; the dK/dV pass loops over the query blocks that list its key block (the
-  mask's transposed lists, made once per mask on the device).  Nothing else is visited, and no
-  list is read back to the host.
+  their query block; the dK/dV pass loops over the query blocks that list its key block.
+  Nothing else is visited, and no list is read back to the host.
+- Causal, window and documents apply inside the listed blocks.  Once per mask (cached on the
+  lists, tensor ops on their device) :meth:`~longctx.kernels.mask.BlockSparse.split_lists`
+  splits the lists by those conditions into partial blocks (element mask), full blocks (none)
+  and dropped ones, and transposes both for the dK/dV pass; so every loop runs without branches
+  (Triton pipelines its loads), partial blocks masked, full ones not.
 - Global positions: the query and key shards are each one contiguous run (``start .. start+S-1``)
   starting on a block boundary, so a local tile is a global block (``block = start / size +
-  tile``); list entries outside the key shard are skipped.  A ring step is one call.
-- Causal, window and documents apply inside the listed blocks: each tile tests from its position
-  bounds whether they allow no pair (skipped), every pair (no element mask) or some (masked).
+  tile``).  Per call a batched search on the device finds, for every block, the range of its
+  sorted entries inside the other shard (a ring step is one call); a key shard whose last block
+  is cut by the end of the keys gets that block masked.
 - GQA is read in place (query head ``h`` uses kv head ``h // (H / H_kv)``); the lists may be
   shared by all heads, per query head or per kv head, and shared by the batch or per row.
 - A row with no allowed key gets ``out = 0`` and ``lse = -inf``; no NaN, forward or backward.
@@ -45,7 +49,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._triton_runtime import interpreting as _interpreting  # noqa: F401  (see _launch)
 from ._triton_runtime import jit as _jit
 from ._triton_runtime import launch as _launch
 from ._triton_runtime import tl, triton

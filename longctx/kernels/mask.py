@@ -205,9 +205,9 @@ class BlockSparse:
     allowed.  Inside a listed block the other conditions of the :class:`Mask` (causal, window,
     documents) still apply element-wise: ``Mask(causal=True) & Mask(block_sparse=bs)`` is the
     conjunction.  The ``full_kv`` pair is FlexAttention's list of blocks that need no element
-    mask; it is kept for interop (:meth:`from_flex_block_mask`), and the kernels treat both lists
-    alike (each tile decides from its positions whether it needs the element mask, so a wrong
-    "full" claim never changes a result).
+    mask; it is kept for interop (:meth:`from_flex_block_mask`).  The kernels take the union of
+    both lists and work out themselves which blocks need the element mask (:meth:`split_lists`),
+    so a wrong "full" claim never changes a result.
 
     - ``kv_num_blocks``: int ``[Bm, Hm, n_q_blocks]``; ``kv_indices``: int
       ``[Bm, Hm, n_q_blocks, max_blocks]`` (entries past the count are ignored).  ``Bm`` is 1
@@ -216,8 +216,12 @@ class BlockSparse:
     - ``n_kv_blocks``: key blocks the indices refer to (default: as many key blocks as the
       query blocks cover tokens).
     - The lists may live on a GPU: nothing reads them back to the host per call.  The kernels'
-      forms (sorted, deduplicated lists and the transposed key-block -> query-block lists of
-      the dK/dV pass) are made once per mask on the lists' device with tensor ops and cached.
+      forms (sorted, deduplicated lists, split into partial and full blocks, and the transposed
+      key-block -> query-block lists of the dK/dV pass) are made once per mask on the lists'
+      device with tensor ops and cached on this object.
+    - Context parallelism: :meth:`select_heads` gives a Ulysses rank's lists, and
+      :meth:`Mask.any_allowed` (through :class:`BlockSummary`) tells a ring step with nothing
+      listed, on the host.
     - ``check`` (construction only): validate the values (indices in range, counts within the
       list).  Default: when the lists are on the CPU (free); ``True`` on a GPU costs one sync.
       Unchecked bad entries are dropped by the kernels, never read out of bounds.
