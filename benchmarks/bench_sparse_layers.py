@@ -39,17 +39,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import time_ms  # noqa: E402
+from timing import time_ms
 
-import longctx  # noqa: E402
-from longctx.kernels.mask import Mask  # noqa: E402
-from longctx.models import LlamaModel, ModelConfig, SequenceContext  # noqa: E402
-from longctx.models.sparse.layers import MobaAttention, NSAAttention  # noqa: E402
+import longctx
+from longctx.kernels.mask import Mask
+from longctx.models import LlamaModel, ModelConfig, SequenceContext
+from longctx.models.sparse.layers import MobaAttention, NSAAttention
 
 
 def _inputs(S, H, Hkv, D, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=dtype)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=dtype)
     q, k, v = r(1, S, H, D), r(1, S, Hkv, D), r(1, S, Hkv, D)
     gates = torch.sigmoid(r(1, S, H, 3))
     return [t.requires_grad_() for t in (q, k, v, gates)]
@@ -88,60 +88,79 @@ def _check_bf16(kind, H, Hkv, D, params) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
+NSA_SHAPE = (64, 4, 128)  # query heads, kv heads, head dim
+NSA_PARAMS = {"compress_block": 64, "compress_stride": 64, "select_block": 64, "top_n": 16,
+              "window": 512, "query_block": 64}
+MOBA_SHAPE = (16, 16, 128)
+MOBA_PARAMS = {"block_size": 512, "top_k": 8, "query_block": 128}
+
+
+def _nsa_row(S: int, parallel_nsa) -> str:
+    H, Hkv, D = NSA_SHAPE
+    layer = _layer("nsa", H, Hkv, D, NSA_PARAMS, torch.bfloat16)
+    q, k, v, g = _inputs(S, H, Hkv, D, torch.bfloat16)
+    seq = SequenceContext.single_device(S, device="cuda")
+    ours = time_ms(_fwd_bwd(lambda: layer.core(q, k, v, g, seq), [q, k, v, g]))
+    window = Mask(causal=True, window=NSA_PARAMS["window"])
+    win = time_ms(_fwd_bwd(lambda: longctx.attention(q, k, v, mask=window), [q, k, v]))
+    causal = Mask(causal=True)
+    dense = time_ms(_fwd_bwd(lambda: longctx.attention(q, k, v, mask=causal), [q, k, v]))
+    fla_ms = float("nan")
+    if parallel_nsa is not None:
+        g_cmp, g_slc = (g[..., i].detach().requires_grad_() for i in (0, 1))
+        g_swa = torch.zeros_like(g_cmp)
+        fla_ms = time_ms(_fwd_bwd(
+            lambda: parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts=16, block_size=64,
+                                 window_size=0), [q, k, v, g_cmp, g_slc]))
+    cs = ours - win
+    return (f"| {S} | {ours:.2f} | {win:.2f} | {cs:.2f} | {fla_ms:.2f} | {dense:.2f} | "
+            f"{fla_ms / cs:.2f}x | {dense / ours:.2f}x |")
+
+
 def nsa_table(seqs, lines):
-    H, Hkv, D = 64, 4, 128
-    params = dict(compress_block=64, compress_stride=64, select_block=64, top_n=16, window=512,
-                  query_block=64)
-    lines += ["## NSA forward+backward (H=64 over 4 kv heads, D=128, block 64, top 16, "
-              "window 512, bf16)", "",
-              f"bf16 vs float32 at 4k: max rel error {_check_bf16('nsa', H, Hkv, D, params):.2e}", "",
-              "| tokens | ours (3 branches) ms | our window ms | ours cmp+slc ms | fla cmp+slc ms "
-              "| dense causal ms | fla / ours | dense / ours |", "|---|---|---|---|---|---|---|---|"]
+    H, Hkv, D = NSA_SHAPE
+    err = _check_bf16("nsa", H, Hkv, D, NSA_PARAMS)
+    lines += [
+        ("## NSA forward+backward (H=64 over 4 kv heads, D=128, block 64, top 16, window 512, "
+         "bf16)"), "",
+        f"bf16 vs float32 at 4k: max rel error {err:.2e}", "",
+        ("| tokens | ours (3 branches) ms | our window ms | ours cmp+slc ms | fla cmp+slc ms "
+         "| dense causal ms | fla / ours | dense / ours |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     try:
         from fla.ops.nsa import parallel_nsa
     except ImportError as e:
         parallel_nsa = None
         lines.append(f"(fla not importable: {e})")
     for S in seqs:
-        layer = _layer("nsa", H, Hkv, D, params, torch.bfloat16)
-        q, k, v, g = _inputs(S, H, Hkv, D, torch.bfloat16)
-        seq = SequenceContext.single_device(S, device="cuda")
-        ours = time_ms(_fwd_bwd(lambda: layer.core(q, k, v, g, seq), [q, k, v, g]))
-        window = Mask(causal=True, window=params["window"])
-        win = time_ms(_fwd_bwd(lambda: longctx.attention(q, k, v, mask=window), [q, k, v]))
-        dense = time_ms(_fwd_bwd(lambda: longctx.attention(q, k, v, mask=Mask(causal=True)),
-                                 [q, k, v]))
-        fla_ms = float("nan")
-        if parallel_nsa is not None:
-            g_cmp, g_slc = g[..., 0].detach().requires_grad_(), g[..., 1].detach().requires_grad_()
-            g_swa = torch.zeros_like(g_cmp)
-            fla_ms = time_ms(_fwd_bwd(
-                lambda: parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts=16, block_size=64,
-                                     window_size=0), [q, k, v, g_cmp, g_slc]))
-        cs = ours - win
-        lines.append(f"| {S} | {ours:.2f} | {win:.2f} | {cs:.2f} | {fla_ms:.2f} | {dense:.2f} | "
-                     f"{fla_ms / cs:.2f}x | {dense / ours:.2f}x |")
-        del layer, q, k, v, g
+        lines.append(_nsa_row(S, parallel_nsa))
         torch.cuda.empty_cache()
     lines.append("")
 
 
+def _moba_row(S: int) -> str:
+    H, Hkv, D = MOBA_SHAPE
+    layer = _layer("moba", H, Hkv, D, MOBA_PARAMS, torch.bfloat16)
+    q, k, v, _ = _inputs(S, H, Hkv, D, torch.bfloat16)
+    seq = SequenceContext.single_device(S, device="cuda")
+    moba = time_ms(_fwd_bwd(lambda: layer.core(q, k, v, seq), [q, k, v]))
+    causal = Mask(causal=True)
+    dense = time_ms(_fwd_bwd(lambda: longctx.attention(q, k, v, mask=causal), [q, k, v]))
+    return f"| {S} | {moba:.2f} | {dense:.2f} | {dense / moba:.2f}x |"
+
+
 def moba_table(seqs, lines):
-    H, Hkv, D = 16, 16, 128
-    params = dict(block_size=512, top_k=8, query_block=128)
-    lines += ["## MoBA forward+backward (H=16, D=128, block 512, top-8 with the own block, "
-              "gating included, bf16)", "",
-              f"bf16 vs float32 at 4k: max rel error {_check_bf16('moba', H, Hkv, D, params):.2e}", "",
-              "| tokens | MoBA ms | dense causal ms | dense / MoBA |", "|---|---|---|---|"]
+    H, Hkv, D = MOBA_SHAPE
+    err = _check_bf16("moba", H, Hkv, D, MOBA_PARAMS)
+    lines += [
+        ("## MoBA forward+backward (H=16, D=128, block 512, top-8 with the own block, gating "
+         "included, bf16)"), "",
+        f"bf16 vs float32 at 4k: max rel error {err:.2e}", "",
+        "| tokens | MoBA ms | dense causal ms | dense / MoBA |", "|---|---|---|---|",
+    ]
     for S in seqs:
-        layer = _layer("moba", H, Hkv, D, params, torch.bfloat16)
-        q, k, v, _ = _inputs(S, H, Hkv, D, torch.bfloat16)
-        seq = SequenceContext.single_device(S, device="cuda")
-        moba = time_ms(_fwd_bwd(lambda: layer.core(q, k, v, seq), [q, k, v]))
-        dense = time_ms(_fwd_bwd(lambda: longctx.attention(q, k, v, mask=Mask(causal=True)),
-                                 [q, k, v]))
-        lines.append(f"| {S} | {moba:.2f} | {dense:.2f} | {dense / moba:.2f}x |")
-        del layer, q, k, v
+        lines.append(_moba_row(S))
         torch.cuda.empty_cache()
     lines.append("")
 
@@ -205,9 +224,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_layers needs a CUDA GPU")
-    lines = [f"# bench_sparse_layers on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
-             "command: " + " ".join(sys.argv), ""]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    title = (f"# bench_sparse_layers on {torch.cuda.get_device_name()}, torch "
+             f"{torch.__version__}, {now:%Y-%m-%d %H:%M} UTC")
+    lines = [title, "", "command: " + " ".join(sys.argv), ""]
     if args.nsa:
         nsa_table(args.nsa_seqs, lines)
     if args.moba:

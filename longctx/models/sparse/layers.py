@@ -6,8 +6,8 @@ positions; each query block (``query_block`` tokens) scores the pooled keys of t
 of its own document with its first query, per head, and attends to the ``top_k - 1`` best plus
 its own block (causal inside it). Scoring with the first query keeps the choice causal for every
 query of the block (a pooled query would let later tokens choose for earlier ones, a leak of
-the labels); ``query_block=1`` is per-token MoBA exactly. The selection is not differentiated (as in the paper);
-gradients reach the attended keys and values. Documents: a block is a candidate when it holds
+the labels); ``query_block=1`` is per-token MoBA exactly. The selection is not differentiated
+(as in the paper); gradients reach the attended keys and values. Documents: a block is a candidate when it holds
 tokens of the query block's first document, and the attention itself applies the document mask.
 
 **NSA** (:class:`NSAAttention`). Three branches on the same q/k/v, mixed per head by learned
@@ -50,7 +50,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.distributed as dist
@@ -167,7 +166,8 @@ def nsa_importance(
     B, S, H, D = q.shape
     ncmp, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     G = H // Hkv
-    l, d, ls, qb = config.compress_block, config.compress_stride, config.select_block, config.query_block
+    l, d = config.compress_block, config.compress_stride
+    ls, qb = config.select_block, config.query_block
     acc = acc_dtype(q.dtype)
     cmp_pos = (l - 1) + torch.arange(ncmp, device=q.device) * d  # a compressed token's last key
     nq = S // qb
@@ -178,7 +178,8 @@ def nsa_importance(
     p = torch.where(ok, torch.exp(s - torch.where(ok, lse, 0.0)), 0.0).sum(2)  # [B, Hkv, nq, ncmp]
     i = torch.arange(ncmp, device=q.device)
     j = torch.arange(num_blocks, device=q.device)
-    overlap = (i[:, None] * d <= (j[None, :] + 1) * ls - 1) & (i[:, None] * d + l - 1 >= j[None, :] * ls)
+    first_key, last_key = i[:, None] * d, i[:, None] * d + l - 1  # [ncmp, 1]
+    overlap = (first_key <= (j[None, :] + 1) * ls - 1) & (last_key >= j[None, :] * ls)
     return p @ overlap.to(acc)  # [B, Hkv, nq, num_blocks]
 
 
@@ -197,7 +198,7 @@ class BlockCompressor(nn.Module):
         super().__init__()
         self.config = config
         l, hidden = config.compress_block, config.compress_hidden or head_dim
-        kw = dict(device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
         self.pe = nn.Parameter(torch.zeros(l, head_dim, **kw))
         self.w_in = nn.Linear(l * head_dim, hidden, bias=False, **kw)
         self.w_out = nn.Linear(hidden, head_dim, bias=False, **kw)
@@ -232,7 +233,8 @@ class BlockCompressor(nn.Module):
                 valid = valid & (
                     mask.document_ids(win).unfold(0, l, d) == mask.document_ids(last)[:, None]
                 )
-            xb = (blocks + self.pe[None, None, :, None, :]) * valid[None, :, :, None, None].to(x.dtype)
+            keep = valid[None, :, :, None, None].to(x.dtype)  # [1, n_i, l, 1, 1]
+            xb = (blocks + self.pe[None, None, :, None, :]) * keep
             h = self.w_in(xb.permute(0, 1, 3, 2, 4).flatten(3))  # [B, n_i, Hkv, l*D] -> hidden
             out = out.index_add(1, torch.arange(i_lo, i_hi + 1, device=x.device), h)
         return out
@@ -242,7 +244,7 @@ class BlockCompressor(nn.Module):
         return self.w_out(F.silu(h))
 
 
-# -- layers ------------------------------------------------------------------------------------------
+# -- layers ---------------------------------------------------------------------------------------
 def _group(cp_group):
     if cp_group is None or isinstance(cp_group, dist.ProcessGroup):
         return cp_group
@@ -290,7 +292,8 @@ class _SparseAttention(Attention):
         if world > 1 and seq.strategy == "ulysses":
             outer = _sparse_cp(seq_len, group, str(seq.layout))
             H = q.shape[2]
-            q_h, k_h, v_h = seq_to_heads(q, outer), seq_to_heads(k, outer, H), seq_to_heads(v, outer, H)
+            q_h = seq_to_heads(q, outer)
+            k_h, v_h = seq_to_heads(k, outer, H), seq_to_heads(v, outer, H)
             extra_h = [seq_to_heads(e, outer) for e in extra]
             whole = _sparse_cp(seq_len, None, "contiguous")
             self._check(whole, q_h, k_h)

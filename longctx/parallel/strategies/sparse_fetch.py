@@ -88,7 +88,7 @@ class SparseCP:
     _device_positions: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def build(seq_len: int, group=None, layout: "str | Layout" = "contiguous") -> "SparseCP":
+    def build(seq_len: int, group=None, layout: str | Layout = "contiguous") -> SparseCP:
         """``seq_len`` is the **global** length (local tokens times the group size)."""
         world = group.size() if group is not None else 1
         rank = group.rank() if group is not None else 0
@@ -261,7 +261,7 @@ def block_key_means(k: Tensor, cp: SparseCP, block_size: int) -> Tensor:
     (``nblk`` rows, small) are summed over the ranks.  A block past the sequence end is not
     counted: ``nblk = ceil(S / block_size)`` and the last block averages the tokens it has.
     """
-    B, S_local, Hkv, D = k.shape
+    B, _, Hkv, D = k.shape
     nblk = -(-cp.seq_len // block_size)
     blocks = cp.positions_on(cp.rank, k.device) // block_size  # [S_local]
     sums = torch.zeros(B, nblk, Hkv, D, dtype=acc_dtype(k.dtype), device=k.device)
@@ -365,7 +365,9 @@ def selection_mask(sel: SparseSelection, cp: SparseCP, kv_block: int | None = No
 
     kv_block = kv_block or sel.block_size
     if sel.block_size % kv_block:
-        raise ValueError(f"kv_block={kv_block} must divide the selection's block_size={sel.block_size}")
+        raise ValueError(
+            f"kv_block={kv_block} must divide the selection's block_size={sel.block_size}"
+        )
     r = sel.block_size // kv_block
     num, idx = sel.kv_num_blocks.long(), sel.kv_indices.long()
     if r > 1:  # block b -> kernel blocks b*r .. b*r + r - 1
@@ -401,7 +403,7 @@ def selected_attention(
     that mask instead.  ``stats`` (a list) receives a :class:`FetchStats`.
     Gradients reach ``q``, ``k`` and ``v`` (the selection is not differentiated).
     """
-    B, S_local, H, D = q.shape
+    B, S_local, _, D = q.shape
     Hkv = k.shape[2]
     nblk = -(-cp.seq_len // sel.block_size)
     q_pos = cp.local_positions
@@ -507,7 +509,7 @@ def seq_to_heads(x: Tensor, cp: SparseCP, heads: int | None = None) -> Tensor:
     if cp.group is None or cp.world_size == 1:
         return x
     P = cp.world_size
-    B, S_local, Hx, E = x.shape
+    Hx = x.shape[2]
     if heads is not None and heads != Hx:
         x = x.index_select(2, _head_groups(heads, Hx, P, "sparse").to(x.device))
     elif Hx % P:
