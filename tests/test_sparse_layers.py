@@ -281,6 +281,7 @@ CASES = [  # kind, strategy, layout, world sizes
     ("moba", "ring", "contiguous", (1, 2, 3, 4)),
     ("moba", "zigzag", "zigzag", (2, 3, 4)),
     ("moba", "ulysses", "zigzag", (2, 4)),
+    ("moba", "striped", "striped:16", (2,)),
     ("nsa", "ring", "contiguous", (2, 3, 4)),
     ("nsa", "zigzag", "zigzag", (2, 4)),
     ("nsa", "ulysses", "contiguous", (2,)),
