@@ -381,3 +381,51 @@ class DeepSpeedLossEngine:
         """Load a :meth:`save_checkpoint` checkpoint; returns its ``client_state``."""
         _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
         return client_state or {}
+
+
+def trainer_deepspeed_config(cfg) -> dict:
+    """The DeepSpeed config of a ``longctx train`` run with ``train.engine: deepspeed``.
+
+    ``cfg`` is a :class:`longctx.train.config.TrainConfig`; ``train.deepspeed`` (a dict, e.g.
+    ``{"zero_optimization": {"stage": 3}}``) is completed with the run's micro-batch size,
+    gradient accumulation and clipping.  Settings DeepSpeed cannot honour here raise errors that
+    say what to change.
+    """
+    t, p = cfg.train, cfg.parallel
+    problems = []
+    if p.fsdp:
+        problems.append("parallel.fsdp: false (ZeRO shards instead)")
+    if p.tp != 1:
+        problems.append("parallel.tp: 1 (DeepSpeed's mpu here is dp x cp)")
+    if t.precision == "bf16":
+        problems.append("train.precision: fp32 or fp64 (bf16 autocast is not wired to DeepSpeed)")
+    if cfg.checkpoint.enabled:
+        problems.append("checkpoint.enabled: false (DeepSpeed checkpoints are not wired yet)")
+    ds = dict(getattr(t, "deepspeed", None) or {})
+    zero = dict(ds.get("zero_optimization", {}))
+    stage = zero.setdefault("stage", 1)
+    if stage not in ZERO_STAGES:
+        problems.append(f"train.deepspeed.zero_optimization.stage in {ZERO_STAGES}, not {stage}")
+    if stage == 3 and cfg.eval.num_samples:
+        problems.append("eval.num_samples: 0 under ZeRO-3 (evaluation reads unpartitioned weights)")
+    if problems:
+        raise ValueError("train.engine: deepspeed needs " + "; ".join(problems))
+    ds["zero_optimization"] = zero
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum_steps
+    ds.setdefault("gradient_clipping", t.clip_grad_norm or 0.0)
+    ds.setdefault("steps_per_print", 1 << 30)
+    return ds
+
+
+def build_trainer_engine(cfg, model: nn.Module, optimizer, mesh, loss_fn) -> DeepSpeedLossEngine:
+    """:class:`DeepSpeedLossEngine` for ``longctx train`` (``train.engine: deepspeed``).
+
+    ``mesh``: the trainer's :class:`~longctx.parallel.mesh.ParallelMesh`; ``loss_fn(hidden,
+    weight, labels)``: its summed cross entropy; ``optimizer``: its AdamW (its LR schedule keeps
+    working: DeepSpeed steps the same parameter groups).
+    """
+    return DeepSpeedLossEngine(
+        model, trainer_deepspeed_config(cfg), mpu=ContextParallelMPU.from_mesh(mesh),
+        loss_fn=loss_fn, optimizer=optimizer,
+    )

@@ -269,6 +269,25 @@ def test_alst_core_attention(mesh):
         assert err < 1e-10, err
 
 
+def test_trainer_config_errors():
+    from longctx.integrations.deepspeed import trainer_deepspeed_config
+    from longctx.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({
+        "parallel": {"cp": 2, "fsdp": True}, "checkpoint": {"enabled": True},
+        "eval": {"num_samples": 4},
+    })
+    with pytest.raises(ValueError, match="parallel.fsdp: false.*checkpoint.enabled: false"):
+        trainer_deepspeed_config(cfg)
+    ok = TrainConfig.from_dict({
+        "parallel": {"cp": 2}, "checkpoint": {"enabled": False}, "eval": {"num_samples": 0},
+        "train": {"grad_accum_steps": 2, "clip_grad_norm": 0.5},
+    })
+    ds = trainer_deepspeed_config(ok)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 1
+
+
 def test_readme_example(tmp_path):
     """The README's deepspeed example, as written, under torchrun with 2 gloo processes."""
     run_readme_example("deepspeed", tmp_path)
