@@ -444,8 +444,8 @@ if triton is not None:
         Works on transposed scores ``[BLOCK_N, BLOCK_M]`` so dK/dV need no transposes.  With
         ``MASKED`` the element mask is computed and applied only when the runtime flag ``full`` is
         false (one loop over all tiles with a branch keeps register pressure below spilling,
-        where separate masked/unmasked loops as in the forward spill; measured 8% faster than
-        masking every tile).
+        where separate masked/unmasked loops as in the forward spill; faster than masking every
+        tile: benchmarks/RESULTS.md, "Local dense kernels").
         """
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < Sq

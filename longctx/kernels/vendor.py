@@ -20,18 +20,16 @@ to one of those on global positions:
 
 GQA (``H = g * Hkv``): cuDNN takes the grouped K/V as they are and returns dK/dV per kv head;
 FlashAttention-2 runs with K/V expanded to ``H`` heads (one copy of K and V per call; dK/dV summed
-back over each group in float32).  Measured on an H100 (torch 2.11, cuDNN 9.19), cuDNN's own GQA
-beats expanding by 4-20% in the forward and by up to 14% in the backward (equal at 128k),
-most at short lengths.
+back over each group in float32).  cuDNN's own GQA measured faster than expanding
+(``benchmarks/RESULTS.md``, "Vendor kernel").
 
 The backward of a long aligned-causal call is split by query chunks (:class:`CausalSplit`): chunk
 ``i`` is the backward of one causal call on its own keys and of one full call on every earlier
 key, both from the global ``out``/``lse``, with the pieces' gradients summed in float32.  cuDNN's
-full-mask backward runs faster per FLOP than its long causal one; measured on an H200 (torch 2.11),
-the backward of a 128k-token causal call (8/2 heads, D=64) takes 2-4% less time in 32k-query
-chunks, 4-7% at 256k, while at 32k one call is fastest and at D=128 nothing is gained (a 2% loss
-on an H200), so only calls with head dim up to 64 are split.  The forward always runs as one
-call: split the same way, the merges cost what the kernels gained.
+full-mask backward runs faster per FLOP than its long causal one, so long calls with a small head
+dim gain from the split; where it gains, and where one call is faster, is measured in
+``benchmarks/RESULTS.md`` ("Vendor kernel"), and :class:`CausalSplit`'s defaults follow it.  The
+forward always runs as one call: split the same way, the merges cost what the kernels gained.
 
 Anything else (windows, documents, block-sparse, striped or offset diagonals), float32/float64,
 or CPU tensors is refused with the reason; :func:`longctx.kernels.dispatch.select_kernel` asks
@@ -112,9 +110,8 @@ class CausalSplit:
     Attributes:
         min_queries: split calls with at least this many queries; None never splits.
         chunk: query tokens per chunk (the last one may be shorter).
-        max_head_dim: split only calls with at most this head dim; None: any.  At D=128 the
-            split measured no gain at 128k on an H100 and a 2% loss on an H200, while at D=64 it
-            gained 2-4% at 128k and 4-7% at 256k (``benchmarks/RESULTS.md``, issue 6).
+        max_head_dim: split only calls with at most this head dim; None: any (the head dims
+            where the split gained: ``benchmarks/RESULTS.md``, "Vendor kernel").
 
     Example::
 
@@ -181,8 +178,8 @@ class VendorSDPA:
     def _backend_for(self, q: Tensor) -> str:
         """cuDNN for query blocks of ``CUDNN_MIN_QUERIES`` or more; FlashAttention-2 for shorter
         ones (decode steps): cuDNN builds an execution plan per new shape, and a decode step's
-        key length is new at every step (measured on 2x H200 at 256k: ~60 ms per token with a
-        plan built per step, ~25 ms with the plans cached)."""
+        key length is new at every step (the cost per token: ``benchmarks/RESULTS.md``,
+        "Inference")."""
         if self.backend != "auto":
             return self.backend
         usable = _cudnn_usable(q) and q.shape[-1] <= 128 and q.shape[1] >= CUDNN_MIN_QUERIES

@@ -186,7 +186,7 @@ def _check_log_decay(log_decay: Tensor, heads: int, dtype: torch.dtype,
             f"dtype {log_decay.dtype}"
         )
     # the values are checked where the tensor lives: on the host in Python for a CPU tensor
-    # (a few microseconds per call), a read-back (a host sync, which stalls the launch queue) for
+    # (cheap), a read-back (a host sync, which stalls the launch queue) for
     # a GPU one -- so models pass their decay on the CPU
     given = log_decay.detach()
     if given.device.type == "cpu":

@@ -118,10 +118,10 @@ class LinearTritonConfig:
             other.  Their grid has only ``B * H * (Dk / BK) * (Dv / BV)`` programs, so smaller
             tiles put more of the GPU to work on short-batch, few-head shapes; but each k (v)
             tile is read by ``Dv / BV`` (``Dk / BK``) programs, so smaller tiles also read more.
-            At head dim 128 and H = 16 the 32 x 64 tile is the fastest of 32 x 32, 64 x 32,
-            32 x 64 and 64 x 64 on an H200 (fwd+bwd 4-12% faster than 32 x 32 at 32k and 128k
-            tokens).  Under context parallelism its 128 programs (one wave at H = 16) slow
-            down when an all-gather waiting for its peers holds SMs at the same time.
+            The default, 32 x 64, is the fastest of the tiles swept at head dim 128 and H = 16
+            (``bench_linear.py --sweep``; ``benchmarks/RESULTS.md``, "Linear attention").  Under
+            context parallelism its programs (one wave at H = 16) slow down when an all-gather
+            waiting for its peers holds SMs at the same time.
         num_warps, num_stages: as in ``triton.Config``; ``state_num_warps`` and
             ``state_num_stages`` for the two sequential kernels.
         segment, sum_block, sum_num_stages: context parallelism needs a shard's final state
@@ -130,11 +130,10 @@ class LinearTritonConfig:
             None: as many segments as give every SM one program of the sum), chains the segment
             sums with a small scan, and then walks every segment in parallel from its chained
             start.  ``[sum_block, sum_block]`` is the sum's state tile (clipped to the head
-            dims), ``sum_num_stages`` its pipeline depth.  At 32k tokens, H = 16, D = 128 on an
-            H200: the sum reads at 3.95 TB/s (68 us) with one program per SM, against 72-82 us
-            with 2-4; a walk cut into 4-8 segments takes 184 us against 248 us in one.  The
-            segments are chained in a fixed order, so the result is deterministic on a given
-            GPU model.  The one-device forward and backward walk in one segment.
+            dims), ``sum_num_stages`` its pipeline depth.  One program of the sum per SM, and
+            walks cut into several segments, measured fastest ("Linear CP efficiency" in
+            ``benchmarks/RESULTS.md``).  The segments are chained in a fixed order, so the
+            result is deterministic on a given GPU model.  The one-device forward and backward walk in one segment.
 
     All blocks are powers of two >= 16 (the smallest ``tl.dot``).  The defaults come from timing
     on an H200 at head dim 128 (``benchmarks/bench_linear.py --sweep``, ``benchmarks/RESULTS.md``);
@@ -973,8 +972,7 @@ def weighted_state_sum(weights: Tensor, states: Tensor) -> Tensor:
     """``sum_j weights[..., j, h] * states[j, b, h]``: ``weights [..., P, H]`` and
     ``states [P, B, H, Dk, Dv]`` -> ``[..., B, H, Dk, Dv]`` (how context parallelism combines
     gathered states).  One Triton kernel for float32 CUDA tensors (and in the interpreter);
-    elsewhere a torch product and sum.  On an H200 the kernel made a 2-GPU linear CP step 0.5%
-    faster than the product and sum, which are two kernels and write the ``[..., P, B, H, Dk,
+    elsewhere a torch product and sum, which are two kernels and write the ``[..., P, B, H, Dk,
     Dv]`` product.
 
     Example::
