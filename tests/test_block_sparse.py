@@ -201,6 +201,10 @@ def test_any_allowed_uses_the_host_summary_conservatively(monkeypatch):
                                                 Positions.contiguous(4, 20))
     assert not (Mask(causal=True) & Mask(block_sparse=blind)).any_allowed(
         Positions.contiguous(0, 4), Positions.contiguous(4, 20))  # causal still decides
+    summed = blind.with_summary()  # one host copy, then exact again
+    assert summed.summary is not None and summed.with_summary() is summed
+    assert not Mask(block_sparse=summed).any_allowed(Positions.contiguous(0, 4),
+                                                     Positions.contiguous(4, 20))
 
 
 def test_select_heads_for_ulysses():

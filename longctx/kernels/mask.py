@@ -415,6 +415,11 @@ class BlockSparse:
             full_kv_indices=move(self.full_kv_indices),
         )
 
+    def with_summary(self) -> "BlockSparse":
+        """These lists with a host :class:`BlockSummary` (one device->host copy: build it once,
+        outside the step loop); ``self`` when it has one."""
+        return self if self.summary is not None else self._replace(summary=self._make_summary())
+
     def mask_heads(self, heads: int, kv_heads: int | None = None) -> int:
         """Divisor mapping a query head to its mask head (``h // divisor``) for a call with
         ``heads`` query heads and ``kv_heads`` kv heads; 0 when one mask head serves all.
