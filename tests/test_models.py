@@ -227,12 +227,12 @@ def test_clip_grad_norm_matches_torch_on_one_process():
 @pytest.mark.parametrize("mode,core_calls", [("none", 2), ("selective", 2), ("full", 4)])
 def test_selective_checkpointing_never_reruns_attention(monkeypatch, mode, core_calls):
     """2 layers: the attention core runs once per layer, twice under full checkpointing."""
-    from longctx.models import llama
+    from longctx.models import attention
     from longctx.models.parallelize import _apply_ac
 
     calls = []
-    real = llama.cp_attention
-    monkeypatch.setattr(llama, "cp_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = attention.cp_attention
+    monkeypatch.setattr(attention, "cp_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids, w_h, _ = _inputs()
     ref = LlamaModel(CFG, seed=0, dtype=DTYPE)
     model = LlamaModel(CFG, seed=0, dtype=DTYPE)

@@ -41,7 +41,7 @@ Example::
     ...                   "select_block": 8, "top_n": 1, "window": 8, "query_block": 4})
     >>> seq = SequenceContext.single_device(32)
     >>> x = torch.randn(1, 32, 32)
-    >>> from longctx.models.llama import rope_cos_sin
+    >>> from longctx.models.attention import rope_cos_sin
     >>> rope = rope_cos_sin(torch.arange(32), 8, 10000.0)
     >>> MobaAttention(cfg)(x, rope, seq).shape, NSAAttention(cfg)(x, rope, seq).shape
     (torch.Size([1, 32, 32]), torch.Size([1, 32, 32]))
@@ -71,7 +71,7 @@ from ...parallel.strategies.sparse_fetch import (
 )
 from ..config import ModelConfig
 from ..context import SequenceContext
-from ..llama import Attention
+from ..attention import Attention
 from .config import MobaConfig, NSAConfig
 
 __all__ = [
