@@ -61,6 +61,7 @@ if triton is not None:
 
     jit = _Kernel
     _INTERPRETED: dict = {}
+    _SHARED_HELPERS = __name__.rpartition(".")[0] + "._triton_common"  # jit helpers of 2+ kernels
 
     @contextlib.contextmanager
     def _interpreter_calls(module: str):
@@ -73,10 +74,10 @@ if triton is not None:
             fn = _INTERPRETED.get(self.fn)
             if fn is None:
                 fn = _INTERPRETED[self.fn] = InterpretedFunction(self.fn)
-            if self.fn.__module__ == module:
-                # a helper of the launched kernel's module: the launch already patched ``tl``
-                # there; skipping the per-call re-patching makes the interpreter several times
-                # faster
+            if self.fn.__module__ in (module, _SHARED_HELPERS):
+                # a helper of the launched kernel's module or of _triton_common (the same ``tl``
+                # in its globals): the launch already patched ``tl``; skipping the per-call
+                # re-patching makes the interpreter several times faster
                 return fn.rewrite()(*args, **kwargs)
             return fn(*args, **kwargs)
 

@@ -36,8 +36,10 @@ __all__ = [
     "host_to_device",
     "AttentionKernel",
     "acc_dtype",
+    "check_backward_shapes",
     "check_qkv",
     "check_qkv_tensors",
+    "check_scale",
     "default_positions",
     "expand_kv_heads",
     "sum_kv_groups",
@@ -145,6 +147,34 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"q has {H} heads, which is not a multiple of the {k.shape[2]} kv heads; "
             "num_heads must be divisible by num_kv_heads (GQA)"
+        )
+
+
+def check_scale(scale: float) -> None:
+    """Raise a ValueError unless the softmax ``scale`` is > 0 (NaN is refused too)."""
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+
+
+def check_backward_shapes(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Raise a ValueError unless ``dout`` and ``out`` are shaped like ``q [B, Sq, H, D]`` and
+    ``lse`` is ``[B, H, Sq]`` (what :meth:`AttentionKernel.backward` takes).
+
+    Example::
+
+        >>> q = torch.zeros(1, 4, 2, 8)
+        >>> check_backward_shapes(q, q, q, torch.zeros(1, 2, 4))
+        >>> check_backward_shapes(q, q, q, torch.zeros(1, 4, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: backward needs ... lse [B, H, Sq] = (1, 2, 4); got ... lse (1, 4, 2)
+    """
+    B, Sq, H, _ = q.shape
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, Sq):
+        raise ValueError(
+            f"backward needs dout and out shaped like q {tuple(q.shape)} and lse [B, H, Sq] = "
+            f"{(B, H, Sq)}; got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse "
+            f"{tuple(lse.shape)}"
         )
 
 

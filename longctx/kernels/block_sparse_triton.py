@@ -53,9 +53,23 @@ from ._triton_runtime import jit as _jit
 from ._triton_runtime import launch as _launch
 from ._triton_runtime import tl, triton
 from ._triton_runtime import unavailable_reason as _unavailable_reason
-from .base import check_qkv, default_positions, grad_dtype_for, register_kernel
+from ._triton_common import bwd_delta as _bwd_delta
+from ._triton_common import bwd_ready as _bwd_ready
+from ._triton_common import rows_desc as _rows_desc
+from ._triton_common import tma_ready as _tma_ready
+from .base import (
+    check_backward_shapes, check_qkv, check_scale, default_positions, grad_dtype_for,
+    register_kernel,
+)
 from .mask import Mask, Positions
-from .triton_flash import _bwd_delta_kernel, _rows_desc, _tma_ready
+
+if triton is not None:
+    from ._triton_common import allowed as _allowed
+    from ._triton_common import key_tile_allowed as _key_tile_allowed
+    from ._triton_common import load_lse2 as _load_lse2
+    from ._triton_common import load_rows as _load_rows
+    from ._triton_common import mm as _mm
+    from ._triton_common import store_fwd_rows as _store_fwd_rows
 
 __all__ = ["BlockSparseTritonConfig", "BlockSparseTriton"]
 
@@ -97,35 +111,8 @@ class BlockSparseTritonConfig:
 # --------------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------------
+# _mm, _load_rows, _allowed, ...: shared with the dense Triton kernel (_triton_common.py).
 if triton is not None:
-
-    @_jit
-    def _mm(a, b, acc, IEEE: tl.constexpr):
-        """``acc + a @ b`` in float32 (full-precision float32 products when ``IEEE``)."""
-        if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
-
-    @_jit
-    def _rows(desc, b, row, col, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """``[ROWS, HEAD_DIM]`` tile at (batch ``b``, token ``row``, column ``col``)."""
-        return tl.reshape(desc.load([b, row, col]), [ROWS, HEAD_DIM])
-
-    @_jit
-    def _element_ok(qp, kp, qd, kd, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_DOCS: tl.constexpr):
-        """Element mask from broadcastable positions / document ids."""
-        ok = (qp >= 0) & (kp >= 0)
-        if CAUSAL:
-            ok = ok & (kp <= qp)
-        if HAS_WINDOW:
-            ok = ok & (qp - kp < window)
-            if not CAUSAL:
-                ok = ok & (kp - qp < window)
-        if HAS_DOCS:
-            ok = ok & (qd == kd)
-        return ok
 
     @_jit
     def _query_rows(QD, q_start, start_m, Sq, BLOCK_M: tl.constexpr, HAS_DOCS: tl.constexpr):
@@ -145,18 +132,12 @@ if triton is not None:
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
         """One key block of the online softmax of a query block (scores in log2 units)."""
-        k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        k = _load_rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         qk = qk * qk_scale
-        if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_valid = offs_n < Sk
-            if HAS_DOCS:
-                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-            else:
-                kd = k_start + offs_n
-            ok = _element_ok(qp[:, None], (k_start + offs_n)[None, :], qd[:, None], kd[None, :],
-                             window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+        if MASKED:  # contiguous keys: positions k_start + j (KD stands in for KP, never read)
+            ok = _key_tile_allowed(qp, qd, KD, KD, start_n, k_start, 1, Sk, window, BLOCK_N,
+                                   False, CAUSAL, HAS_WINDOW, HAS_DOCS)
             qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows with nothing allowed yet subtract 0, not -inf (-inf - -inf would be NaN)
@@ -164,7 +145,7 @@ if triton is not None:
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        v = _load_rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         return acc, l_i, m_new
 
@@ -188,7 +169,7 @@ if triton is not None:
         col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
         offs_m, m_valid, qp, qd = _query_rows(QD, q_start, start_m, Sq, BLOCK_M, HAS_DOCS)
-        q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+        q = _load_rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
 
         rng = RANGES + b * s_rb + hm * s_rh + pid_m * 5
         row = b.to(tl.int64) * s_ib + hm.to(tl.int64) * s_ih + (q_blk0 + pid_m).to(tl.int64) * width
@@ -211,13 +192,8 @@ if triton is not None:
                                       KD, k_start, Sk, window, qk_scale, BLOCK_N, HEAD_DIM, True,
                                       CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        desc_o.store([b, start_m, h * HEAD_DIM],
-                     tl.reshape(out.to(desc_o.dtype), [1, BLOCK_M, HEAD_DIM]))
-        tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_valid)
+        _store_fwd_rows(desc_o, Lse + pid_bh.to(tl.int64) * Sq, acc, l_i, m_i, b, start_m,
+                        h * HEAD_DIM, offs_m, m_valid, BLOCK_M, HEAD_DIM)
 
     @_jit
     def _bwd_q_tile(dq, q, do, lse2, delta, qp, qd, desc_k, desc_v, b, col_k, start_n, KD,
@@ -225,20 +201,14 @@ if triton is not None:
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_DOCS: tl.constexpr, IEEE: tl.constexpr):
         """One key block's contribution to a query block's dQ."""
-        k = _rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        k = _load_rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_valid = offs_n < Sk
-            if HAS_DOCS:
-                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-            else:
-                kd = k_start + offs_n
-            ok = _element_ok(qp[:, None], (k_start + offs_n)[None, :], qd[:, None], kd[None, :],
-                             window, CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+        if MASKED:  # contiguous keys: positions k_start + j (KD stands in for KP, never read)
+            ok = _key_tile_allowed(qp, qd, KD, KD, start_n, k_start, 1, Sk, window, BLOCK_N,
+                                   False, CAUSAL, HAS_WINDOW, HAS_DOCS)
             p = tl.where(ok, p, 0.0)
-        v = _rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
+        v = _load_rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
         return _mm(ds.to(k.dtype), k, dq, IEEE)
@@ -262,11 +232,9 @@ if triton is not None:
         col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
         offs_m, m_valid, qp, qd = _query_rows(QD, q_start, start_m, Sq, BLOCK_M, HAS_DOCS)
-        q = _rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
-        do = _rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
-        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=float("inf"))
-        # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        q = _load_rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+        do = _load_rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
+        lse2 = _load_lse2(Lse + pid_bh.to(tl.int64) * Sq, offs_m, m_valid)
         delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=0.0)
 
         rng = RANGES + b * s_rb + hm * s_rh + pid_m * 5
@@ -298,16 +266,15 @@ if triton is not None:
         ``[BLOCK_N, SUB_M]``, so dK/dV need no transposes); rows past ``Sq`` add nothing (their
         lse reads as +inf), keys past ``Sk`` are never stored."""
         offs_m, m_valid, qp, qd = _query_rows(QD, q_start, start_m, Sq, SUB_M, HAS_DOCS)
-        q = _rows(desc_q, b, start_m, col_q, SUB_M, HEAD_DIM)
-        lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        q = _load_rows(desc_q, b, start_m, col_q, SUB_M, HEAD_DIM)
+        lse2 = _load_lse2(lse_ptr, offs_m, m_valid)
         qkT = _mm(k, tl.trans(q), tl.zeros([k.shape[0], SUB_M], dtype=tl.float32), IEEE)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
-            okT = _element_ok(qp[None, :], kp[:, None], qd[None, :], kd[:, None], window,
-                              CAUSAL, HAS_WINDOW, HAS_DOCS)
+            okT = _allowed(qp[None, :], kp[:, None], qd[None, :], kd[:, None], window,
+                           CAUSAL, HAS_WINDOW, HAS_DOCS)
             pT = tl.where(okT, pT, 0.0)
-        do = _rows(desc_do, b, start_m, col_q, SUB_M, HEAD_DIM)
+        do = _load_rows(desc_do, b, start_m, col_q, SUB_M, HEAD_DIM)
         dv = _mm(pT.to(do.dtype), do, dv, IEEE)
         delta = tl.load(delta_ptr + offs_m, mask=m_valid, other=0.0)
         dpT = _mm(v, tl.trans(do), tl.zeros([k.shape[0], SUB_M], dtype=tl.float32), IEEE)
@@ -334,8 +301,8 @@ if triton is not None:
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_valid = offs_n < Sk
-        k = _rows(desc_k, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
-        v = _rows(desc_v, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
+        k = _load_rows(desc_k, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
+        v = _load_rows(desc_v, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
         kp = k_start + offs_n
         if HAS_DOCS:
             kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
@@ -452,8 +419,7 @@ class BlockSparseTriton:
         reason = self.unsupported_reason(q, mask, q_pos, k_pos)
         if reason is not None:
             raise ValueError(reason)
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+        check_scale(scale)
         B, Sq, H, _ = q.shape
         Sk, Hkv = k.shape[1], k.shape[2]
         bs = mask.block_sparse
@@ -587,15 +553,8 @@ class BlockSparseTriton:
             q, k, v, scale, mask, q_pos, k_pos)
         B, Sq, H, D = q.shape
         Sk, Hkv = k.shape[1], k.shape[2]
-        if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, Sq):
-            raise ValueError(
-                f"backward needs dout and out shaped like q {tuple(q.shape)} and lse [B, H, Sq] = "
-                f"{(B, H, Sq)}; got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse "
-                f"{tuple(lse.shape)}"
-            )
-        q, k, v, dout = (_tma_ready(t) for t in (q, k, v, dout.to(q.dtype)))
-        out = out if out.stride(-1) == 1 else out.contiguous()
-        lse = lse.to(torch.float32).contiguous()
+        check_backward_shapes(dout, q, out, lse)
+        q, k, v, dout, out, lse = _bwd_ready(q, k, v, dout, out, lse)
         f32 = dict(dtype=torch.float32, device=q.device)
         dq = torch.empty(B, Sq, H, D, **f32)
         dk = torch.empty(B, Sk, Hkv, D, **f32)
@@ -603,13 +562,7 @@ class BlockSparseTriton:
         if Sq == 0 or Sk == 0 or B * H == 0:
             return tuple(g.zero_().to(grad_dtype_for(q, grad_dtype)) for g in (dq, dk, dv))
 
-        delta = torch.empty(B, H, Sq, **f32)  # rowsum(dout * out) with the global out
-        _launch(
-            _bwd_delta_kernel, (triton.cdiv(Sq, 64), B * H),
-            out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2), Sq, H,
-            HEAD_DIM=D, BLOCK_M=64,
-        )
+        delta = _bwd_delta(out, dout, 64)  # rowsum(dout * out) with the global out [B, H, Sq]
         _, bwd_warps, stages = self.config.resolve(bs.q_block, bs.kv_block, D)
         qm = self._query_major(bs, mask, shared, common, Sq, Sk)
         km = self._key_major(bs, mask, shared, common, Sq, Sk)

@@ -61,9 +61,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import check_qkv, default_positions, grad_dtype_for, register_kernel
+from .base import (
+    check_backward_shapes, check_qkv, check_scale, default_positions, grad_dtype_for,
+    register_kernel,
+)
 from .mask import Mask, Positions
 
+from ._triton_common import bwd_delta as _bwd_delta
+from ._triton_common import bwd_ready as _bwd_ready
+from ._triton_common import rows_desc as _rows_desc
+from ._triton_common import tma_ready as _tma_ready
 from ._triton_runtime import interpreting as _interpreting
 from ._triton_runtime import unavailable_reason as _unavailable_reason
 from ._triton_runtime import jit as _jit
@@ -71,7 +78,12 @@ from ._triton_runtime import launch as _launch
 from ._triton_runtime import tl, triton
 
 if triton is not None:
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    from ._triton_common import allowed as _allowed
+    from ._triton_common import key_tile_allowed as _key_tile_allowed
+    from ._triton_common import load_lse2 as _load_lse2
+    from ._triton_common import load_rows as _load_rows
+    from ._triton_common import mm as _mm
+    from ._triton_common import store_fwd_rows as _store_fwd_rows
 
 __all__ = ["TileConfig", "TritonFlashConfig", "TritonFlash"]
 
@@ -172,30 +184,7 @@ class TritonFlashConfig:
 
 
 if triton is not None:
-
-    @_jit
-    def _mm(a, b, acc, IEEE: tl.constexpr):
-        """``acc + a @ b`` in float32 (full-precision float32 products when ``IEEE``)."""
-        if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
-
-    @_jit
-    def _allowed(qp, kp, qd, kd, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 HAS_DOCS: tl.constexpr):
-        """Element mask from broadcastable global positions / doc ids (``[M,1]`` x ``[1,N]`` or
-        transposed); returns a bool tile."""
-        ok = (qp >= 0) & (kp >= 0)  # always true: gives the tile its full shape
-        if CAUSAL:
-            ok = ok & (kp <= qp)
-        if HAS_WINDOW:
-            ok = ok & (qp - kp < window)
-            if not CAUSAL:
-                ok = ok & (kp - qp < window)
-        if HAS_DOCS:
-            ok = ok & (qd == kd)
-        return ok
+    # _mm, _allowed, _load_rows, ...: shared with the block-sparse kernel (_triton_common.py)
 
     @_jit
     def _partner_tiles(lo, hi, d_lo, d_hi, CU, p_first, p_last, p_start, p_stride, p_len, window,
@@ -274,16 +263,44 @@ if triton is not None:
             ok = ok & (pd_lo <= d_hi) & (d_lo <= pd_hi)
         return ok
 
-    # ---------------------------------------------------------------------------------- forward
-    # Tensors are read through TMA descriptors over 3-D views ``[B, S, heads * D]`` with blocks
-    # ``[1, rows, D]``: a tile of head ``h`` starts at column ``h * D``; rows past the end of a
-    # sequence read as zeros (and are clipped on store), so only the element mask ever looks at
-    # the sequence end.
     @_jit
-    def _load_rows(desc, b, row, col, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """``[ROWS, HEAD_DIM]`` tile at (batch ``b``, token ``row``, column ``col``)."""
-        return tl.reshape(desc.load([b, row, col]), [ROWS, HEAD_DIM])
+    def _tile_positions(P, D, TB, t, start, S, p_start, p_stride, BLOCK: tl.constexpr,
+                        DOC_PAD: tl.constexpr, POS_INDEX: tl.constexpr, HAS_DOCS: tl.constexpr):
+        """Tile ``t`` (rows ``start .. start + BLOCK``) of one side (queries or keys):
+        ``(offs, valid, pos, lo, hi, doc, d_lo, d_hi)``, the rows, which are ``< S``, their
+        global positions (``P[j]`` on the index path, else ``p_start + j * p_stride``) with
+        bounds ``[lo, hi]`` (``TB[t]`` on the index path), and their document ids (``D[j]``;
+        ``DOC_PAD`` past ``S``, distinct per side) with bounds, or the positions without
+        documents."""
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < S
+        last = tl.minimum(start + BLOCK, S) - 1
+        if POS_INDEX:
+            pos = tl.load(P + offs, mask=valid, other=0)
+            lo = tl.load(TB + 4 * t)
+            hi = tl.load(TB + 4 * t + 1)
+        else:
+            pos = p_start + offs * p_stride
+            lo = p_start + start * p_stride
+            hi = p_start + last * p_stride
+        if HAS_DOCS:
+            doc = tl.load(D + offs, mask=valid, other=DOC_PAD)
+            if POS_INDEX:
+                d_lo = tl.load(TB + 4 * t + 2)
+                d_hi = tl.load(TB + 4 * t + 3)
+            else:
+                d_lo = tl.load(D + start)
+                d_hi = tl.load(D + last)
+        else:
+            doc = pos
+            d_lo = lo
+            d_hi = hi
+        return offs, valid, pos, lo, hi, doc, d_lo, d_hi
 
+    # ---------------------------------------------------------------------------------- forward
+    # Tensors are read through TMA descriptors over 3-D views ``[B, S, heads * D]`` (see
+    # _triton_common.load_rows): rows past the end of a sequence read as zeros, so only the
+    # element mask ever looks at the sequence end.
     @_jit
     def _fwd_tile(acc, l_i, m_i, q, qp, qd, desc_k, desc_v, b, col_k, start_n, KP, KD, k_start,
                   k_stride, Sk, window, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -293,18 +310,8 @@ if triton is not None:
         k = _load_rows(desc_k, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_valid = offs_n < Sk
-            if POS_INDEX:
-                kp = tl.load(KP + offs_n, mask=k_valid, other=0)
-            else:
-                kp = k_start + offs_n * k_stride
-            if HAS_DOCS:
-                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-            else:
-                kd = kp
-            ok = _allowed(qp[:, None], kp[None, :], qd[:, None], kd[None, :], window,
-                          CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+            ok = _key_tile_allowed(qp, qd, KP, KD, start_n, k_start, k_stride, Sk, window,
+                                   BLOCK_N, POS_INDEX, CAUSAL, HAS_WINDOW, HAS_DOCS)
             qk = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # rows with nothing allowed yet: subtract 0, not -inf (-inf - -inf would be NaN)
@@ -351,32 +358,10 @@ if triton is not None:
         h = pid_bh % H
         col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < Sq
-        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
-        q = _load_rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
-
         # global positions / documents of the query tile
-        if POS_INDEX:
-            qp = tl.load(QP + offs_m, mask=m_valid, other=0)
-            q_lo = tl.load(QTB + 4 * pid_m)
-            q_hi = tl.load(QTB + 4 * pid_m + 1)
-        else:
-            qp = q_start + offs_m * q_stride
-            q_lo = q_start + start_m * q_stride
-            q_hi = q_start + last_m * q_stride
-        if HAS_DOCS:
-            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
-            if POS_INDEX:
-                qd_lo = tl.load(QTB + 4 * pid_m + 2)
-                qd_hi = tl.load(QTB + 4 * pid_m + 3)
-            else:
-                qd_lo = tl.load(QD + start_m)
-                qd_hi = tl.load(QD + last_m)
-        else:
-            qd = qp
-            qd_lo = q_lo
-            qd_hi = q_hi
+        offs_m, m_valid, qp, q_lo, q_hi, qd, qd_lo, qd_hi = _tile_positions(
+            QP, QD, QTB, pid_m, start_m, Sq, q_start, q_stride, BLOCK_M, -2, POS_INDEX, HAS_DOCS)
+        q = _load_rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
 
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -404,34 +389,10 @@ if triton is not None:
                                       t_hi, KP, KD, k_start, k_stride, Sk, window, qk_scale,
                                       BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, IEEE)
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        desc_o.store([b, start_m, h * HEAD_DIM],
-                     tl.reshape(out.to(desc_o.dtype), [1, BLOCK_M, HEAD_DIM]))
-        tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_valid)
+        _store_fwd_rows(desc_o, Lse + pid_bh.to(tl.int64) * Sq, acc, l_i, m_i, b, start_m,
+                        h * HEAD_DIM, offs_m, m_valid, BLOCK_M, HEAD_DIM)
 
     # --------------------------------------------------------------------------------- backward
-    @_jit
-    def _bwd_delta_kernel(Out, DOut, Delta, s_ob, s_os, s_oh, s_db, s_ds, s_dh, Sq, H,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-        """``delta[b, h, i] = sum_d dout[b, i, h, d] * out[b, i, h, d]`` (float32)."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
-        m_valid = offs_m < Sq
-        rows = offs_m[:, None].to(tl.int64)
-        o = tl.load(Out + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + rows * s_os
-                    + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        do = tl.load(DOut + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + rows * s_ds
-                     + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=m_valid)
-
     @_jit
     def _bwd_kv_tile(dk, dv, k, v, kp, kd, k_valid, desc_q, desc_do, desc_dq, b, col_q, lse_ptr,
                      delta_ptr, start_m, full, QP, QD, q_start, q_stride, Sq, window, qk_scale,
@@ -450,9 +411,7 @@ if triton is not None:
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < Sq
         q = _load_rows(desc_q, b, start_m, col_q, BLOCK_M, HEAD_DIM)
-        lse = tl.load(lse_ptr + offs_m, mask=m_valid, other=float("inf"))
-        # log2-domain LSE; an empty row (-inf) becomes +inf so every p is exactly 0
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = _load_lse2(lse_ptr, offs_m, m_valid)
         qkT = _mm(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
@@ -521,32 +480,10 @@ if triton is not None:
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
         start_n = pid_n * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_valid = offs_n < Sk
-        last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
+        _, k_valid, kp, k_lo, k_hi, kd, kd_lo, kd_hi = _tile_positions(
+            KP, KD, KTB, pid_n, start_n, Sk, k_start, k_stride, BLOCK_N, -1, POS_INDEX, HAS_DOCS)
         k = _load_rows(desc_k, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
         v = _load_rows(desc_v, b, start_n, hk * HEAD_DIM, BLOCK_N, HEAD_DIM)
-
-        if POS_INDEX:
-            kp = tl.load(KP + offs_n, mask=k_valid, other=0)
-            k_lo = tl.load(KTB + 4 * pid_n)
-            k_hi = tl.load(KTB + 4 * pid_n + 1)
-        else:
-            kp = k_start + offs_n * k_stride
-            k_lo = k_start + start_n * k_stride
-            k_hi = k_start + last_n * k_stride
-        if HAS_DOCS:
-            kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-            if POS_INDEX:
-                kd_lo = tl.load(KTB + 4 * pid_n + 2)
-                kd_hi = tl.load(KTB + 4 * pid_n + 3)
-            else:
-                kd_lo = tl.load(KD + start_n)
-                kd_hi = tl.load(KD + last_n)
-        else:
-            kd = kp
-            kd_lo = k_lo
-            kd_hi = k_hi
 
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -592,18 +529,8 @@ if triton is not None:
         qk = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED and (full == 0):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_valid = offs_n < Sk
-            if POS_INDEX:
-                kp = tl.load(KP + offs_n, mask=k_valid, other=0)
-            else:
-                kp = k_start + offs_n * k_stride
-            if HAS_DOCS:
-                kd = tl.load(KD + offs_n, mask=k_valid, other=-1)
-            else:
-                kd = kp
-            ok = _allowed(qp[:, None], kp[None, :], qd[:, None], kd[None, :], window,
-                          CAUSAL, HAS_WINDOW, HAS_DOCS) & k_valid[None, :]
+            ok = _key_tile_allowed(qp, qd, KP, KD, start_n, k_start, k_stride, Sk, window,
+                                   BLOCK_N, POS_INDEX, CAUSAL, HAS_WINDOW, HAS_DOCS)
             p = tl.where(ok, p, 0.0)
         v = _load_rows(desc_v, b, start_n, col_k, BLOCK_N, HEAD_DIM)
         dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
@@ -641,35 +568,12 @@ if triton is not None:
         h = pid_bh % H
         col_k = (h // G) * HEAD_DIM
         start_m = pid_m * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < Sq
-        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        offs_m, m_valid, qp, q_lo, q_hi, qd, qd_lo, qd_hi = _tile_positions(
+            QP, QD, QTB, pid_m, start_m, Sq, q_start, q_stride, BLOCK_M, -2, POS_INDEX, HAS_DOCS)
         q = _load_rows(desc_q, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
         do = _load_rows(desc_do, b, start_m, h * HEAD_DIM, BLOCK_M, HEAD_DIM)
-        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = _load_lse2(Lse + pid_bh.to(tl.int64) * Sq, offs_m, m_valid)
         delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_valid, other=0.0)
-
-        if POS_INDEX:
-            qp = tl.load(QP + offs_m, mask=m_valid, other=0)
-            q_lo = tl.load(QTB + 4 * pid_m)
-            q_hi = tl.load(QTB + 4 * pid_m + 1)
-        else:
-            qp = q_start + offs_m * q_stride
-            q_lo = q_start + start_m * q_stride
-            q_hi = q_start + last_m * q_stride
-        if HAS_DOCS:
-            qd = tl.load(QD + offs_m, mask=m_valid, other=-2)
-            if POS_INDEX:
-                qd_lo = tl.load(QTB + 4 * pid_m + 2)
-                qd_hi = tl.load(QTB + 4 * pid_m + 3)
-            else:
-                qd_lo = tl.load(QD + start_m)
-                qd_hi = tl.load(QD + last_m)
-        else:
-            qd = qp
-            qd_lo = q_lo
-            qd_hi = q_hi
 
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if POS_INDEX:
@@ -731,25 +635,6 @@ class _Plan(NamedTuple):
             POS_INDEX=self.pos_index, CAUSAL=self.causal, HAS_WINDOW=self.has_window,
             HAS_DOCS=self.has_docs, IEEE=dtype == torch.float32,
         )
-
-
-def _tma_ready(t: Tensor) -> Tensor:
-    """``t [B, S, heads, D]`` with heads packed (stride D, unit last stride), 16-byte aligned:
-    what a TMA descriptor over the ``[B, S, heads * D]`` view needs; copies only if not."""
-    item = t.element_size()
-    ok = (
-        t.stride(3) == 1 and t.stride(2) == t.shape[3]
-        and (t.stride(0) * item) % 16 == 0 and (t.stride(1) * item) % 16 == 0
-        and t.data_ptr() % 16 == 0
-    )
-    return t if ok else t.contiguous()
-
-
-def _rows_desc(t: Tensor, rows: int) -> "TensorDescriptor":
-    """TMA descriptor over ``t [B, S, heads, D]`` seen as ``[B, S, heads * D]``, blocks
-    ``[1, rows, D]`` (a tile of ``rows`` tokens of one head); rows past ``S`` read as zeros."""
-    B, S, heads, D = t.shape
-    return TensorDescriptor(t, [B, S, heads * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
 def _tile_bounds(pos: Tensor, docs: Tensor | None, block: int) -> Tensor:
@@ -823,8 +708,7 @@ class TritonFlash:
         reason = self.unsupported_reason(q, mask)
         if reason is not None:
             raise ValueError(reason)
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+        check_scale(scale)
 
     # -- positions --------------------------------------------------------------------------------
     @staticmethod
@@ -911,15 +795,8 @@ class TritonFlash:
         q_pos, k_pos = default_positions(q, k, q_pos, k_pos)
         B, Sq, H, D = q.shape
         Sk, Hkv = k.shape[1], k.shape[2]
-        if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, Sq):
-            raise ValueError(
-                f"backward needs dout and out shaped like q {tuple(q.shape)} and lse [B, H, Sq] = "
-                f"{(B, H, Sq)}; got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse "
-                f"{tuple(lse.shape)}"
-            )
-        q, k, v, dout = (_tma_ready(t) for t in (q, k, v, dout.to(q.dtype)))
-        out = out if out.stride(-1) == 1 else out.contiguous()
-        lse = lse.to(torch.float32).contiguous()
+        check_backward_shapes(dout, q, out, lse)
+        q, k, v, dout, out, lse = _bwd_ready(q, k, v, dout, out, lse)
         _, kv, qt, atomic = self.config.resolve(D)
         f32 = dict(dtype=torch.float32, device=q.device)
         dq = torch.zeros(B, Sq, H, D, **f32) if atomic else torch.empty(B, Sq, H, D, **f32)
@@ -928,14 +805,7 @@ class TritonFlash:
         if Sq == 0 or Sk == 0 or B * H == 0:
             return tuple(g.zero_().to(grad_dtype_for(q, grad_dtype)) for g in (dq, dk, dv))
 
-        delta = torch.empty(B, H, Sq, **f32)  # rowsum(dout * out) with the global out
-        pre_block = 64 if D <= 128 else 32
-        _launch(
-            _bwd_delta_kernel, (triton.cdiv(Sq, pre_block), B * H),
-            out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2), Sq, H,
-            HEAD_DIM=D, BLOCK_M=pre_block,
-        )
+        delta = _bwd_delta(out, dout, 64 if D <= 128 else 32)  # with the global out [B, H, Sq]
 
         plan = self._plan(mask, q_pos, k_pos, q.device)
         qtb = ktb = delta  # dummies unless the index path needs tile bounds

@@ -215,13 +215,7 @@ class LinearBlocks(NamedTuple):
 # [B*H, NT, DK, DV]; states [B, H, DK, DV] float32.  ``bh`` is batch * H + query head.
 if triton is not None:
 
-    @_jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        """``acc + a @ b`` in float32 (full-precision products for float32 inputs)."""
-        if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
+    from .._triton_common import mm as _dot  # acc + a @ b in float32 (IEEE: exact products)
 
     @_jit
     def _rows(X, b, offs_t, head, offs_d, S, heads, D: tl.constexpr):
