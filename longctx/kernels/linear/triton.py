@@ -234,6 +234,18 @@ if triton is not None:
         return ptrs, mask
 
     @_jit
+    def _load_tile(X, b, offs_t, head, offs_d, S, heads, D: tl.constexpr):
+        """The :func:`_rows` tile of ``X``, zeros outside it."""
+        ptrs, mask = _rows(X, b, offs_t, head, offs_d, S, heads, D)
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+    @_jit
+    def _load_state(X, base, offs_k, offs_v, DK: tl.constexpr, DV: tl.constexpr):
+        """The :func:`_state_ptrs` block of ``X``, zeros outside it."""
+        ptrs, mask = _state_ptrs(X, base, offs_k, offs_v, DK, DV)
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+    @_jit
     def _entering_doc(DOC, t0):
         """The document of the state that enters at token ``t0``: that of token ``t0 - 1``, and
         document 0 (the initial state's) at ``t0 = 0``."""
@@ -316,13 +328,13 @@ if triton is not None:
         offs_v = i_v * BV + tl.arange(0, BV)
         g = _load_g(G, h, HAS_DECAY)
         state = tl.zeros([BK, BV], dtype=tl.float32)
-        s_ptrs, s_mask = _state_ptrs(H0, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
         if HAS_H0:
-            state = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+            state = _load_state(H0, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
+            state = state.to(tl.float32)
         if FROM_BASE:
-            b_ptrs, b_mask = _state_ptrs(BASE, (seg * BH + bh).to(tl.int64) * DK * DV, offs_k,
-                                         offs_v, DK, DV)
-            state = tl.load(b_ptrs, mask=b_mask, other=0.0) + tl.load(COEF + seg * H + h) * state
+            state = (_load_state(BASE, (seg * BH + bh).to(tl.int64) * DK * DV, offs_k, offs_v,
+                                 DK, DV)
+                     + tl.load(COEF + seg * H + h) * state)
         c_end = tl.minimum(seg * SEG_NT + SEG_NT, NT)
         for c in range(seg * SEG_NT, c_end):
             t0 = c * BT
@@ -331,10 +343,8 @@ if triton is not None:
             tl.store(hb_ptrs, state.to(HBUF.dtype.element_ty), mask=hb_mask)
             _, col, total, _ = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
             offs_t = t0 + tl.arange(0, BT)
-            k_ptrs, k_mask = _rows(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
-            v_ptrs, v_mask = _rows(V, b, offs_t, hk, offs_v, S, H // GQ, DV)
-            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+            k = _load_tile(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
+            v = _load_tile(V, b, offs_t, hk, offs_v, S, H // GQ, DV)
             kw = (k * col[:, None]).to(v.dtype)  # [BT, BK]: k_j * lambda^(L-1-j)
             state = _dot(tl.trans(kw), v, state * total, IEEE)
         if c_end == NT:  # the last segment
@@ -479,19 +489,14 @@ if triton is not None:
         acc = tl.zeros([BT, BV], dtype=tl.float32)  # q h_c
         for i_k in range(tl.cdiv(DK, BK)):
             offs_k = i_k * BK + tl.arange(0, BK)
-            q_ptrs, q_mask = _rows(Q, b, offs_t, h, offs_k, S, H, DK)
-            k_ptrs, k_mask = _rows(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
-            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+            q = _load_tile(Q, b, offs_t, h, offs_k, S, H, DK)
+            k = _load_tile(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
             scores = _dot(q, tl.trans(k), scores, IEEE)
-            hb_ptrs, hb_mask = _state_ptrs(HBUF, (bh.to(tl.int64) * NT + c) * DK * DV,
-                                           offs_k, offs_v, DK, DV)
-            hb = tl.load(hb_ptrs, mask=hb_mask, other=0.0)
+            hb = _load_state(HBUF, (bh.to(tl.int64) * NT + c) * DK * DV, offs_k, offs_v, DK, DV)
             acc = _dot(q, hb, acc, IEEE)
         row, _, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
-        v_ptrs, v_mask = _rows(V, b, offs_t, hk, offs_v, S, H // GQ, DV)
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        v = _load_tile(V, b, offs_t, hk, offs_v, S, H // GQ, DV)
         acc = _dot((scores * m).to(v.dtype), v, acc * row[:, None], IEEE)
         o_ptrs, o_mask = _rows(O, b, offs_t, h, offs_v, S, H, DV)
         tl.store(o_ptrs, (acc * scale).to(O.dtype.element_ty), mask=o_mask)
@@ -519,12 +524,12 @@ if triton is not None:
         g = _load_g(G, h, HAS_DECAY)
         dh = tl.zeros([BK, BV], dtype=tl.float32)
         if HAS_DHT:
-            dht_ptrs, dht_mask = _state_ptrs(DHT, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
-            dh = tl.load(dht_ptrs, mask=dht_mask, other=0.0).to(tl.float32)
+            dh = _load_state(DHT, bh.to(tl.int64) * DK * DV, offs_k, offs_v, DK, DV)
+            dh = dh.to(tl.float32)
         if FROM_BASE:
-            b_ptrs, b_mask = _state_ptrs(BASE, ((seg + 1) * BH + bh).to(tl.int64) * DK * DV,
-                                         offs_k, offs_v, DK, DV)
-            dh = tl.load(b_ptrs, mask=b_mask, other=0.0) + tl.load(COEF + (seg + 1) * H + h) * dh
+            dh = (_load_state(BASE, ((seg + 1) * BH + bh).to(tl.int64) * DK * DV, offs_k, offs_v,
+                              DK, DV)
+                  + tl.load(COEF + (seg + 1) * H + h) * dh)
         c_end = tl.minimum(seg * SEG_NT + SEG_NT, NT)
         for cc in range(seg * SEG_NT, c_end):
             c = c_end - 1 - (cc - seg * SEG_NT)
@@ -534,10 +539,8 @@ if triton is not None:
             tl.store(db_ptrs, dh.to(DHBUF.dtype.element_ty), mask=db_mask)
             row, _, total, _ = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
             offs_t = t0 + tl.arange(0, BT)
-            q_ptrs, q_mask = _rows(Q, b, offs_t, h, offs_k, S, H, DK)
-            do_ptrs, do_mask = _rows(DO, b, offs_t, h, offs_v, S, H, DV)
-            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-            do = tl.load(do_ptrs, mask=do_mask, other=0.0)
+            q = _load_tile(Q, b, offs_t, h, offs_k, S, H, DK)
+            do = _load_tile(DO, b, offs_t, h, offs_v, S, H, DV)
             qw = (q * (row * scale)[:, None]).to(do.dtype)  # [BT, BK]: scale q_i lambda^(i+1)
             dh = _dot(tl.trans(qw), do, dh * total, IEEE)
         if seg == 0:
@@ -563,23 +566,17 @@ if triton is not None:
         state_base = (bh.to(tl.int64) * NT + c) * DK * DV
         for i_v in range(tl.cdiv(DV, BV)):
             offs_v = i_v * BV + tl.arange(0, BV)
-            do_ptrs, do_mask = _rows(DO, b, offs_t, h, offs_v, S, H, DV)
-            v_ptrs, v_mask = _rows(V, b, offs_t, hk, offs_v, S, H // GQ, DV)
-            do = tl.load(do_ptrs, mask=do_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+            do = _load_tile(DO, b, offs_t, h, offs_v, S, H, DV)
+            v = _load_tile(V, b, offs_t, hk, offs_v, S, H // GQ, DV)
             dov = _dot(do, tl.trans(v), dov, IEEE)
-            s_ptrs, s_mask = _state_ptrs(HBUF, state_base, offs_k, offs_v, DK, DV)
-            hb = tl.load(s_ptrs, mask=s_mask, other=0.0)
+            hb = _load_state(HBUF, state_base, offs_k, offs_v, DK, DV)
             do_h = _dot(do, tl.trans(hb), do_h, IEEE)
-            s_ptrs, s_mask = _state_ptrs(DHBUF, state_base, offs_k, offs_v, DK, DV)
-            dhb = tl.load(s_ptrs, mask=s_mask, other=0.0)
+            dhb = _load_state(DHBUF, state_base, offs_k, offs_v, DK, DV)
             v_dh = _dot(v, tl.trans(dhb), v_dh, IEEE)
         row, col, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
-        q_ptrs, q_mask = _rows(Q, b, offs_t, h, offs_k, S, H, DK)
-        k_ptrs, k_mask = _rows(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-        k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+        q = _load_tile(Q, b, offs_t, h, offs_k, S, H, DK)
+        k = _load_tile(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
         ds = dov * m  # [BT(i), BT(j)]
         dq = _dot(ds.to(k.dtype), k, do_h * row[:, None], IEEE) * scale
         dk = _dot(tl.trans(ds).to(q.dtype), q, tl.zeros([BT, BK], dtype=tl.float32), IEEE)
@@ -607,18 +604,14 @@ if triton is not None:
         state_base = (bh.to(tl.int64) * NT + c) * DK * DV
         for i_k in range(tl.cdiv(DK, BK)):
             offs_k = i_k * BK + tl.arange(0, BK)
-            q_ptrs, q_mask = _rows(Q, b, offs_t, h, offs_k, S, H, DK)
-            k_ptrs, k_mask = _rows(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
-            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+            q = _load_tile(Q, b, offs_t, h, offs_k, S, H, DK)
+            k = _load_tile(K, b, offs_t, hk, offs_k, S, H // GQ, DK)
             qk = _dot(q, tl.trans(k), qk, IEEE)
-            s_ptrs, s_mask = _state_ptrs(DHBUF, state_base, offs_k, offs_v, DK, DV)
-            dhb = tl.load(s_ptrs, mask=s_mask, other=0.0)
+            dhb = _load_state(DHBUF, state_base, offs_k, offs_v, DK, DV)
             k_dh = _dot(k, dhb, k_dh, IEEE)
         _, col, _, d = _chunk_weights(g, DOC, t0, S, BT, HAS_DECAY, HAS_DOCS)
         m = _intra_mask(g, d, BT, HAS_DECAY, HAS_DOCS)
-        do_ptrs, do_mask = _rows(DO, b, offs_t, h, offs_v, S, H, DV)
-        do = tl.load(do_ptrs, mask=do_mask, other=0.0)
+        do = _load_tile(DO, b, offs_t, h, offs_v, S, H, DV)
         s = qk * m
         dv = _dot(tl.trans(s).to(do.dtype), do, tl.zeros([BT, BV], dtype=tl.float32), IEEE)
         dv = dv * scale + k_dh * col[:, None]
