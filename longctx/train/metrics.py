@@ -14,8 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ __all__ = [
     "format_duration",
     "peak_memory_gib",
 ]
+
+logger = logging.getLogger(__name__)
 
 CPU_NOMINAL_FLOPS = 1e11  # per process; CPU MFU is only a relative number
 
@@ -85,16 +87,17 @@ class StepMetrics:
 
 
 class MetricsLogger:
-    """Rank 0 prints progress lines and writes TensorBoard scalars; other ranks do nothing.
+    """Rank 0 logs progress lines and writes TensorBoard scalars; other ranks do nothing.
 
     ``log(m)`` every step; a line (and scalars) every ``interval`` steps and at the last step,
-    averaged over the steps since the previous line.
+    averaged over the steps since the previous line.  Lines are INFO records of the logger
+    ``longctx.train.metrics`` (the ``longctx train`` command prints them as plain lines).
     """
 
     def __init__(
         self, *, is_main: bool, total_steps: int, interval: int, tensorboard_dir: Path | None,
         flops_per_token: float | None, peak_flops: float, world_size: int,
-        device: torch.device, start_step: int = 0, stream=None,
+        device: torch.device, start_step: int = 0,
     ):
         self.is_main = is_main
         self.total_steps = total_steps
@@ -102,7 +105,6 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops * world_size
         self.device = device
-        self.stream = stream or sys.stdout
         self.start_step = start_step
         self._window: list[StepMetrics] = []
         self._step_times: list[float] = []
@@ -118,8 +120,9 @@ class MetricsLogger:
         self.last_loss: float | None = None
 
     def print(self, text: str) -> None:
+        """Log ``text`` (INFO) on rank 0."""
         if self.is_main:
-            print(text, file=self.stream, flush=True)
+            logger.info(text)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         if self.flops_per_token is None:
