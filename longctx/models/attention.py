@@ -12,8 +12,8 @@ Example::
     >>> cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
     ...                   num_query_groups=2, vocab_size=64, seq_length=16)
     >>> attn = Attention(cfg)
-    >>> cos, sin = rope_cos_sin(torch.arange(16), cfg.head_dim, cfg.rope_theta)
-    >>> attn(torch.randn(1, 16, 32), cos, sin, SequenceContext.single_device(16)).shape
+    >>> rope = rope_cos_sin(torch.arange(16), cfg.head_dim, base=10000.0)
+    >>> attn(torch.randn(1, 16, 32), rope, SequenceContext.single_device(16)).shape
     torch.Size([1, 16, 32])
 """
 
