@@ -41,9 +41,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import time_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 from longctx.kernels.mask import Mask  # noqa: E402
 from longctx.kernels.triton_flash import TritonFlash, TritonFlashConfig  # noqa: E402
-from timing import time_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 H = 16
 WINDOW = 4096
@@ -296,7 +297,8 @@ def check_triton(case: Case, q, k, v, dout, fwd, fwd_bwd) -> str:
     errs = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(grads, ref_grads)]
     if max(errs) > 2e-2 or any(math.isnan(e) for e in errs):
         raise RuntimeError(f"Triton kernel disagrees with SDPA-flash on {case}: {errs}")
-    return "err vs flash: out %.1e dq %.1e dk %.1e dv %.1e" % tuple(errs)
+    e_out, e_dq, e_dk, e_dv = errs
+    return f"err vs flash: out {e_out:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
 
 
 # -- runs ----------------------------------------------------------------------------------------

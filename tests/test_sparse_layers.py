@@ -304,7 +304,7 @@ def test_cp_matches_one_process(mesh, kind, strategy, layout, worlds):
         ref_params = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
         results = mesh.run(_cp_rank, kind, world, strategy, layout, S, True)[:world]
         lay = Layout.parse(layout)
-        for rank, (o, grads, params, methods) in enumerate(results):
+        for rank, (o, grads, _params, methods) in enumerate(results):
             assert (o - lay.shard(out.detach(), world, rank)).abs().max() < TOL, (world, rank)
             for g, r in zip(grads, ref_grads):
                 assert (g - lay.shard(r, world, rank)).abs().max() < TOL, (world, rank)

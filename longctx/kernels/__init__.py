@@ -11,6 +11,9 @@ from .base import (
     get_kernel,
     register_kernel,
 )
+from .block_sparse_triton import BlockSparseTriton, BlockSparseTritonConfig  # "block_sparse"
+from .dispatch import AutoKernel, select_kernel  # registers "auto"; after the kernels it picks
+from .fa4 import FlashAttention4  # registers "fa4" (flash_attn itself is imported on first use)
 from .linear import (
     LinearArgs,
     LinearAttentionKernel,
@@ -26,12 +29,10 @@ from .mask import BlockSparse, BlockSummary, Mask, Positions, Segment
 from .merge import merge_into, merge_partials
 from .reference import ReferenceConfig, TorchReference
 from .triton_flash import TileConfig, TritonFlash, TritonFlashConfig  # registers "triton"
-from .block_sparse_triton import BlockSparseTriton, BlockSparseTritonConfig  # "block_sparse"
 from .vendor import VendorSDPA, vendor_mask_mode  # registers "sdpa"
-from .fa4 import FlashAttention4  # registers "fa4" (flash_attn itself is imported on first use)
-from .dispatch import AutoKernel, select_kernel  # registers "auto"; after the kernels it picks
 
 __all__ = [
+    "FlashAttention4",
     "LinearArgs",
     "LinearAttentionKernel",
     "LinearKernelFunction",

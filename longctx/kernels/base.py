@@ -24,7 +24,8 @@ Every local attention kernel (the torch reference, Triton kernels, vendor kernel
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor

@@ -49,16 +49,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._triton_runtime import jit as _jit
-from ._triton_runtime import launch as _launch
-from ._triton_runtime import tl, triton
-from ._triton_runtime import unavailable_reason as _unavailable_reason
 from ._triton_common import bwd_delta as _bwd_delta
 from ._triton_common import bwd_ready as _bwd_ready
 from ._triton_common import rows_desc as _rows_desc
 from ._triton_common import tma_ready as _tma_ready
+from ._triton_runtime import jit as _jit
+from ._triton_runtime import launch as _launch
+from ._triton_runtime import tl, triton
+from ._triton_runtime import unavailable_reason as _unavailable_reason
 from .base import (
-    check_backward_shapes, check_qkv, check_scale, default_positions, grad_dtype_for,
+    check_backward_shapes,
+    check_qkv,
+    check_scale,
+    default_positions,
+    grad_dtype_for,
     register_kernel,
 )
 from .mask import Mask, Positions

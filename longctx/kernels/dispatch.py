@@ -35,8 +35,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal, overload
+from typing import Literal, overload
 
 import torch
 from torch import Tensor

@@ -26,8 +26,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import InitVar, dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

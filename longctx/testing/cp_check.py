@@ -115,7 +115,7 @@ def _device(case: CPCase, rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if case.device == "cuda" else torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hybrid_groups(world_size: int, ulysses: int, device_type: str) -> HybridGroups:
     """Built once per worker process and shape (creating groups is a collective)."""
     return build_mesh(ParallelDims(cp=world_size, ulysses=ulysses), device_type).hybrid_groups()

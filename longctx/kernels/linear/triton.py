@@ -67,10 +67,10 @@ import torch
 from torch import Tensor
 
 from .._triton_runtime import interpreting as _interpreting
-from .._triton_runtime import unavailable_reason as _unavailable_reason
 from .._triton_runtime import jit as _jit
 from .._triton_runtime import launch as _launch
 from .._triton_runtime import tl, triton
+from .._triton_runtime import unavailable_reason as _unavailable_reason
 from ..base import sum_kv_groups
 from .base import (
     LinearArgs,

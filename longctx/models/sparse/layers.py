@@ -69,9 +69,9 @@ from ...parallel.strategies.sparse_fetch import (
     selected_attention,
     seq_to_heads,
 )
+from ..attention import Attention
 from ..config import ModelConfig
 from ..context import SequenceContext
-from ..attention import Attention
 from .config import MobaConfig, NSAConfig
 
 __all__ = [
