@@ -28,7 +28,7 @@ from longctx.train import Trainer, TrainingInterrupted, chunked_cross_entropy, c
 from longctx.train.config import TrainConfig, apply_overrides, load_config
 from longctx.train.optim import lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 TOL = 1e-10
 
@@ -565,76 +565,6 @@ def test_two_node_torchrun_rendezvous(base, workdir):
     losses = [float(line.split("loss")[1].split("|")[0]) for line in text.splitlines()
               if line.startswith("step ")]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-
-
-# -- import graph ---------------------------------------------------------------------------------
-def _import_graph(function_level: bool) -> dict[str, set[str]]:
-    """longctx module -> the longctx modules it imports (ast; at module level, or anywhere in
-    the file; imports under ``if TYPE_CHECKING`` never count)."""
-    import ast
-
-    files = {}
-    for path in (ROOT / "longctx").rglob("*.py"):
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph: dict[str, set[str]] = {}
-    for name, path in files.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        statements = []
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                continue
-            inner = function_level or isinstance(node, (ast.If, ast.Try, ast.With))
-            statements.extend(ast.walk(node) if inner else [node])
-        targets = set()
-        for node in statements:
-            if isinstance(node, ast.Import):
-                targets.update(a.name for a in node.names if a.name in files)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([node.module] if node.module else []))
-                for a in node.names:  # "from pkg import submodule" imports the submodule
-                    sub = f"{base}.{a.name}"
-                    targets.add(sub if sub in files else base)
-        graph[name] = {t for t in targets if t in files and t != name}
-    return graph
-
-
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    found: list[list[str]] = []
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                found.append([*path[path.index(nxt):], nxt])
-            elif nxt not in state:
-                visit(nxt, path)
-        path.pop()
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
-    return found
-
-
-def test_no_import_cycles():
-    """No module-level import cycle in longctx; in longctx.train none even through imports inside
-    functions (cli -> launcher -> entry -> trainer: the command's modules call one way)."""
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
-    graph = _import_graph(function_level=False)
-    assert "longctx.train.entry" in graph["longctx.train.launcher"]  # relative imports are read
-    assert not _cycles(graph), _cycles(graph)
-    anywhere = _import_graph(function_level=True)
-    train = {m: {t for t in e if t.startswith("longctx.train")}
-             for m, e in anywhere.items() if m.startswith("longctx.train")}
-    assert "longctx.train.launcher" in train["longctx.train.cli"]
-    assert not _cycles(train), _cycles(train)
 
 
 # -- docstring examples ---------------------------------------------------------------------------
