@@ -3,6 +3,7 @@ tasks, and the errors bad data gives."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -523,26 +524,58 @@ def test_synthetic_deterministic_and_fast(tmp_path):
     assert read_synthetic_dataset(p1) == generate_samples(SyntheticConfig(num_samples=50, seed=2))
 
 
-def test_synthetic_answers_recoverable_from_text():
-    for s in generate_samples(SyntheticConfig(num_samples=300, seed=0)):
-        assert s.text.isascii()
-        answers = [s.text[a:b] for a, b in s.answers]
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SyntheticConfig(num_samples=300, seed=0),
+        SyntheticConfig(num_samples=100, seed=1, num_pairs=3, num_queries=2, key_length=2,
+                        value_digits=4, passkey_digits=3, min_length=60, max_length=700),
+    ],
+    ids=["default", "small"],
+)
+def test_synthetic_answers_recoverable_from_text(cfg):
+    """The task is solvable in principle: every answer is stated once, earlier in the text,
+    exactly at its documented needle offset, in the tokens the model reads."""
+    for s in generate_samples(cfg):
+        assert s.text.isascii() and len(s.needles) == len(s.answers)
         context = s.text[: s.answers[0][0]]
         if s.task == "passkey":
-            (key,) = answers
-            assert re.fullmatch(r"\d{5}", key)
+            (key,) = [s.text[a:b] for a, b in s.answers]
+            assert re.fullmatch(rf"\d{{{cfg.passkey_digits}}}", key)
             assert re.findall(r"The pass key is (\d+)\. Remember", context) == [key]
-            assert s.text[s.needles[0] :].startswith(f"The pass key is {key}.")
             assert s.text.endswith(f"The pass key is {key}.")
+            statements = [f"The pass key is {key}."]
         else:
             body, queries = context.split("\nQueries:")
-            pairs = dict(re.findall(r"([a-z]+)=(\d+)\.", body))
-            assert len(pairs) == 6
-            assert len(s.answers) == 3 and queries.startswith(" ")
-            for (a, _), value, needle in zip(s.answers, answers, s.needles):
-                key = s.text[:a].rsplit(" ", 1)[1].rstrip("=")
-                assert pairs[key] == value
-                assert s.text[needle:].startswith(f"{key}={value}.")
+            pairs = re.findall(r"([a-z]+)=(\d+)\.", body)
+            assert len(pairs) == cfg.num_pairs == len(dict(pairs))  # keys are distinct
+            assert all(len(k) == cfg.key_length and len(v) == cfg.value_digits for k, v in pairs)
+            assert len(s.answers) == cfg.num_queries and queries.startswith(" ")
+            keys = [s.text[:a].rsplit(" ", 1)[1].rstrip("=") for a, _ in s.answers]
+            assert [dict(pairs)[k] for k in keys] == [s.text[a:b] for a, b in s.answers]
+            statements = [f"{k}={s.text[a:b]}." for k, (a, b) in zip(keys, s.answers)]
+        tokens = BYTE.encode(s.text)
+        for (a, b), needle, stated in zip(s.answers, s.needles, statements):
+            assert s.text[needle:].startswith(stated) and needle + len(stated) <= a
+            # the answer's tokens sit at the end of the statement at the needle (before its ".")
+            at = needle + len(stated) - 1 - (b - a)
+            assert tokens[at : at + b - a] == tokens[a:b]
+
+
+def test_default_synthetic_task_needs_context_across_cp_shards():
+    """With the embedded default run (its synthetic data, sequence length and cp), most answers
+    sit more than one CP chunk (zigzag: ``seq_length / (2 cp)`` tokens) after their needle, so
+    a rank answers from keys that another rank holds."""
+    from longctx.train.config import TrainConfig
+
+    run = TrainConfig()
+    chunk = run.model.seq_length // (2 * run.parallel.cp)
+    samples = generate_samples(dataclasses.replace(run.data.synthetic, num_samples=200))
+    assert all(len(s.text) < run.model.seq_length for s in samples)  # never cut by packing
+    distances = [a - n for s in samples for (a, _), n in zip(s.answers, s.needles)]
+    assert min(distances) > 0
+    far = sum(d > chunk for d in distances) / len(distances)
+    assert far > 0.5, f"only {far:.0%} of the answers are further than {chunk} tokens back"
 
 
 def test_answer_accuracy_metric():

@@ -330,8 +330,8 @@ class AccuracyReport:
         dist = ", ".join(f"{k}: {v:.1%}" for k, v in self.by_distance.items())
         return (
             f"exact match {self.exact_match:.1%} over {self.num_answers} answers "
-            f"(token accuracy {self.token_accuracy:.1%}; chance {self.chance:.2g}); "
-            f"by task: {tasks}; by distance: {dist}"
+            f"(chance without the context {100 * self.chance:.3g}%; answer tokens right "
+            f"{self.token_accuracy:.1%}); by task: {tasks}; by needle distance: {dist}"
         )
 
 
