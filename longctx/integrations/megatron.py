@@ -46,9 +46,9 @@ from ._deps import require
 
 require("megatron.core")
 
-from megatron.core import parallel_state
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
 __all__ = ["CP_COMM_STRATEGIES", "LongctxCoreAttention", "LongctxSettings", "gpt_layer_spec"]
 

@@ -44,8 +44,8 @@ from ._deps import require
 
 require("transformers")
 
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 __all__ = [
     "IMPLEMENTATIONS",

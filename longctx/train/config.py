@@ -245,6 +245,10 @@ class TrainingConfig:
     device: Device = "auto"
     loss_chunk_size: int = 2048
     peak_flops_per_device: float | None = None
+    # "deepspeed": the step runs through a DeepSpeed engine (ZeRO over dp x cp), configured by
+    # ``deepspeed`` (e.g. {zero_optimization: {stage: 3}}); see longctx.integrations.deepspeed
+    engine: Literal["torch", "deepspeed"] = "torch"
+    deepspeed: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "loss_chunk_size"):

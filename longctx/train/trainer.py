@@ -41,6 +41,7 @@ Example (one process, the tiny model, a few steps; ``longctx train`` runs the re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -240,6 +241,14 @@ class Trainer:
         self.model.init_weights(cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule, cfg.train.steps)
+        self.ds_engine = None  # train.engine: deepspeed -> the step runs through DeepSpeed
+        if cfg.train.engine == "deepspeed":
+            from ..integrations.deepspeed import build_trainer_engine
+
+            self.ds_engine = build_trainer_engine(
+                cfg, self.model, self.optimizer, self.pmesh,
+                functools.partial(chunked_cross_entropy, chunk_size=cfg.train.loss_chunk_size),
+            )
         self.step = 0
         self.resumed_from: Path | None = None
         self._resume_note = ""
@@ -312,6 +321,11 @@ class Trainer:
                 torch.autocast(device.type, dtype=self.autocast_dtype)
                 if self.autocast_dtype is not None else nullcontext()
             )
+            if self.ds_engine is not None:  # forward, loss and backward inside DeepSpeed
+                loss = self.ds_engine.forward(mb.input_ids, seq, labels=mb.labels)
+                self.ds_engine.backward(loss, global_count)
+                loss_sum += loss.detach().to(torch.float64)
+                continue
             with autocast:
                 hidden = self.model(mb.input_ids, seq)  # [1, S_local, hidden]
             weight = self.model.output_weight  # [V, hidden]
@@ -322,7 +336,8 @@ class Trainer:
             )
             (loss / global_count).backward()
             loss_sum += loss.detach().to(torch.float64)
-        reduce_gradients(self.model, self.pmesh)  # a no-op under FSDP
+        if self.ds_engine is None:
+            reduce_gradients(self.model, self.pmesh)  # a no-op under FSDP
         return loss_sum, global_count
 
     def forward_backward(self, micro_batches: list[CPMicroBatch]) -> float:
@@ -338,11 +353,15 @@ class Trainer:
         start = time.perf_counter()
         loss_sum, count = self._forward_backward(micro_batches)
         clip = self.config.train.clip_grad_norm
-        norm = clip_grad_norm_(self.model, clip if clip is not None else math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self.ds_engine is not None:  # clips by train.clip_grad_norm, zeroes the gradients
+            norm = self.ds_engine.step()
+            norm = math.nan if norm is None else norm
+        else:
+            norm = clip_grad_norm_(self.model, clip if clip is not None else math.inf)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         flag = 1.0 if (stop is not None and stop.requested) else 0.0
         reduced = torch.stack([loss_sum, torch.tensor(flag, dtype=torch.float64,
                                                       device=loss_sum.device)])

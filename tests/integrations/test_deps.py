@@ -36,7 +36,7 @@ def test_unsupported_version_and_missing_framework_errors(monkeypatch):
     real_import = importlib.import_module
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")
     monkeypatch.setattr(importlib, "import_module", lambda name: sys)  # any module object
-    for module, (dist_name, extra, spec) in SUPPORTED.items():
+    for module, (_, extra, _) in SUPPORTED.items():
         with pytest.raises(UnsupportedVersionError, match=rf"longctx\[{extra}\]"):
             require(module)
 

@@ -19,7 +19,7 @@ from conftest import require_or_skip, run_readme_example
 
 require_or_skip("megatron.core")
 
-from longctx.testing import SimulatedMesh
+from longctx.testing import SimulatedMesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-10  # float64 throughout
@@ -138,7 +138,7 @@ def gpt_cp_vs_plain(group, seq: int = 16, batch: int = 2, vocab: int = 64):
     loss = cp_model(*local[:2], None, labels=local[2])  # [b, s/P]
     loss.sum().backward()
     errs = [float((loss - shard(loss_ref, "zigzag", P, rank)).abs().max())]
-    for (name, p), p_ref in zip(cp_model.named_parameters(), plain.parameters()):
+    for p, p_ref in zip(cp_model.parameters(), plain.parameters()):
         grad = p.grad.clone()
         dist.all_reduce(grad, group=group)  # the dp x cp gradient reduction
         errs.append(float((grad - p_ref.grad).abs().max()))

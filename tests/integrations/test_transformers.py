@@ -10,7 +10,7 @@ from conftest import require_or_skip, run_readme_example
 
 require_or_skip("transformers")
 
-from longctx.testing import SimulatedMesh
+from longctx.testing import SimulatedMesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-10  # float64
