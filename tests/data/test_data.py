@@ -401,7 +401,7 @@ def test_resume_equals_uninterrupted(dp_before, dp_after):
 
 
 def test_resume_streamed_source_with_shuffle_window(tmp_path):
-    rows = [{"text": "doc %d " % i + "x" * (i % 37)} for i in range(120)]
+    rows = [{"text": f"doc {i} " + "x" * (i % 37)} for i in range(120)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     docs = load_documents(DatasetConfig(path, streaming=True, cache_dir=str(tmp_path / "c")))
     cfg = PackingConfig(48, seed=1, shuffle_window=16, num_epochs=3)
