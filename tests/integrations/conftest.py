@@ -18,7 +18,10 @@ def require_or_skip(module: str):
         return require(module)
     except ImportError as exc:
         dist_name, extra, spec = SUPPORTED[module]
-        pytest.skip(f"{dist_name}{spec} is not installed ({exc}); pip install \"longctx[{extra}]\"")
+        pytest.skip(
+            f"{dist_name}{spec} is not installed ({exc}); pip install \"longctx[{extra}]\"",
+            allow_module_level=True,
+        )
 
 
 def readme_example(marker: str) -> str:
