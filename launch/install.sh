@@ -18,4 +18,10 @@ for extra in "$@"; do
     extras="$extras,$extra"
 done
 DS_BUILD_OPS=0 "$PYTHON" -m pip install --quiet -e ".[$extras]"
+if [[ " $* " == *" deepspeed "* ]]; then
+    # DeepSpeed compiles a small shared-memory op on its first start on the CPU; build it here
+    # (cached under ~/.cache/torch_extensions), not in the first run or test that starts it.
+    "$PYTHON" -c "from deepspeed.accelerator import get_accelerator; \
+get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+fi
 "$PYTHON" -c "import torch, longctx; print(f'longctx {longctx.__version__} on torch {torch.__version__}')"
