@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,16 +144,28 @@ class SimulatedMesh:
         """One result per rank, in rank order; raises MeshError on a failure or a time-out."""
         out: list[Any] = [None] * self.world_size
         errors = []
+        deadline = time.monotonic() + self.config.timeout
         for _ in range(self.world_size):
-            try:
-                rank, ok, value = self._results.get(timeout=self.config.timeout)
-            except queue.Empty:
-                self.close(force=True)
-                raise MeshError(
-                    f"{what} did not finish on all {self.world_size} ranks within "
-                    f"{self.config.timeout:.0f}s (a collective mismatch or deadlock); the mesh "
-                    "was shut down"
-                ) from None
+            while True:
+                try:
+                    rank, ok, value = self._results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                    if dead:  # a worker that died (e.g. its function's module failed to import)
+                        codes = {r: self._procs[r].exitcode for r in dead}
+                        self.close(force=True)
+                        raise MeshError(
+                            f"{what}: rank(s) {dead} exited (exit codes {codes}) before "
+                            "answering; the mesh was shut down"
+                        ) from None
+                    if time.monotonic() > deadline:
+                        self.close(force=True)
+                        raise MeshError(
+                            f"{what} did not finish on all {self.world_size} ranks within "
+                            f"{self.config.timeout:.0f}s (a collective mismatch or deadlock); "
+                            "the mesh was shut down"
+                        ) from None
             if ok:
                 out[rank] = value
             else:

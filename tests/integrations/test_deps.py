@@ -61,7 +61,7 @@ def test_docstring_examples(name, framework):
     import doctest
     import importlib
 
-    from conftest import require_or_skip
+    from integration_support import require_or_skip
 
     if framework is not None:
         require_or_skip(framework)

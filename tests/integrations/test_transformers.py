@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_or_skip, run_readme_example
+from integration_support import require_or_skip, run_readme_example
 
 require_or_skip("transformers")
 
