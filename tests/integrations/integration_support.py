@@ -41,7 +41,11 @@ def run_readme_example(marker: str, tmp_path: Path, nproc: int = 2, timeout: flo
     import sys
 
     script = tmp_path / f"readme_{marker}.py"
-    script.write_text(readme_example(marker))
+    # The example runs as written; after its last line each rank reports that it got there and
+    # leaves without the interpreter's teardown, where a gloo/DeepSpeed background thread
+    # still running at exit now and then aborts the process (SIGABRT) after the work is done.
+    done = "import os, sys; print('README-EXAMPLE-DONE', flush=True); sys.stderr.flush(); os._exit(0)"
+    script.write_text(readme_example(marker) + "\n" + done + "\n")
     root = README.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run(
@@ -50,4 +54,5 @@ def run_readme_example(marker: str, tmp_path: Path, nproc: int = 2, timeout: flo
         check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("README-EXAMPLE-DONE") == nproc, proc.stdout[-3000:]
     return proc
