@@ -24,6 +24,7 @@ Every local attention kernel (the torch reference, Triton kernels, vendor kernel
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -41,6 +42,7 @@ __all__ = [
     "check_qkv",
     "check_qkv_tensors",
     "check_scale",
+    "resolve_scale",
     "default_positions",
     "expand_kv_heads",
     "sum_kv_groups",
@@ -155,6 +157,29 @@ def check_scale(scale: float) -> None:
     """Raise a ValueError unless the softmax ``scale`` is > 0 (NaN is refused too)."""
     if not scale > 0:
         raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The scale a call runs with: ``head_dim ** -0.5`` when None, else ``scale`` if it is a
+    finite Python number > 0 (what the public entry accepts; kernels check only > 0).
+
+    Example::
+
+        >>> resolve_scale(None, 64), resolve_scale(0.5, 64)
+        (0.125, 0.5)
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, Tensor) or not isinstance(scale, (int, float)):
+        raise TypeError(
+            f"scale must be a Python float (e.g. head_dim ** -0.5); got {type(scale).__name__}"
+        )
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"scale must be a finite number > 0 (the default is head_dim ** -0.5 = "
+            f"{head_dim ** -0.5:.4g}); got {scale}"
+        )
+    return float(scale)
 
 
 def check_backward_shapes(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> None:

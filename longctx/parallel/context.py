@@ -8,7 +8,6 @@ and never look anything up through globals.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,7 @@ from ..kernels.base import (
     check_qkv,
     get_kernel,
     kernel_unsupported_reason,
+    resolve_scale,
     takes_positions,
 )
 from ..kernels.mask import Mask, Positions
@@ -154,19 +154,6 @@ def _group_shape(strategy, group, q: Tensor):
     return group, None, world, rank
 
 
-def _check_scale(scale: float | None, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, Tensor) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float (e.g. head_dim ** -0.5); got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(
-            f"scale must be a finite number > 0 (the default is head_dim ** -0.5 = "
-            f"{head_dim ** -0.5:.4g}); got {scale}"
-        )
-    return float(scale)
-
-
 def check_kernel(
     kernel: AttentionKernel, q: Tensor, kv_heads: int, mask: Mask,
     positions: tuple[Positions, ...], whole_sequence: bool,
@@ -271,7 +258,7 @@ def build_context(
         check_head_split(q.shape[2], k.shape[2], degree)
     mask = mask if mask is not None else Mask()
     mask.validate(seq_len)
-    scale = _check_scale(scale, q.shape[-1])
+    scale = resolve_scale(scale, q.shape[-1])
     kern = get_kernel(kernel)
     positions = all_positions(layout, seq_len, world)
     check_kernel(kern, q, k.shape[2], mask, positions, whole_sequence=strategy.name == "ulysses")

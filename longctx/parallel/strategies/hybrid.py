@@ -55,16 +55,12 @@ def _ring_context(cp: CPContext, comm: AllToAllComm, heads: int, kv_heads: int) 
     )
 
 
-def _heads(q: Tensor, k: Tensor) -> tuple[int, int]:
-    return q.shape[2], k.shape[2]
-
-
 def hybrid_forward(q: Tensor, k: Tensor, v: Tensor, cp: CPContext):
     """Local shards ``q [B, S/P, H, D]``, ``k``/``v [B, S/P, H_kv, D]`` -> out, lse, saved."""
     comm = AllToAllComm(cp.hybrid.ulysses)
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q.device)
     q_h, k_h, v_h = qkv_to_heads(q, k, v, comm, order)  # [B, U*S/P, H/U, D], global order
-    out_h, lse_h, _ = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm, *_heads(q, k)))
+    out_h, lse_h, _ = ring_forward(q_h, k_h, v_h, _ring_context(cp, comm, q.shape[2], k.shape[2]))
     out, lse = out_to_seq(out_h, lse_h if cp.need_lse else None, comm, order)
     return out, lse, (q_h, k_h, v_h, out_h, lse_h)
 
@@ -79,7 +75,7 @@ def hybrid_backward(
     order = _super_shard(cp, cp.rank // comm.world_size, comm.world_size, q_h.device)
     dout_h = seq_to_heads(dout, comm, order)
     grads_h = ring_backward(
-        dout_h, q_h, k_h, v_h, out_h, lse_h, (), _ring_context(cp, comm, *_heads(q, k)),
+        dout_h, q_h, k_h, v_h, out_h, lse_h, (), _ring_context(cp, comm, q.shape[2], k.shape[2]),
         grad_dtype=acc_dtype(q.dtype),
     )
     return grads_to_seq(*grads_h, k.shape[2], comm, order)
