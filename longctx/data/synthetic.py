@@ -2,12 +2,12 @@
 
 Each sample is one document of plain ASCII text (one character = one byte-tokenizer token):
 
-- **passkey**: a random ``passkey_digits``-digit key hidden at a random depth in distractor
-  sentences, and the question at the end::
+- **passkey**: a random ``passkey_digits``-digit key stated once at a random depth among
+  distractor sentences, and asked for at the end; ``?`` appears nowhere else, and the key
+  follows it directly::
 
-      There is a pass key hidden in the text below. Remember it.
-      The sun is warm today. ... The pass key is 48213. Remember it. ... A river runs past.
-      What is the pass key? The pass key is 48213.
+      The sun is warm today. ... The pass key is 48. A river runs past the old mill. ...
+      Pass key?48.
 
 - **mqar**: ``num_pairs`` key-value pairs (``kqz=817``) scattered through distractor sentences,
   then ``num_queries`` of the keys asked again in random order (``Queries: gah=305. kqz=817.``).
@@ -91,8 +91,7 @@ _FILLER = (
     "The bell rings at the end of the day.",
     "Leaves fall slowly in the autumn.",
 )
-_PASSKEY_INTRO = "There is a pass key hidden in the text below. Remember it.\n"
-_PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
+_PASSKEY_QUESTION = "\nPass key?"  # the only '?' of a passkey sample; the key follows it
 _MQAR_INTRO = "Remember the number after each key.\n"
 _MQAR_QUERIES = "\nQueries:"
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -122,6 +121,18 @@ class SyntheticConfig:
     num_queries: int = 3
     key_length: int = 3
     value_digits: int = 3
+
+    def describe(self) -> str:
+        """One line: the task and its sizes (``passkey (2 digits), 20000 samples of 40-160
+        characters``)."""
+        parts = []
+        if self.task in ("passkey", "mixed"):
+            parts.append(f"passkey ({self.passkey_digits} digits)")
+        if self.task in ("mqar", "mixed"):
+            parts.append(f"MQAR ({self.num_pairs} pairs of {self.key_length} letters to "
+                         f"{self.value_digits} digits, {self.num_queries} asked)")
+        return (f"{' + '.join(parts)}, {self.num_samples} samples of "
+                f"{self.min_length}-{self.max_length} characters")
 
     def __post_init__(self) -> None:
         if self.task not in get_args(SyntheticTask):
@@ -194,14 +205,12 @@ def _digits(rng: random.Random, n: int) -> str:
 
 def _passkey(rng: random.Random, cfg: SyntheticConfig, length: int) -> SyntheticSample:
     key = _digits(rng, cfg.passkey_digits)
-    needle = f"The pass key is {key}. Remember it."
-    fixed = len(_PASSKEY_INTRO) + len(needle) + 1 + len(_PASSKEY_QUESTION) + len(key) + 1
+    needle = f"The pass key is {key}."
+    fixed = len(needle) + 1 + len(_PASSKEY_QUESTION) + len(key) + 1
     sentences = _filler(rng, length - fixed)
     depth = rng.randint(0, len(sentences))
-    before = " ".join(sentences[:depth])
-    after = " ".join(sentences[depth:])
-    head = _PASSKEY_INTRO + before + (" " if before else "")
-    text = head + needle + (" " if after else "") + after + _PASSKEY_QUESTION
+    head = " ".join(sentences[:depth]) + (" " if depth else "")
+    text = head + " ".join([needle, *sentences[depth:]]) + _PASSKEY_QUESTION
     start = len(text)
     text += key + "."
     return SyntheticSample(text, "passkey", ((start, start + len(key)),), (len(head),))
@@ -357,7 +366,7 @@ def answer_accuracy(
     *,
     add_bos: bool = False,
     next_token_only: bool = False,
-    distance_bins: Sequence[int] = (256, 1024, 4096, 16384, 65536),
+    distance_bins: Sequence[int] = (64, 128, 256, 1024, 4096, 16384, 65536),
 ) -> AccuracyReport:
     """Teacher-forced exact-match accuracy of ``predict`` on the answers of ``samples``.
 

@@ -518,7 +518,7 @@ class Trainer:
         p = cfg.parallel
         data = cfg.data
         source = (f"files {data.dataset.path!r}" if data.dataset is not None
-                  else f"synthetic {data.synthetic.task} passkey/MQAR")
+                  else f"synthetic {data.synthetic.describe()}")
         mesh = f"dp={d.dp} x cp={d.cp} x tp={d.tp}"
         if d.ulysses > 1:
             mesh += f" (ulysses {d.ulysses} x ring {d.ring})"

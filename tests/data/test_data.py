@@ -542,8 +542,9 @@ def test_synthetic_answers_recoverable_from_text(cfg):
         if s.task == "passkey":
             (key,) = [s.text[a:b] for a, b in s.answers]
             assert re.fullmatch(rf"\d{{{cfg.passkey_digits}}}", key)
-            assert re.findall(r"The pass key is (\d+)\. Remember", context) == [key]
-            assert s.text.endswith(f"The pass key is {key}.")
+            assert re.findall(r"The pass key is (\d+)\.", context) == [key]
+            # the question's '?' is the only one, and the key follows it directly
+            assert s.text.endswith(f"\nPass key?{key}.") and s.text.count("?") == 1
             statements = [f"The pass key is {key}."]
         else:
             body, queries = context.split("\nQueries:")
@@ -562,20 +563,29 @@ def test_synthetic_answers_recoverable_from_text(cfg):
             assert tokens[at : at + b - a] == tokens[a:b]
 
 
-def test_default_synthetic_task_needs_context_across_cp_shards():
-    """With the embedded default run (its synthetic data, sequence length and cp), most answers
-    sit more than one CP chunk (zigzag: ``seq_length / (2 cp)`` tokens) after their needle, so
-    a rank answers from keys that another rank holds."""
+def test_default_eval_needs_context_across_cp_ranks():
+    """The embedded default run evaluates each held-out sample sharded over its cp ranks as in
+    training (padded to the layout's multiple): for most answers the key sits on another rank
+    than the position that predicts the answer, so the answer has to come through the ring."""
+    from longctx.parallel.layout import Layout
     from longctx.train.config import TrainConfig
 
     run = TrainConfig()
-    chunk = run.model.seq_length // (2 * run.parallel.cp)
+    cp, layout = run.parallel.cp, Layout.parse(run.parallel.resolved_layout)
     samples = generate_samples(dataclasses.replace(run.data.synthetic, num_samples=200))
     assert all(len(s.text) < run.model.seq_length for s in samples)  # never cut by packing
-    distances = [a - n for s in samples for (a, _), n in zip(s.answers, s.needles)]
-    assert min(distances) > 0
-    far = sum(d > chunk for d in distances) / len(distances)
-    assert far > 0.5, f"only {far:.0%} of the answers are further than {chunk} tokens back"
+    across = total = 0
+    for s in samples:
+        length = len(s.text) + 1  # <bos> first
+        multiple = layout.required_multiple(cp)
+        owner = torch.empty(-(-length // multiple) * multiple, dtype=torch.int64)
+        for rank in range(cp):
+            owner[layout.shard(torch.arange(len(owner)), cp, rank, dim=0)] = rank
+        for (a, _), needle in zip(s.answers, s.needles):
+            # token t + 1 is character t; the answer's first token is predicted at its position - 1
+            across += int(owner[needle + 1] != owner[a])
+            total += 1
+    assert across / total > 0.5, f"only {across}/{total} keys sit on another rank"
 
 
 def test_answer_accuracy_metric():
@@ -617,8 +627,8 @@ def _context_reader(window: int | None = None):
     def predict(ids):
         text = bytes(ids[0].tolist()).decode()
         seen = text if window is None else text[-window:]
-        if m := re.search(r"The pass key is (\d*)$", text):
-            found = re.search(r"The pass key is (\d+)\. Remember", seen)
+        if m := re.search(r"Pass key\?(\d*)$", text):
+            found = re.search(r"The pass key is (\d+)\.", seen)
         elif m := re.search(r" ([a-z]+)=(\d*)$", text):
             found = re.search(rf"(?:^|\s){m.group(1)}=(\d+)\.", seen)
         else:
