@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from .dataset import DatasetConfig, load_documents
 from .packing import PackedDataset, PackingConfig
-from .synthetic import SyntheticConfig, write_synthetic_dataset
+from .synthetic import SyntheticConfig, synthetic_fingerprint, write_synthetic_dataset
 from .tokenizer import TokenizerConfig, load_tokenizer
 
 __all__ = ["DataConfig", "build_packed_dataset", "default_synthetic_path"]
@@ -85,11 +84,10 @@ class DataConfig:
 
 
 def default_synthetic_path(config: SyntheticConfig) -> Path:
-    """``$LONGCTX_CACHE`` (or ``~/.cache/longctx``) ``/data/synthetic-<config hash>.jsonl``."""
+    """``$LONGCTX_CACHE`` (or ``~/.cache/longctx``) ``/data/synthetic-<hash>.jsonl``, the hash
+    of the config and the text format's version (:func:`synthetic_fingerprint`)."""
     root = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx"))
-    digest = hashlib.sha256(
-        json.dumps(dataclasses.asdict(config), sort_keys=True).encode()
-    ).hexdigest()[:12]
+    digest = hashlib.sha256(synthetic_fingerprint(config).encode()).hexdigest()[:12]
     return root / "data" / f"synthetic-{digest}.jsonl"
 
 

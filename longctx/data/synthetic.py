@@ -62,6 +62,7 @@ from .tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = [
     "AccuracyReport",
+    "SYNTHETIC_FORMAT",
     "SyntheticConfig",
     "SyntheticSample",
     "answer_accuracy",
@@ -71,6 +72,11 @@ __all__ = [
 ]
 
 SyntheticTask = Literal["passkey", "mqar", "mixed"]
+
+SYNTHETIC_FORMAT = 2
+"""Version of the text :func:`generate_samples` makes for a given config: raised whenever the
+text changes (2: the short passkey format), so that files written by an older version are
+rewritten instead of reused (:func:`write_synthetic_dataset`, the default cache path)."""
 
 # Distractor sentences: no digits, no '=' (so keys and values are unambiguous).
 _FILLER = (
@@ -269,19 +275,26 @@ def generate_samples(config: SyntheticConfig) -> list[SyntheticSample]:
     return out
 
 
+def synthetic_fingerprint(config: SyntheticConfig) -> str:
+    """The config and :data:`SYNTHETIC_FORMAT` as canonical JSON: what a written file is made
+    from (recorded beside it, and hashed into the default cache path)."""
+    return json.dumps({**asdict(config), "format": SYNTHETIC_FORMAT}, sort_keys=True)
+
+
 def write_synthetic_dataset(
     path: str | os.PathLike[str], config: SyntheticConfig | None = None, overwrite: bool = False
 ) -> Path:
     """Write :func:`generate_samples` as jsonl at ``path``; returns the path.
 
-    The config is recorded next to it (``<path>.config.json``); an existing file made from the
-    same config is kept (so every rank of a job may call this), another one is rewritten.  The
-    file is written to a temporary name and renamed, so readers never see half a file.
+    The config and :data:`SYNTHETIC_FORMAT` are recorded next to it (``<path>.config.json``); an
+    existing file made from the same config by the same format version is kept (so every rank
+    of a job may call this), another one is rewritten.  The file is written to a temporary name
+    and renamed, so readers never see half a file.
     """
     config = config or SyntheticConfig()
     path = Path(path)
     meta = path.with_name(path.name + ".config.json")
-    wanted = json.dumps(asdict(config), sort_keys=True)
+    wanted = synthetic_fingerprint(config)
     if not overwrite and path.is_file() and meta.is_file() and meta.read_text() == wanted:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

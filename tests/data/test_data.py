@@ -524,6 +524,26 @@ def test_synthetic_deterministic_and_fast(tmp_path):
     assert read_synthetic_dataset(p1) == generate_samples(SyntheticConfig(num_samples=50, seed=2))
 
 
+def test_synthetic_file_is_rewritten_when_config_or_format_changes(tmp_path, monkeypatch):
+    """A cached file is reused only for the same config and the same text format version, so
+    an upgrade that changes the text never trains on a stale file."""
+    from longctx.data import synthetic
+    from longctx.data.pipeline import default_synthetic_path
+
+    cfg = SyntheticConfig(num_samples=5, seed=1)
+    path = write_synthetic_dataset(tmp_path / "syn.jsonl", cfg)
+    path.write_text("stale\n")  # same config and format: kept as it is
+    assert write_synthetic_dataset(path, cfg).read_text() == "stale\n"
+    write_synthetic_dataset(path, dataclasses.replace(cfg, seed=2))  # another config
+    assert read_synthetic_dataset(path) == generate_samples(dataclasses.replace(cfg, seed=2))
+    path.write_text("stale\n")
+    before = default_synthetic_path(cfg)
+    monkeypatch.setattr(synthetic, "SYNTHETIC_FORMAT", synthetic.SYNTHETIC_FORMAT + 1)
+    write_synthetic_dataset(path, dataclasses.replace(cfg, seed=2))  # another format version
+    assert read_synthetic_dataset(path) == generate_samples(dataclasses.replace(cfg, seed=2))
+    assert default_synthetic_path(cfg) != before
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
