@@ -161,7 +161,7 @@ def check_kernel(
     """Refuse, before any communication and identically on every rank, a kernel that cannot run
     the calls of this strategy: a wrong device or dtype, a head dim or a mask piece it lacks, or
     (for kernels that look at positions) the diagonal calls of any rank, or the whole sorted
-    sequence where the strategy attends over it (``whole_sequence``: Ulysses)."""
+    sequence where the strategy attends over it (``whole_sequence``, as the spec says: Ulysses)."""
     reason = kernel_unsupported_reason(kernel, q, mask, kv_heads=kv_heads)
     if reason is None and takes_positions(kernel):
         if whole_sequence:
@@ -261,7 +261,7 @@ def build_context(
     scale = resolve_scale(scale, q.shape[-1])
     kern = get_kernel(kernel)
     positions = all_positions(layout, seq_len, world)
-    check_kernel(kern, q, k.shape[2], mask, positions, whole_sequence=strategy.name == "ulysses")
+    check_kernel(kern, q, k.shape[2], mask, positions, whole_sequence=strategy.whole_sequence)
     if check_shards:
         check_equal_shards(q, k, group if hybrid is None else hybrid.ulysses)
         if hybrid is not None:

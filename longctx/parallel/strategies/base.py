@@ -90,6 +90,8 @@ class StrategySpec:
         groups: ``"1d"`` (a ProcessGroup or 1-D DeviceMesh) or ``"2d"`` (HybridGroups or a 2-D
             ``(ring, ulysses)`` DeviceMesh).
         head_split: the heads are split over the group (it needs ``H`` divisible by it).
+        whole_sequence: the local kernel runs once over the whole sorted sequence (after a head
+            exchange), not on pairs of shards; checks of a kernel look at that call.
         options: the keyword options of its own it accepts (e.g. linear's ``log_decay``).
         required: the options a call must give (star's ``star=Star(...)``).
         forward, backward: the math (softmax strategies), see the module docstring.
@@ -106,6 +108,7 @@ class StrategySpec:
     kernels: str = "softmax"
     groups: str = "1d"
     head_split: bool = False
+    whole_sequence: bool = False
     options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     forward: Callable[..., Any] | None = field(default=None, repr=False)

@@ -94,6 +94,7 @@ SPEC = StrategySpec(
     summary="all-to-all sequence <-> heads, one local kernel call over the whole sequence; "
     "heads must split over the group",
     head_split=True,
+    whole_sequence=True,
     forward=ulysses_forward,
     backward=ulysses_backward,
 )
