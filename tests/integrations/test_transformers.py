@@ -112,6 +112,7 @@ def mesh():
         ("longctx_ring", "contiguous", True),
         ("longctx_ulysses", "zigzag", False),
         ("longctx_allgather", "striped", False),
+        ("longctx_striped", "striped", True),
     ],
 )
 def test_cp2_matches_plain_llama(mesh, impl, layout, packed):
