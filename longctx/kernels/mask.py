@@ -416,6 +416,37 @@ class BlockSparse:
             full_kv_indices=move(self.full_kv_indices),
         )
 
+    def __and__(self, other: "BlockSparse") -> "BlockSparse":
+        """The pairs both allow: per batch row, head and query block, the key blocks both
+        list.  Both need the same ``q_block``, ``kv_block`` and block counts; a batch or head
+        dim of 1 broadcasts.  Made with tensor ops on the lists' device (no host sync); the
+        summary is kept only when both had one (then it is rebuilt on the host)."""
+        if not isinstance(other, BlockSparse):
+            return NotImplemented
+        mine, theirs = (self.q_block, self.kv_block), (other.q_block, other.kv_block)
+        if mine != theirs or self.shape[2:] != other.shape[2:]:
+            raise ValueError(
+                "block-sparse masks combine only with the same blocks: got (q_block, kv_block) "
+                f"{mine} vs {theirs} and (n_q_blocks, n_kv_blocks) {self.shape[2:]} vs "
+                f"{other.shape[2:]}; build both with the same block sizes and sequence length"
+            )
+        if self.device != other.device:
+            raise ValueError(
+                f"block-sparse masks on {self.device} and {other.device}: move one with .to()"
+            )
+        for dim, name in ((0, "batch"), (1, "head")):
+            a, b = self.shape[dim], other.shape[dim]
+            if a != b and 1 not in (a, b):
+                raise ValueError(
+                    f"block-sparse masks with {a} and {b} {name} lists cannot combine: give "
+                    f"one of them 1 (shared) or both the same number"
+                )
+        table = self.to_table() & other.to_table()  # [Bm, Hm, nq, nk], broadcast
+        summarize = self.summary is not None and other.summary is not None
+        return BlockSparse.from_table(
+            self.q_block, table, kv_block=self.kv_block, check=False, summarize=summarize
+        )
+
     def with_summary(self) -> "BlockSparse":
         """These lists with a host :class:`BlockSummary` (one device->host copy: build it once,
         outside the step loop); ``self`` when it has one."""
@@ -657,7 +688,9 @@ class Mask:
     - ``block_sparse``: a :class:`BlockSparse` allow list (per batch row and head, on global
       block numbers); the other conditions apply inside its listed blocks.
 
-    The default ``Mask()`` allows every pair.  Combine masks with ``&``.
+    The default ``Mask()`` allows every pair.  Combine masks with ``&``: the pairs both allow
+    (two windows: the narrower; two block-sparse lists: :meth:`BlockSparse.__and__`; two
+    document masks are refused: merge their ``cu_seqlens`` first).
     """
 
     causal: bool = False
@@ -692,14 +725,14 @@ class Mask:
     def __and__(self, other: "Mask") -> "Mask":
         if self.cu_seqlens is not None and other.cu_seqlens is not None:
             raise ValueError("cannot combine two document masks; merge the cu_seqlens first")
-        if self.block_sparse is not None and other.block_sparse is not None:
-            raise ValueError("cannot combine two block-sparse masks; AND their tables first")
         windows = [w for w in (self.window, other.window) if w is not None]
         return Mask(
             causal=self.causal or other.causal,
             window=min(windows) if windows else None,
             cu_seqlens=self.cu_seqlens if self.cu_seqlens is not None else other.cu_seqlens,
-            block_sparse=self.block_sparse or other.block_sparse,
+            block_sparse=(self.block_sparse & other.block_sparse
+                          if self.block_sparse is not None and other.block_sparse is not None
+                          else self.block_sparse or other.block_sparse),
         )
 
     @property

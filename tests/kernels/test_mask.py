@@ -339,8 +339,33 @@ def test_and_fields():
 def test_and_errors():
     with pytest.raises(ValueError, match="merge the cu_seqlens"):
         Mask(cu_seqlens=CU) & Mask(cu_seqlens=torch.tensor([0, 24]))
-    with pytest.raises(ValueError, match="AND their tables"):
+    with pytest.raises(ValueError, match="same block sizes"):  # blocks of 4 vs 3
         Mask(block_sparse=BS) & Mask(block_sparse=BS_TABLE)
+    per_head = BlockSparse.from_table(4, torch.ones(3, 6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="3 and 2 head lists"):
+        per_head & BlockSparse.from_table(4, torch.ones(2, 6, 6, dtype=torch.bool))
+
+
+def test_and_of_two_block_sparse_masks_is_the_intersection():
+    """Per head and query block, the key blocks both list (a head dim of 1 broadcasts); with
+    the other conditions it is the conjunction of all of them, pair by pair."""
+    from longctx.kernels.sparse_patterns import random_blocks, sliding_window_with_sinks
+
+    gen = torch.Generator().manual_seed(0)
+    picked = random_blocks(24, 3, block=4, heads=3, generator=gen)  # [1, 3, 6, 6]
+    local = sliding_window_with_sinks(24, window=8, sinks=4, block=4)  # one list for all heads
+    both = Mask(causal=True, block_sparse=picked) & Mask(block_sparse=local)
+    assert both.block_sparse.shape == (1, 3, 6, 6)
+    assert both.block_sparse.summary is not None  # both lists were on the CPU, summarized
+    pos = torch.arange(24)
+    for h in range(3):
+        alone = [Mask(causal=True, block_sparse=picked), Mask(block_sparse=local)]
+        want = torch.ones(24, 24, dtype=torch.bool)
+        for m in alone:
+            want &= m.select_heads(h, h + 1, 3).allowed(pos, pos)
+        got = both.select_heads(h, h + 1, 3).allowed(pos, pos)
+        assert torch.equal(got, want), h
+    assert (local & local).to_table().equal(local.to_table())
 
 
 _COMBINABLE = [
@@ -352,6 +377,9 @@ _COMBINABLE = [
     Mask(causal=True, window=9),
     Mask(cu_seqlens=CU),
     Mask(block_sparse=BS_TABLE),
+    Mask(causal=True, block_sparse=BlockSparse.from_table(
+        3, torch.tensor([[(i + 2 * j) % 3 != 1 for j in range(8)] for i in range(8)])
+    )),
     Mask(cu_seqlens=CU, window=5),
 ]
 
@@ -359,9 +387,7 @@ _COMBINABLE = [
 @pytest.mark.parametrize("i,j", list(itertools.product(range(len(_COMBINABLE)), repeat=2)))
 def test_and_is_elementwise_conjunction(i, j):
     a, b = _COMBINABLE[i], _COMBINABLE[j]
-    if (a.cu_seqlens is not None and b.cu_seqlens is not None) or (
-        a.block_sparse is not None and b.block_sparse is not None
-    ):
+    if a.cu_seqlens is not None and b.cu_seqlens is not None:
         with pytest.raises(ValueError):
             a & b
         return
