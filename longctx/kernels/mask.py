@@ -419,8 +419,9 @@ class BlockSparse:
     def __and__(self, other: "BlockSparse") -> "BlockSparse":
         """The pairs both allow: per batch row, head and query block, the key blocks both
         list.  Both need the same ``q_block``, ``kv_block`` and block counts; a batch or head
-        dim of 1 broadcasts.  Made with tensor ops on the lists' device (no host sync); the
-        summary is kept only when both had one (then it is rebuilt on the host)."""
+        dim of 1 broadcasts.  Made with tensor ops on the lists' device; a host summary is made
+        only when both had one (on a GPU that is one device->host copy, as for
+        :meth:`with_summary`), so lists without summaries combine with no host sync."""
         if not isinstance(other, BlockSparse):
             return NotImplemented
         mine, theirs = (self.q_block, self.kv_block), (other.q_block, other.kv_block)

@@ -594,13 +594,14 @@ def test_default_eval_needs_context_across_cp_ranks():
     cp, layout = run.parallel.cp, Layout.parse(run.parallel.resolved_layout)
     samples = generate_samples(dataclasses.replace(run.data.synthetic, num_samples=200))
     assert all(len(s.text) < run.model.seq_length for s in samples)  # never cut by packing
+    multiple = layout.required_multiple(cp)
     across = total = 0
     for s in samples:
         length = len(s.text) + 1  # <bos> first
-        multiple = layout.required_multiple(cp)
-        owner = torch.empty(-(-length // multiple) * multiple, dtype=torch.int64)
+        padded = -(-length // multiple) * multiple
+        owner = torch.empty(padded, dtype=torch.int64)  # the rank holding each position
         for rank in range(cp):
-            owner[layout.shard(torch.arange(len(owner)), cp, rank, dim=0)] = rank
+            owner[layout.positions(padded, cp, rank).materialize()] = rank
         for (a, _), needle in zip(s.answers, s.needles):
             # token t + 1 is character t; the answer's first token is predicted at its position - 1
             across += int(owner[needle + 1] != owner[a])
